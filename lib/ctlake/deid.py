@@ -1,0 +1,97 @@
+"""De-identification: keyed pseudonyms for patients, and the list of what never leaves a file.
+
+ctlake follows DICOM PS3.15 Annex E's Basic Application Level Confidentiality
+Profile by *allow-listing*: a table row is built from the technical attributes
+named in :data:`KEPT_ATTRIBUTES` only, so names, birth dates, addresses,
+institutions, physicians, accession numbers, dates and free text cannot reach
+a table by accident.  Patient ID is replaced by an HMAC-SHA256 pseudonym, so
+the same patient gets the same pseudonym in every run (joins across tables and
+runs work) while nobody without the key can recompute or reverse it.
+UIDs are kept (PS3.15 "Retain UIDs Option") because lineage from a patch back
+to its slice depends on them; the cohort's UIDs are synthetic.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from pathlib import Path
+
+from ctlake import config as cfg
+from ctlake.errors import ConfigError
+
+#: Public, fixed, and therefore worthless as a secret: only for the synthetic local cohort.
+DEV_KEY = b"ctlake-development-key-NOT-SECRET"
+
+#: Attributes copied from a DICOM header into the ``slices`` table (plus pixel data and geometry).
+KEPT_ATTRIBUTES = (
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID",
+    "Modality", "Manufacturer", "InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient",
+    "PixelSpacing", "SliceThickness", "RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth",
+    "Rows", "Columns", "NumberOfFrames", "TransferSyntaxUID",
+)
+
+#: PS3.15 Basic Profile attributes whose values must never appear in a table, log or report.
+#: Used to scrub error messages and by the tests that search every written table.
+IDENTIFYING_ATTRIBUTES = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "PatientSex", "PatientAge",
+    "PatientAddress", "PatientTelephoneNumbers", "OtherPatientIDs", "OtherPatientNames",
+    "PatientMotherBirthName", "MilitaryRank", "EthnicGroup", "Occupation", "PatientComments",
+    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "ReferringPhysicianName",
+    "ReferringPhysicianAddress", "PerformingPhysicianName", "NameOfPhysiciansReadingStudy",
+    "OperatorsName", "PhysiciansOfRecord", "RequestingPhysician", "AccessionNumber", "StudyID",
+    "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "StudyTime", "SeriesTime",
+    "AcquisitionTime", "ContentTime", "StationName", "DeviceSerialNumber", "StudyDescription",
+    "SeriesDescription", "RequestAttributesSequence", "IssuerOfPatientID", "MedicalRecordLocator",
+)
+
+
+class Pseudonymizer:
+    """Keyed, deterministic patient pseudonyms: ``p-`` + 24 hex digits of HMAC-SHA256.
+
+    Parameters
+    ----------
+    key : bytes
+        The secret.  Anyone holding it can test a guessed patient ID, so it
+        lives in an environment variable or a secret file, never in ``conf/``.
+    """
+
+    def __init__(self, key: bytes):
+        self.key = key
+
+    def __call__(self, patient_id: str | None, fallback: str = "") -> str:
+        """Pseudonym of ``patient_id``; a file without one is keyed by ``fallback`` (its study UID).
+
+        Keying a missing ID by study keeps unrelated anonymous studies apart
+        instead of merging them all into one "empty" patient.
+        """
+        value = (patient_id or "").strip()
+        material = f"id:{value}" if value else f"study:{fallback}"
+        return "p-" + hmac.new(self.key, material.encode("utf-8"), hashlib.sha256).hexdigest()[:24]
+
+
+def load_key(config: dict) -> bytes:
+    """Find the pseudonymization key: environment variable, then secret file, then dev key.
+
+    The development key is accepted only where the configuration says
+    ``privacy.allow_dev_key: true`` (``conf/local.yaml``); a cluster
+    configuration without a key is refused before any data is read.
+    """
+    env_name = cfg.get(config, "privacy.key_env", str, "CTLAKE_PSEUDONYM_KEY")
+    if env_name and os.environ.get(env_name):
+        return os.environ[env_name].encode("utf-8")
+    key_file = cfg.get(config, "privacy.key_file", str, None)
+    if key_file:
+        path = Path(key_file)
+        if not path.is_file():
+            raise ConfigError(f"privacy.key_file {key_file} does not exist")
+        key = path.read_bytes().strip()
+        if len(key) < 16:
+            raise ConfigError(f"privacy.key_file {key_file} holds {len(key)} bytes; use at least 16")
+        return key
+    if cfg.get(config, "privacy.allow_dev_key", bool, False):
+        return DEV_KEY
+    raise ConfigError(
+        f"no pseudonymization key: set the environment variable {env_name} or privacy.key_file "
+        "(the development key is allowed only in local configuration)"
+    )

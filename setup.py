@@ -1,0 +1,34 @@
+"""ctlake: CT imaging at scale on Apache Spark and Delta Lake."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ctlake",
+    version="0.1.0",
+    description="Ingest, preprocess and learn from CT image sets on Apache Spark and Delta Lake",
+    package_dir={"": "lib"},
+    packages=find_packages("lib"),
+    python_requires=">=3.10",
+    install_requires=[
+        # delta-spark 4.4.x is built against Spark 4.2; Maven Central serves the
+        # matching jar io.delta:delta-spark_4.2_2.13 at 4.4.0 (4.4.1 is not there).
+        "pyspark>=4.2.0,<4.3",
+        "delta-spark==4.4.0",
+        # PySpark 4.2 warns that pandas 3 is not fully supported.
+        "pandas>=2.2,<3",
+        "numpy>=1.26",
+        "pyarrow>=15",
+        "pyyaml>=6",
+        "opencv-python-headless>=4.9",
+        "scikit-learn>=1.4",
+        "scipy>=1.11",
+        "pydicom>=3.0,<4",
+        "pylibjpeg>=2.0",
+        "pylibjpeg-libjpeg>=2.1",
+        "pylibjpeg-openjpeg>=2.3",
+        "pylibjpeg-rle>=2.0",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pydicom-data>=1.0", "ruff>=0.5"],
+    },
+)
