@@ -19,7 +19,7 @@ SUBMIT       = SPARK_HOME=$(SPARK_HOME) SPARK_LOCAL_IP=127.0.0.1 PYSPARK_PYTHON=
                --driver-java-options -Dlog4j.configurationFile=conf/log4j2.properties
 SETFLAGS     = $(foreach s,$(SET),--set $(s))
 
-.PHONY: help setup run test lint bench package clean cohort ingest
+.PHONY: help setup run test lint bench package clean cohort ingest preprocess patches
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,9 +44,18 @@ cohort: setup ## generate the sample cohort (DICOM + LUNA16-style CSVs) under da
 ingest: setup ## ingest DICOM files into the slices, series and quarantine Delta tables
 	$(SUBMIT) jobs/ingest.py --conf $(CONF) $(SETFLAGS)
 
-run: setup ## everything: setup, sample cohort, ingestion, summary
+preprocess: setup ## OpenCV chain over new slices into the preprocessed table (+ montage PNG)
+	$(SUBMIT) jobs/preprocess.py --conf $(CONF) $(SETFLAGS)
+
+patches: setup ## cut candidate and negative patches into the patches table (+ patch grid PNG)
+	$(SUBMIT) jobs/patches.py --conf $(CONF) $(SETFLAGS)
+
+run: setup ## everything: setup, sample cohort, ingest, preprocess, patches, pictures
 	@test -f data/cohort/labels.csv || $(MAKE) --no-print-directory cohort
 	$(MAKE) --no-print-directory ingest
+	$(MAKE) --no-print-directory preprocess
+	$(MAKE) --no-print-directory patches
+	@echo "pictures: $$(ls data/report/*.png | paste -sd' ' -)"
 
 test: setup ## run the test suite (real Spark in local mode, real Delta tables)
 	$(PY) -m pytest -q tests

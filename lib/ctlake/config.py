@@ -6,6 +6,7 @@ test, on a laptop and on a cluster except for what its configuration says.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,15 @@ def table_path(config: dict, table: str) -> str:
     """Where a Delta table lives: ``<warehouse>/<table>``, on any Hadoop filesystem."""
     warehouse = get(config, "warehouse", str)
     return f"{warehouse.rstrip('/')}/{table}"
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)b?\s*$", re.IGNORECASE)
+
+
+def size_bytes(config: dict, key: str, default: Any = _MISSING) -> int:
+    """A configured size such as ``64m``, ``512k``, ``1g`` or plain bytes, in bytes."""
+    value = get(config, key, (str, int), default)
+    match = _SIZE.match(str(value))
+    if not match or int(match.group(1)) <= 0:
+        raise ConfigError(f"configuration key {key} must be a size such as 64m, found {value!r}")
+    return int(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[match.group(2).lower()]

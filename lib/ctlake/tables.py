@@ -9,6 +9,8 @@ from ctlake import config as cfg
 SLICES = "slices"
 SERIES = "series"
 QUARANTINE = "quarantine"
+PREPROCESSED = "preprocessed"
+PATCHES = "patches"
 
 #: Columns of one image frame that come from parsing (pure ``ctlake.dicom`` output).
 FRAME_FIELDS = [
@@ -94,7 +96,37 @@ SERIES_SCHEMA = T.StructType([
     T.StructField("updated_at", T.TimestampType()),
 ])
 
-SCHEMAS = {SLICES: SLICES_SCHEMA, SERIES: SERIES_SCHEMA, QUARANTINE: QUARANTINE_SCHEMA}
+#: Lineage every derived image row carries back to its patient, series and slice.
+LINEAGE_FIELDS = [
+    T.StructField("patient_pseudonym", T.StringType()),
+    T.StructField("study_uid", T.StringType()),
+    T.StructField("series_uid", T.StringType()),
+    T.StructField("sop_uid", T.StringType()),
+    T.StructField("frame", T.IntegerType()),
+]
+
+#: What the preprocessing UDF returns for one slice.
+PREPROCESS_RESULT = T.StructType([
+    T.StructField("image", T.BinaryType()),
+    T.StructField("mask", T.BinaryType()),
+    T.StructField("threshold", T.BinaryType()),
+    T.StructField("lung_fraction", T.DoubleType()),
+    T.StructField("lung_mean_hu", T.DoubleType()),
+    T.StructField("mask_valid", T.BooleanType()),
+    T.StructField("error", T.StringType()),
+])
+
+#: ``preprocessed``: one row per slice, keyed like ``slices``; images uint8, mask 0/1 uint8.
+PREPROCESSED_SCHEMA = T.StructType(LINEAGE_FIELDS + [
+    T.StructField("z_position", T.DoubleType()),
+    T.StructField("image_shape", T.ArrayType(T.IntegerType())),
+] + PREPROCESS_RESULT.fields + [
+    T.StructField("chain_hash", T.StringType()),
+    T.StructField("processed_at", T.TimestampType()),
+])
+
+SCHEMAS = {SLICES: SLICES_SCHEMA, SERIES: SERIES_SCHEMA, QUARANTINE: QUARANTINE_SCHEMA,
+           PREPROCESSED: PREPROCESSED_SCHEMA}
 
 
 def exists(spark: SparkSession, config: dict, table: str) -> bool:

@@ -1,0 +1,145 @@
+"""Preprocessing job: run the configured OpenCV chain over ``slices`` into ``preprocessed``.
+
+The image maths lives in :mod:`ctlake.imaging` (pure numpy/OpenCV); this
+module only moves bytes in and out of an iterator-style pandas UDF, so a slice
+processed here is pixel-for-pixel what ``PreprocessChain.apply`` gives on the
+same array outside Spark.
+
+Incremental: a slice is processed when ``preprocessed`` has no row for it
+under the current chain's hash; changing any step or parameter changes the
+hash, so the whole table is reprocessed (rows are replaced, not duplicated).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from ctlake import config as cfg
+from ctlake import tables
+from ctlake.dicom import hu_frame
+from ctlake.imaging import PreprocessChain, montage, slice_quality
+from ctlake.progress import StageProgress
+
+log = logging.getLogger("ctlake.preprocess")
+
+
+def chain_from_config(config: dict) -> PreprocessChain:
+    """The configured chain, validated (a ConfigError names the bad step) before any Spark work."""
+    return PreprocessChain.from_config(cfg.get(config, "preprocess.steps", list))
+
+
+def process_slice(chain: PreprocessChain, hu: np.ndarray) -> dict:
+    """One slice through the chain: packed outputs and quality figures (the UDF's row)."""
+    result = chain.apply(hu)
+    mask = result["mask"]
+    quality = slice_quality(hu, mask) if mask is not None else \
+        {"lung_fraction": None, "lung_mean_hu": None, "mask_valid": None}
+    return {
+        "image": result["image"].tobytes() if result["image"] is not None else None,
+        "mask": mask.tobytes() if mask is not None else None,
+        "threshold": result["threshold"].tobytes() if result["threshold"] is not None else None,
+        **quality,
+        "error": None,
+    }
+
+
+def preprocess_udf(steps: list[dict]):
+    """Iterator pandas UDF: (pixels, shape) -> PREPROCESS_RESULT struct, chain built once per task.
+
+    A slice that fails (it should not; a corrupt row might) yields a row with
+    ``error`` set instead of failing the task.
+    """
+    @F.pandas_udf(tables.PREPROCESS_RESULT)
+    def preprocess(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+        # Spark runs one Python worker per core already; OpenCV's own threads would oversubscribe.
+        cv2.setNumThreads(1)
+        chain = PreprocessChain.from_config(steps)
+        for pixels, shapes in batches:
+            rows = []
+            for data, shape in zip(pixels, shapes):
+                try:
+                    rows.append(process_slice(chain, hu_frame(data, shape)))
+                except Exception as exc:  # one bad row must not kill the job
+                    rows.append({"error": f"{type(exc).__name__}: {exc}"})
+            yield pd.DataFrame(rows, columns=tables.PREPROCESS_RESULT.fieldNames())
+
+    return preprocess
+
+
+def pending_slices(spark: SparkSession, config: dict, chain_hash: str) -> DataFrame:
+    """Slices with no ``preprocessed`` row under this chain hash."""
+    done = (tables.read(spark, config, tables.PREPROCESSED)
+            .filter(F.col("chain_hash") == chain_hash).select("sop_uid", "frame"))
+    return tables.read(spark, config, tables.SLICES).join(done, ["sop_uid", "frame"], "left_anti")
+
+
+def transform(slices: DataFrame, chain: PreprocessChain) -> DataFrame:
+    """slices -> preprocessed rows (DataFrame to DataFrame, chainable with ``.transform``)."""
+    result = preprocess_udf(chain.steps)(F.col("pixels"), F.col("pixel_shape"))
+    return (slices.select(*[f.name for f in tables.LINEAGE_FIELDS], "z_position",
+                          F.col("pixel_shape").alias("image_shape"), result.alias("r"))
+            .select("*", "r.*").drop("r")
+            .withColumn("chain_hash", F.lit(chain.config_hash()))
+            .withColumn("processed_at", F.current_timestamp()))
+
+
+def run(spark: SparkSession, config: dict) -> dict:
+    chain = chain_from_config(config)
+    chain_hash = chain.config_hash()
+    todo = pending_slices(spark, config, chain_hash).cache()
+    pending = todo.count()
+    total = tables.read(spark, config, tables.SLICES).count()
+    log.info("%d of %d slices need chain %s", pending, total, chain_hash)
+    summary = {"chain_hash": chain_hash, "steps": [s["step"] for s in chain.steps],
+               "slices_total": total, "slices_processed": 0}
+    if pending:
+        # Slices travel to Python in Arrow batches bounded by bytes, not by a row count.
+        spark.conf.set("spark.sql.execution.arrow.maxBytesPerBatch",
+                       str(cfg.size_bytes(config, "preprocess.arrow_max_bytes_per_batch", "16m")))
+        with StageProgress(spark.sparkContext, "preprocess", cfg.get(config, "preprocess.progress_seconds",
+                                                                     (int, float), 10)):
+            tables.merge_upsert(spark, config, tables.PREPROCESSED, todo.transform(lambda df: transform(df, chain)),
+                                ["sop_uid", "frame"])
+        summary["slices_processed"] = pending
+    todo.unpersist()
+    pre = tables.read(spark, config, tables.PREPROCESSED).filter(F.col("chain_hash") == chain_hash)
+    stats = pre.agg(F.count("*").alias("rows"),
+                    F.sum(F.col("error").isNotNull().cast("int")).alias("errors"),
+                    F.sum(F.coalesce(F.col("mask_valid"), F.lit(False)).cast("int")).alias("valid_masks"),
+                    F.avg("lung_fraction").alias("mean_lung_fraction")).first()
+    summary.update({"table_rows": stats["rows"], "errors": stats["errors"] or 0,
+                    "valid_lung_masks": stats["valid_masks"] or 0,
+                    "mean_lung_fraction": round(stats["mean_lung_fraction"] or 0.0, 4)})
+    picture = write_montage(spark, config, chain, pre)
+    if picture:
+        summary["montage"] = picture
+    return summary
+
+
+def write_montage(spark: SparkSession, config: dict, chain: PreprocessChain, pre: DataFrame) -> str | None:
+    """PNG of the slice with the most lung through every stage of the chain.
+
+    One slice is brought to the driver and run through the same pure chain,
+    so the picture shows exactly what the executors computed.
+    """
+    best = (pre.filter(F.col("mask_valid")).orderBy(F.desc("lung_fraction"), "sop_uid")
+            .select("sop_uid", "frame").limit(1).collect())
+    if not best:
+        return None
+    row = (tables.read(spark, config, tables.SLICES)
+           .filter((F.col("sop_uid") == best[0]["sop_uid"]) & (F.col("frame") == best[0]["frame"]))
+           .select("pixels", "pixel_shape").first())
+    result = chain.apply(hu_frame(row["pixels"], row["pixel_shape"]))
+    folder = Path(cfg.get(config, "report.folder", str, "data/report"))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "preprocess_montage.png"
+    cv2.imwrite(str(path), montage(result["stages"], result["mask"]))
+    return str(path)
