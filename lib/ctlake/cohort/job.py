@@ -67,6 +67,7 @@ def settings_from_config(config: dict) -> CohortSettings:
         no_nodule_fraction=_fraction(config, "cohort.no_nodule_fraction", 0.25),
         rle_fraction=_fraction(config, "cohort.rle_fraction", 0.0),
         consensus_level=float(level),
+        require_rated_nodule=cfg.get(config, "cohort.require_rated_nodule", bool, False),
     )
 
 

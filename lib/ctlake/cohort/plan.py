@@ -37,6 +37,10 @@ class CohortSettings:
         Fraction of patients whose files are written RLE Lossless instead of uncompressed.
     consensus_level : float
         Fraction of readers that must include a voxel in the nodule mask.
+    require_rated_nodule : bool
+        Skip scans whose nodules in the slab are all indeterminate, so every
+        patient with nodules carries at least one malignant or benign one
+        (more usable training labels per generated patient).
     """
 
     patients: int
@@ -46,6 +50,7 @@ class CohortSettings:
     no_nodule_fraction: float = 0.25
     rle_fraction: float = 0.0
     consensus_level: float = 0.5
+    require_rated_nodule: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,8 @@ def plan_cohort(db_path: str | Path, settings: CohortSettings) -> list[PatientSp
             if not inside:
                 continue
             kept = [nodules[i] for i in inside]
+            if settings.require_rated_nodule and all(n.label == "indeterminate" for n in kept):
+                continue
             kept = [NoduleSpec(**{**n.__dict__, "nodule_id": k + 1, "first_slice": n.first_slice - start})
                     for k, n in enumerate(kept)]
             planned.append((scan, start, kept))
