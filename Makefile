@@ -19,7 +19,7 @@ SUBMIT       = SPARK_HOME=$(SPARK_HOME) SPARK_LOCAL_IP=127.0.0.1 PYSPARK_PYTHON=
                --driver-java-options -Dlog4j.configurationFile=conf/log4j2.properties
 SETFLAGS     = $(foreach s,$(SET),--set $(s))
 
-.PHONY: help setup run test lint bench package clean cohort ingest preprocess patches
+.PHONY: help setup run test lint bench package clean cohort ingest preprocess patches features train score
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,12 +50,30 @@ preprocess: setup ## OpenCV chain over new slices into the preprocessed table (+
 patches: setup ## cut candidate and negative patches into the patches table (+ patch grid PNG)
 	$(SUBMIT) jobs/patches.py --conf $(CONF) $(SETFLAGS)
 
-run: setup ## everything: setup, sample cohort, ingest, preprocess, patches, pictures
+features: setup ## radiomics features and the pixel baseline for new patches into the features table
+	$(SUBMIT) jobs/features.py --conf $(CONF) $(SETFLAGS)
+
+train: setup ## split, train (forest, SVM ensemble, ensemble), evaluate, runs table, HTML report
+	$(SUBMIT) jobs/train.py --conf $(CONF) $(SETFLAGS)
+
+RUN_ID ?= $(shell ls -t data/warehouse/models 2>/dev/null | head -1)
+score: setup ## score series not yet scored by RUN_ID (default: the newest run) into predictions
+	$(SUBMIT) jobs/score.py --conf $(CONF) $(SETFLAGS) --run-id $(RUN_ID)
+
+NEW_PATIENT = data/new_patient
+run: setup ## everything: cohort, ingest, preprocess, patches, features, train, report, score a new patient
 	@test -f data/cohort/labels.csv || $(MAKE) --no-print-directory cohort
 	$(MAKE) --no-print-directory ingest
 	$(MAKE) --no-print-directory preprocess
 	$(MAKE) --no-print-directory patches
-	@echo "pictures: $$(ls data/report/*.png | paste -sd' ' -)"
+	$(MAKE) --no-print-directory features
+	@test -n "$$(ls data/warehouse/models 2>/dev/null)" || $(MAKE) --no-print-directory train
+	@# A patient the models never saw: another seed, ingested into the same tables, then scored.
+	@test -f $(NEW_PATIENT)/labels.csv || $(SUBMIT) jobs/make_cohort.py --conf $(CONF) $(SETFLAGS) \
+	    --output $(NEW_PATIENT) --set cohort.seed=20261125 --set cohort.patients=1 --set cohort.no_nodule_fraction=0
+	$(SUBMIT) jobs/ingest.py --conf $(CONF) $(SETFLAGS) --input $(NEW_PATIENT)/dicom
+	$(MAKE) --no-print-directory score
+	@echo "report: data/report/index.html"
 
 test: setup ## run the test suite (real Spark in local mode, real Delta tables)
 	$(PY) -m pytest -q tests
@@ -63,8 +81,9 @@ test: setup ## run the test suite (real Spark in local mode, real Delta tables)
 lint: setup ## static checks
 	$(VENV)/bin/ruff check lib jobs tests bench
 
-bench: setup ## benchmarks: ingestion throughput against a plain pydicom loop
+bench: setup ## benchmarks: ingestion, preprocessing and patches against plain single-process loops
 	$(PY) bench/bench_ingest.py --conf $(CONF) $(SETFLAGS)
+	$(PY) bench/bench_preprocess.py --conf $(CONF) $(SETFLAGS)
 
 package: setup ## build the ctlake wheel into dist/
 	$(VENV)/bin/pip wheel --quiet --no-deps -w dist .

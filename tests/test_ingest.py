@@ -1,13 +1,14 @@
 """Ingestion on a real local Spark session into real Delta tables."""
 import shutil
 
+import numpy as np
 import pydicom
 import pytest
 from delta.tables import DeltaTable
 from pyspark.sql import functions as F
 
 from ctlake import config as cfg
-from ctlake import ingest, tables
+from ctlake import dicom, ingest, tables
 from ctlake.deid import IDENTIFYING_ATTRIBUTES
 from ctlake.errors import InputError
 
@@ -105,3 +106,41 @@ def test_whole_pydicom_test_folder_is_accounted_for(spark, config):
 def test_missing_input_is_a_clear_error(spark, config, tmp_path):
     with pytest.raises(InputError, match="input path not found"):
         ingest.run(spark, config, str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("dtype, intercept", [(np.uint16, -1024.0), (np.int16, -1024.0), (np.int16, 0.0),
+                                              (np.uint8, 7.0), (np.uint16, 1000.0)])
+def test_integer_rescale_equals_the_float_path(dtype, intercept):
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(7)
+    stored = rng.integers(max(info.min, -30000), min(info.max, 30000), size=(64, 64), endpoint=True).astype(dtype)
+    stored.flat[:2] = max(info.min, -30000), min(info.max, 30000)
+    by_float = np.clip(np.rint(stored.astype(np.float32) * 1.0 + intercept), -32768, 32767).astype(np.int16)
+    out = np.empty(stored.shape, np.int16)
+    assert dicom._rescale_integral(stored, 1.0, intercept, out)
+    np.testing.assert_array_equal(out, by_float)
+
+
+@pytest.mark.parametrize("stored, slope, intercept", [
+    (np.array([[0, 40000]], np.uint16), 1.0, -1024.0),   # beyond int16 before the shift
+    (np.array([[0, 32000]], np.int16), 1.0, 1024.0),     # the sum overflows int16: clipped by the float path
+    (np.array([[0, 100]], np.int16), 1.0, -1024.5),      # fractional intercept
+    (np.array([[0, 100]], np.int16), 0.5, -1024.0),      # slope other than 1
+])
+def test_integer_rescale_declines_what_only_the_float_path_gets_right(stored, slope, intercept):
+    assert not dicom._rescale_integral(stored, slope, intercept, np.empty(stored.shape, np.int16))
+
+
+def test_local_listing_sees_every_file_in_binaryfile_path_form(spark, tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.dcm", ".hidden.dcm", "_underscore.dcm", "sub/b.dcm"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    expected = sorted(f"file:{tmp_path}/{n}" for n in ("a.dcm", ".hidden.dcm", "_underscore.dcm", "sub/b.dcm",
+                                                       "empty.dcm"))
+    assert [f.path for f in ingest.list_files(spark, str(tmp_path))] == expected
+    assert [f.path for f in ingest.list_files(spark, f"file://{tmp_path}")] == expected
+    assert [f.path for f in ingest.list_files(spark, f"{tmp_path}/{{a,sub}}*")] == [expected[2], expected[4]]
+    seen = spark.read.format("binaryFile").load(str(tmp_path / "a.dcm")).select("path").first()["path"]
+    assert seen == expected[2]
+    assert {f.length for f in ingest.list_files(spark, str(tmp_path))} == {0, 1}

@@ -32,12 +32,16 @@ def build_session(config: dict) -> SparkSession:
     conf = dict(BASE_CONF)
     if master.startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        jars_dir = cfg.get(config, "spark.delta_jars_dir", str, ".cache/delta-jars")
-        jars = cached_jars(jars_dir)
+    # PySpark tells executors which Python to start from the driver's PYSPARK_PYTHON. Default:
+    # this interpreter (right for local mode and a cluster on shared disks); a cluster shipping
+    # a venv-pack archive sets spark.executor_python to ./environment/bin/python.
+    os.environ.setdefault("PYSPARK_PYTHON", cfg.get(config, "spark.executor_python", str, None) or sys.executable)
+    extra = cfg.get(config, "spark.conf", dict, {}) or {}
+    if "spark.jars.packages" not in extra:
+        # The driver ships spark.jars to every executor, so the cache serves clusters too.
+        jars = cached_jars(cfg.get(config, "spark.delta_jars_dir", str, ".cache/delta-jars"))
         if jars:
             conf["spark.jars"] = ",".join(jars)
-    extra = cfg.get(config, "spark.conf", dict, {}) or {}
     conf.update({k: _as_conf_value(v) for k, v in extra.items()})
 
     builder = SparkSession.builder.master(master).appName(cfg.get(config, "spark.app_name", str, "ctlake"))

@@ -1,0 +1,390 @@
+"""Preprocessing and patch throughput: ctlake's Spark jobs against the same pure functions in a plain loop.
+
+    .venv/bin/python bench/bench_preprocess.py --conf conf/local.yaml [--set k=v] [--patients 16 --slices 64 --matrix 512]
+
+1. Reuses the benchmark cohort under ``<workdir>/cohort`` when its settings stamp matches (the one
+   ``bench_ingest.py`` generates; else generates it with ``ctlake.cohort.job.run``) and ingests it
+   into the scratch warehouse ``<workdir>/pp-warehouse`` (reused when it already holds that cohort).
+2. Warms the session: preprocess, candidate patches and window patches over a few slices in another
+   scratch warehouse (JVM start-up, Delta classes, Python workers and first-query compilation are not
+   counted).
+3. Times, each into a freshly deleted table, with a per-stage breakdown and peak memory:
+   ``ctlake.preprocess.run`` (slices/s), ``ctlake.patches.run`` in candidates mode (patches/s) and in
+   window mode over ``--window-series`` series (patches/s).
+4. Reads the same inputs into the driver once (not timed), stops Spark, and times single-process loops
+   of the same pure work: ``hu_frame`` + ``PreprocessChain.apply`` + ``slice_quality`` per slice
+   (``ctlake.preprocess.process_slice``), and ``hu_frame`` + ``cut_slice_task`` per slice task.
+5. Prints ratio = Spark throughput / (loop throughput x cores Spark used); target >= 0.8.
+
+The last line of stdout is one JSON object with every figure; it is also written to
+``<workdir>/preprocess.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from common import (
+    STAMP_NAME,
+    MemorySampler,
+    ensure_cohort,
+    fresh,
+    load_average,
+    machine,
+    rate,
+    spark_cores,
+    versions,
+)
+from ctlake.cli import job_parser, setup_logging
+from ctlake.config import load_config, with_value
+from ctlake.errors import ConfigError, InputError
+
+TARGET_RATIO = 0.8
+WARMUP_SLICES = 8
+WAREHOUSE_STAMP = "bench-cohort.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = job_parser("bench_preprocess", __doc__)
+    parser.add_argument("--patients", type=int, default=16, help="patients in the cohort (default: %(default)s)")
+    parser.add_argument("--slices", type=int, default=64, help="slices per patient (default: %(default)s)")
+    parser.add_argument("--matrix", type=int, default=512, help="rows and columns per slice (default: %(default)s)")
+    parser.add_argument("--window-series", type=int, default=2, metavar="N",
+                        help="series covered by the window-mode run (default: %(default)s)")
+    parser.add_argument("--workdir", default="data/bench", metavar="PATH",
+                        help="scratch folder for the cohort, warehouses and preprocess.json (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.window_series < 1:
+        parser.error(f"--window-series must be at least 1, found {args.window_series}")
+    return args
+
+
+def bench_config(args: argparse.Namespace) -> dict:
+    """The configuration file plus --set overrides, with the benchmark's cohort, scratch paths and no progress logs."""
+    config = load_config(args.conf, args.overrides)
+    workdir = Path(args.workdir)
+    cohort = workdir / "cohort"
+    for key, value in (("cohort.patients", args.patients), ("cohort.slices", args.slices),
+                       ("cohort.matrix", args.matrix), ("ingest.progress_seconds", 0),
+                       ("preprocess.progress_seconds", 0), ("patches.progress_seconds", 0),
+                       ("warehouse", str(workdir / "pp-warehouse")),
+                       ("patches.candidates", str(cohort / "candidates.csv")),
+                       ("patches.annotations", str(cohort / "annotations.csv")),
+                       ("report.folder", str(workdir / "report"))):
+        config = with_value(config, key, value)
+    return config
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+def ensure_slices(spark, config: dict, cohort: Path, files: list[Path]) -> tuple[int, bool, float]:
+    """The ``slices`` table of the scratch warehouse: rows, whether it was ingested now, ingest seconds.
+
+    Reused when the warehouse's stamp records the cohort's stamp and the table holds one row per file.
+    """
+    from ctlake import ingest, tables
+
+    warehouse = Path(config["warehouse"])
+    cohort_stamp = json.loads((cohort / STAMP_NAME).read_text())
+    stamp = warehouse / WAREHOUSE_STAMP
+    if stamp.is_file() and json.loads(stamp.read_text()) == cohort_stamp and tables.exists(spark, config, tables.SLICES):
+        rows = tables.read(spark, config, tables.SLICES).count()
+        if rows == len(files):
+            return rows, False, 0.0
+    fresh(warehouse)
+    started = time.perf_counter()
+    ingest.run(spark, config, str((cohort / "dicom").resolve()))
+    seconds = time.perf_counter() - started
+    rows = tables.read(spark, config, tables.SLICES).count()
+    stamp.write_text(json.dumps(cohort_stamp, indent=1) + "\n")
+    return rows, True, seconds
+
+
+def warm_up(spark, config: dict, warehouse: Path) -> float:
+    """Preprocess and both patch modes over the first few slices of one series, in another warehouse."""
+    from ctlake import patches, preprocess, tables
+    from pyspark.sql import functions as F
+
+    started = time.perf_counter()
+    warm = with_value(config, "warehouse", str(fresh(warehouse)))
+    first = tables.read(spark, config, tables.SLICES).agg(F.min("series_uid")).first()[0]
+    (tables.read(spark, config, tables.SLICES).filter(F.col("series_uid") == first)
+     .orderBy("z_position").limit(WARMUP_SLICES).write.format("delta").save(str(warehouse / tables.SLICES)))
+    preprocess.run(spark, warm)
+    patches.run(spark, warm, "candidates")
+    fresh(warehouse / tables.PATCHES)
+    patches.run(spark, warm, "window", [first])
+    return time.perf_counter() - started
+
+
+# --- stage timings --------------------------------------------------------------------------------
+
+class StageClock:
+    """Wall time spent in named module functions while the ``with`` block runs.
+
+    The benchmark wraps the attributes and restores them on exit; the jobs' code is unchanged and
+    unaware.  ``targets`` is a list of (module, attribute, label).
+    """
+
+    def __init__(self, targets: list[tuple[object, str, str]]):
+        self.targets = targets
+        self.seconds: dict[str, float] = {}
+        self._restore: list[tuple[object, str, object]] = []
+
+    def __enter__(self):
+        for owner, attribute, label in self.targets:
+            original = getattr(owner, attribute)
+
+            def timed(*args, _original=original, _label=label, **kwargs):
+                started = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.seconds[_label] = self.seconds.get(_label, 0.0) + time.perf_counter() - started
+
+            self._restore.append((owner, attribute, original))
+            setattr(owner, attribute, timed)
+        return self
+
+    def __exit__(self, *exc_info):
+        for owner, attribute, original in reversed(self._restore):
+            setattr(owner, attribute, original)
+
+
+def timed(run, targets: list[tuple[object, str, str]]) -> tuple[dict, float, dict, dict]:
+    """``run()`` under the memory sampler and stage clock: summary, seconds, stages, memory."""
+    with MemorySampler() as memory, StageClock(targets) as clock:
+        started = time.perf_counter()
+        summary = run()
+        seconds = time.perf_counter() - started
+    stages = {k: round(v, 2) for k, v in clock.seconds.items()}
+    stages["other (reads, anti-joins, counts, summary)"] = round(max(0.0, seconds - sum(clock.seconds.values())), 2)
+    return summary, seconds, stages, memory.summary()
+
+
+# --- loop inputs and loops ------------------------------------------------------------------------
+
+def slice_task_frame(spark, config: dict, mode: str, series: list[str] | None):
+    """The slice tasks ``patches.run`` cuts (without its skip of done slices), as one pandas frame."""
+    from ctlake import patches
+
+    params = patches.params_from_config(config)
+    meta = patches.slice_metadata(spark, config).cache()
+    if mode == "candidates":
+        tasks, _ = patches.candidate_tasks(spark, config, meta, params)
+    else:
+        tasks = patches.window_tasks(spark, config, meta, series)
+    stacks = patches.slice_stacks(spark, config, meta, tasks.select("series_uid", "slice_index"), params.neighbours)
+    frame = stacks.join(tasks, ["series_uid", "slice_index"]).toPandas()
+    meta.unpersist()
+    return frame
+
+
+def preprocess_loop(config: dict, slices) -> tuple[float, float, int]:
+    """Single process: ``hu_frame`` + chain + ``slice_quality`` (+ packing) per slice; seconds, CPU seconds, slices."""
+    from ctlake.dicom import hu_frame
+    from ctlake.preprocess import chain_from_config, process_slice
+
+    chain = chain_from_config(config)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for pixels, shape in zip(slices["pixels"], slices["pixel_shape"]):
+        process_slice(chain, hu_frame(pixels, shape))
+    return time.perf_counter() - started, time.process_time() - cpu_started, len(slices)
+
+
+def cut_loop(config: dict, frame) -> tuple[float, float, int]:
+    """Single process: unpack each slice task (``hu_frame``) and ``cut_slice_task``; seconds, CPU seconds, patches.
+
+    The unpacking mirrors ``ctlake.patches.cut_udf``; the output rows (patch ids, bytes) are not built.
+    """
+    import numpy as np
+    from ctlake.dicom import hu_frame
+    from ctlake.patches import params_from_config
+    from ctlake.patching import cut_slice_task
+
+    params = params_from_config(config)
+    offsets = range(-params.neighbours, params.neighbours + 1)
+    records = frame.to_dict("records")
+    count = 0
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for task in records:
+        by_offset = {s["offset"]: s for s in task["stack"]}
+        stack = [hu_frame(by_offset[o]["pixels"], by_offset[o]["pixel_shape"])
+                 if o in by_offset and by_offset[o]["pixels"] is not None else None for o in offsets]
+        shape = tuple(by_offset[0]["pixel_shape"])
+        mask = np.frombuffer(task["mask"], np.uint8).reshape(shape) if task["mask"] is not None else None
+        requests = [dict(r) for r in (task["requests"] if task["requests"] is not None else [])]
+        exclusions = [dict(e) for e in (task["exclusions"] if task["exclusions"] is not None else [])]
+        count += len(cut_slice_task(stack, (task["pixel_spacing_row"], task["pixel_spacing_col"]), params, requests,
+                                    mask, int(task["n_negatives"] or 0), exclusions, bool(task["window"]),
+                                    int(task["seed"])))
+    return time.perf_counter() - started, time.process_time() - cpu_started, count
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+def human_table(result: dict) -> str:
+    m, v, c, cores = result["machine"], result["versions"], result["cohort"], result["spark"]["cores"]
+    generated = f"generated in {c['generate_seconds']} s" if c["generated"] else "reused"
+    ingested = f"ingested in {c['ingest_seconds']} s" if c["ingested"] else "reused"
+    lines = [
+        (f"machine: {m['cpu']}, {cores} Spark cores ({m['os_cpus']} CPUs), {m['ram_gb']} GB RAM; load average"
+         f" (1/5/15 min) at start {result['load_average']['start']}, at end {result['load_average']['end']}"),
+        "versions: " + ", ".join(f"{k} {v[k]}" for k in ("python", "pyspark", "delta", "java", "numpy",
+                                                          "opencv-python-headless") if v.get(k)),
+        (f"cohort: {c['slices_in_table']} slices ({c['patients']} patients x {c['slices']} at"
+         f" {c['matrix']}x{c['matrix']}); cohort {generated}, slices table {ingested}"),
+        (f"timing: wall clock after a warm-up over {WARMUP_SLICES} slices in another warehouse"
+         f" ({result['warmup_seconds']} s); each Spark run writes a freshly deleted table"),
+        "",
+        f"{'run':<46}{'seconds':>9}{'items':>8}{'items/s':>10}{'ratio':>8}{'CPU s':>9}{'items/CPU s':>13}{'CPU eff.':>10}",
+    ]
+    for key, label, unit in (("preprocess", "preprocess", "slices"), ("candidates", "patches: candidates", "patches"),
+                             ("window", f"patches: window ({result['window']['series']} series)", "patches")):
+        row = result[key]
+        lines.append(f"{label + f' - Spark ({cores} cores)':<46}{row['spark']['seconds']:>9.2f}"
+                     f"{row['spark'][unit]:>8}{row['spark'][unit + '_per_s']:>10.1f}{row['ratio']:>8.3f}"
+                     f"{row['spark']['cpu_s']:>9.2f}{row['spark'][unit + '_per_cpu_s']:>13.1f}{row['cpu_efficiency']:>10.3f}")
+        lines.append(f"{label + ' - loop (1 core)':<46}{row['loop']['seconds']:>9.2f}"
+                     f"{row['loop'][unit]:>8}{row['loop'][unit + '_per_s']:>10.1f}{'':>8}"
+                     f"{row['loop']['cpu_s']:>9.2f}{row['loop'][unit + '_per_cpu_s']:>13.1f}")
+    lines += ["", f"ratio = Spark / (loop x {cores} cores); target >= {TARGET_RATIO}: " + ", ".join(
+        f"{k} {'meets' if result[k]['ratio'] >= TARGET_RATIO else 'below'}" for k in ("preprocess", "candidates", "window")),
+        ("CPU s = CPU seconds used (Spark: driver + JVM + Python workers); CPU eff. = (items per CPU s, Spark) /"
+         " (items per CPU s, loop): what the work costs, whatever else runs on the machine")]
+    for key in ("preprocess", "candidates", "window"):
+        lines.append(f"\n{key} stages (seconds):")
+        for name, seconds in result[key]["spark"]["stages"].items():
+            lines.append(f"  {name:<52}{seconds:>8.2f}")
+        mem = result[key]["spark"]["memory"]
+        lines.append(f"  peak RSS MB (sampled every {mem['sample_interval_s']} s): driver python"
+                     f" {mem['driver_python_peak_rss_mb']}, JVM {mem['jvm_peak_rss_mb']}, largest python worker"
+                     f" {mem['python_worker_peak_rss_mb']}, all python workers {mem['python_workers_sum_peak_rss_mb']}"
+                     f" ({mem['python_worker_processes_seen']} processes); CPU s: driver {mem['driver_python_cpu_s']},"
+                     f" JVM {mem['jvm_cpu_s']}, Python workers {mem['python_worker_cpu_s']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        config = bench_config(args)
+        from ctlake.cohort.job import db_path_from_config, settings_from_config
+        from ctlake.patches import params_from_config
+        from ctlake.preprocess import chain_from_config
+
+        settings_from_config(config)
+        db_path_from_config(config)
+        chain_from_config(config)
+        params_from_config(config)
+    except (ConfigError, InputError) as exc:
+        print(f"bench_preprocess: error: {exc}", file=sys.stderr)
+        return 2
+
+    from ctlake import patches, preprocess, tables
+    from ctlake.session import build_session
+    from pyspark.sql import functions as F
+
+    load_start = load_average()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    warehouse = Path(config["warehouse"])
+    spark = build_session(config)
+    try:
+        cores = spark_cores(spark)
+        files, generated, generate_seconds = ensure_cohort(spark, config, workdir / "cohort")
+        if not files:
+            raise InputError(f"no DICOM files in {workdir / 'cohort' / 'dicom'}")
+        slice_rows, ingested, ingest_seconds = ensure_slices(spark, config, workdir / "cohort", files)
+        warmup_seconds = warm_up(spark, config, workdir / "pp-warmup-warehouse")
+
+        fresh(warehouse / tables.PREPROCESSED)
+        pre_summary, pre_seconds, pre_stages, pre_memory = timed(
+            lambda: preprocess.run(spark, config),
+            [(tables, "merge_upsert", "read slices + UDF + Delta write (merge_upsert)"),
+             (preprocess, "write_montage", "montage picture")])
+
+        patch_targets = [(patches, "candidate_tasks", "candidate tasks (locate, counts)"),
+                         (tables, "merge_insert", "stacks join + UDF + Delta write (merge_insert)"),
+                         (patches, "write_patch_grid", "patch grid picture")]
+        fresh(warehouse / tables.PATCHES)
+        cand_summary, cand_seconds, cand_stages, cand_memory = timed(
+            lambda: patches.run(spark, config, "candidates"), patch_targets)
+
+        series = [r["series_uid"] for r in tables.read(spark, config, tables.PREPROCESSED)
+                  .join(tables.read(spark, config, tables.SLICES).select("sop_uid", "frame", "series_uid"),
+                        ["sop_uid", "frame", "series_uid"])
+                  .filter(F.col("mask_valid")).select("series_uid").distinct()
+                  .orderBy("series_uid").limit(args.window_series).collect()]
+        # Window and candidate runs share the parameters hash, so slices cut as candidates would be skipped.
+        fresh(warehouse / tables.PATCHES)
+        win_summary, win_seconds, win_stages, win_memory = timed(
+            lambda: patches.run(spark, config, "window", series), patch_targets)
+
+        meta = {"machine": machine(),
+                "versions": versions(spark, ("opencv-python-headless", "opencv-python", "pandas", "pyarrow")),
+                "spark": {"master": spark.sparkContext.master, "cores": cores,
+                          "default_parallelism": spark.sparkContext.defaultParallelism,
+                          "slices_table_files": len(list((warehouse / tables.SLICES).glob("*.parquet")))}}
+        # Loop inputs, read into the driver once and not timed.
+        slices = tables.read(spark, config, tables.SLICES).select("pixels", "pixel_shape").toPandas()
+        cand_frame = slice_task_frame(spark, config, "candidates", None)
+        win_frame = slice_task_frame(spark, config, "window", series)
+    finally:
+        spark.stop()
+
+    # Spark is stopped, so the loops have the machine to themselves.
+    loop_pre = preprocess_loop(config, slices)
+    loop_cand = cut_loop(config, cand_frame)
+    loop_win = cut_loop(config, win_frame)
+
+    def section(unit: str, spark_count: int, spark_seconds: float, stages: dict, memory: dict, summary: dict,
+                loop: tuple[float, float, int], tasks: int | None = None) -> dict:
+        loop_seconds, loop_cpu, loop_count = loop
+        spark_cpu = round(memory["driver_python_cpu_s"] + memory["jvm_cpu_s"] + memory["python_worker_cpu_s"], 2)
+        return {"spark": {"seconds": round(spark_seconds, 2), unit: spark_count,
+                          f"{unit}_per_s": rate(spark_count, spark_seconds), "cpu_s": spark_cpu,
+                          f"{unit}_per_cpu_s": rate(spark_count, spark_cpu),
+                          "stages": stages, "memory": memory, "summary": summary},
+                "loop": {"seconds": round(loop_seconds, 2), unit: loop_count, f"{unit}_per_s": rate(loop_count, loop_seconds),
+                         "cpu_s": round(loop_cpu, 2), f"{unit}_per_cpu_s": rate(loop_count, loop_cpu),
+                         **({"slice_tasks": tasks} if tasks is not None else {})},
+                "ratio": round(spark_count / spark_seconds / (loop_count / loop_seconds * cores), 3)
+                if spark_seconds > 0 and loop_count and loop_seconds > 0 else 0.0,
+                # Independent of other load on the machine: CPU spent per item by the loop / by Spark.
+                "cpu_efficiency": round((spark_count / spark_cpu) / (loop_count / loop_cpu), 3)
+                if spark_cpu > 0 and loop_count and loop_cpu > 0 else 0.0}
+
+    stamp = json.loads((workdir / "cohort" / STAMP_NAME).read_text())
+    result = {
+        "benchmark": "preprocess",
+        **meta,
+        "load_average": {"start": load_start, "end": load_average()},
+        "cohort": {"files": len(files), "patients": args.patients, "slices": args.slices, "matrix": args.matrix,
+                   "rle_patients": stamp.get("rle_patients"), "slices_in_table": slice_rows,
+                   "generated": generated, "generate_seconds": round(generate_seconds, 1),
+                   "ingested": ingested, "ingest_seconds": round(ingest_seconds, 1)},
+        "warmup_seconds": round(warmup_seconds, 2),
+        "preprocess": section("slices", pre_summary["slices_processed"], pre_seconds, pre_stages, pre_memory,
+                              pre_summary, loop_pre),
+        "candidates": section("patches", cand_summary["patches_total"], cand_seconds, cand_stages, cand_memory,
+                              cand_summary, loop_cand, len(cand_frame)),
+        "window": {**section("patches", win_summary["patches_total"], win_seconds, win_stages, win_memory,
+                             win_summary, loop_win, len(win_frame)),
+                   "series": len(series)},
+        "target_ratio": TARGET_RATIO,
+    }
+    print(human_table(result))
+    line = json.dumps(result, default=str)
+    (workdir / "preprocess.json").write_text(line + "\n")
+    print(line)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""What the benchmarks share: the machine line, versions, Spark's cores, the cached cohort, memory peaks.
+
+Copied from ``bench/bench_ingest.py`` (same behaviour) so every benchmark reports the machine and
+memory the same way; ``bench_ingest.py`` can import these instead of keeping its own copies.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+#: Settings that decide the cohort's bytes; the stamp records them so a match can be reused.
+STAMP_KEYS = ("patients", "slices", "matrix", "seed", "no_nodule_fraction", "rle_fraction", "consensus_level")
+STAMP_NAME = "bench-settings.json"
+
+
+# --- machine and versions ------------------------------------------------------------------------
+
+def machine() -> dict:
+    """CPU model, logical CPUs, RAM (GB) and platform, read from /proc where available."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram_gb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_gb = round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    return {"cpu": cpu, "os_cpus": os.cpu_count(), "ram_gb": ram_gb, "platform": platform.platform()}
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages: other work on the machine skews every figure."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def versions(spark, extra: tuple[str, ...] = ()) -> dict:
+    """Versions of Python, Spark, Delta, Java and the numeric libraries (plus ``extra`` distributions)."""
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    found = {"python": platform.python_version(), "pyspark": version("pyspark"), "spark": spark.version,
+             "delta": version("delta-spark"), "pydicom": version("pydicom"), "numpy": version("numpy"),
+             "pylibjpeg": version("pylibjpeg"),
+             "java": spark._jvm.java.lang.System.getProperty("java.version")}
+    found.update({dist: version(dist) for dist in extra})
+    return found
+
+
+def spark_cores(spark) -> int:
+    """Task slots Spark runs at once: N of local[N], the JVM's processors for local[*], else defaultParallelism."""
+    master = spark.sparkContext.master
+    if master.startswith("local"):
+        inside = master[master.find("[") + 1:master.find("]")] if "[" in master else "1"
+        first = inside.split(",")[0].strip()
+        if first == "*":
+            return int(spark._jvm.java.lang.Runtime.getRuntime().availableProcessors())
+        return int(first)
+    return int(spark.sparkContext.defaultParallelism)
+
+
+# --- cohort ---------------------------------------------------------------------------------------
+
+def ensure_cohort(spark, config: dict, folder: Path) -> tuple[list[Path], bool, float]:
+    """The cohort's DICOM files, whether they were generated now, and the generation seconds.
+
+    Reused when ``<folder>/bench-settings.json`` records the same settings and file count.
+    """
+    from ctlake.cohort.job import run as make_cohort
+    from ctlake.cohort.job import settings_from_config
+
+    settings = settings_from_config(config)
+    wanted = {key: getattr(settings, key) for key in STAMP_KEYS}
+    stamp = folder / STAMP_NAME
+    if stamp.is_file():
+        recorded = json.loads(stamp.read_text())
+        files = sorted((folder / "dicom").rglob("*.dcm"))
+        if recorded.get("settings") == wanted and recorded.get("files") == len(files):
+            return files, False, 0.0
+    stamp.unlink(missing_ok=True)
+    started = time.perf_counter()
+    summary = make_cohort(spark, config, folder)
+    seconds = time.perf_counter() - started
+    files = sorted((folder / "dicom").rglob("*.dcm"))
+    stamp.write_text(json.dumps({"settings": wanted, "files": len(files), "rle_patients": summary["rle_patients"]},
+                                indent=1) + "\n")
+    return files, True, seconds
+
+
+def fresh(path: Path) -> Path:
+    """``path`` removed (a scratch folder or table about to be rewritten)."""
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def rate(count: int, seconds: float) -> float:
+    return round(count / seconds, 2) if seconds > 0 else 0.0
+
+
+# --- memory sampling ------------------------------------------------------------------------------
+
+def _status_kb(pid: int, field: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds the process has used so far (not its children)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command name) for every visible process."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+            # comm is in parentheses and may contain spaces; the parent pid is the 2nd field after it.
+            comm = stat[stat.find("(") + 1:stat.rfind(")")]
+            table[int(entry)] = (int(stat[stat.rfind(")") + 2:].split()[1]), comm)
+        except (OSError, ValueError, IndexError):  # the process ended while being read
+            continue
+    return table
+
+
+class MemorySampler:
+    """Peak resident memory of the driver, the JVM and the Python workers while the ``with`` block runs.
+
+    Polls /proc (no psutil): every ``interval`` seconds it finds this process's
+    descendants, classifies them (``java`` = the Spark JVM, python processes
+    under it = pyspark.daemon and its forked workers) and keeps the largest
+    VmRSS seen per process and the largest sum over the workers.  Forked
+    workers share pages with the daemon, so the sum overstates a little.  The
+    driver's own VmHWM (kernel-tracked peak since it started, not sampled) is
+    reported too.
+
+    It also adds up the CPU seconds each kind of process used inside the block
+    (the last sample minus the first): on a shared machine, CPU seconds per item
+    say what the work costs when wall time is inflated by other processes.  A
+    worker that exits between two samples loses up to one interval of CPU.
+    """
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.peaks_kb: dict[int, int] = {}
+        self.kinds: dict[int, str] = {}
+        self.workers_sum_peak_kb = 0
+        self.cpu_first: dict[int, float] = {}
+        self.cpu_last: dict[int, float] = {}
+        self._first_sample = True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _classify(self) -> dict[int, str]:
+        table = _process_table()
+        me = os.getpid()
+        kinds = {me: "driver_python"}
+        changed = True
+        while changed:
+            changed = False
+            for pid, (ppid, comm) in table.items():
+                if pid in kinds or ppid not in kinds:
+                    continue
+                parent_kind = kinds[ppid]
+                if comm == "java":
+                    kinds[pid] = "jvm"
+                elif parent_kind in ("jvm", "python_worker") and comm.startswith("python"):
+                    kinds[pid] = "python_worker"
+                else:
+                    kinds[pid] = "other"
+                changed = True
+        return kinds
+
+    def _loop(self) -> None:
+        while True:
+            self._sample()
+            if self._stop.wait(self.interval):
+                self._sample()  # the last figures, taken when the block ends
+                return
+
+    def _sample(self) -> None:
+        workers_kb = 0
+        for pid, kind in self._classify().items():
+            rss = _status_kb(pid, "VmRSS")
+            if rss is None:  # ended between listing and reading
+                continue
+            self.kinds[pid] = kind
+            self.peaks_kb[pid] = max(self.peaks_kb.get(pid, 0), rss)
+            if kind == "python_worker":
+                workers_kb += rss
+            cpu = _cpu_seconds(pid)
+            if cpu is not None:
+                # A process already running at the first sample counts from there; a later one from zero.
+                self.cpu_first.setdefault(pid, cpu if self._first_sample else 0.0)
+                self.cpu_last[pid] = cpu
+        self._first_sample = False
+        self.workers_sum_peak_kb = max(self.workers_sum_peak_kb, workers_kb)
+
+    def cpu_seconds(self) -> dict:
+        """CPU seconds used inside the block by the driver, the JVM and the Python workers."""
+        totals = {"driver_python": 0.0, "jvm": 0.0, "python_worker": 0.0}
+        for pid, last in self.cpu_last.items():
+            kind = self.kinds.get(pid)
+            if kind in totals:
+                totals[kind] += last - self.cpu_first.get(pid, 0.0)
+        return {f"{kind}_cpu_s": round(value, 2) for kind, value in totals.items()}
+
+    def summary(self) -> dict:
+        def peak(kind: str) -> float | None:
+            values = [kb for pid, kb in self.peaks_kb.items() if self.kinds.get(pid) == kind]
+            return round(max(values) / 1024, 1) if values else None
+
+        workers = [pid for pid, kind in self.kinds.items() if kind == "python_worker"]
+        hwm = _status_kb(os.getpid(), "VmHWM")
+        return {
+            "driver_python_peak_rss_mb": peak("driver_python"),
+            "driver_python_hwm_mb": round(hwm / 1024, 1) if hwm else None,
+            "jvm_peak_rss_mb": peak("jvm"),
+            "python_worker_peak_rss_mb": peak("python_worker"),
+            "python_workers_sum_peak_rss_mb": round(self.workers_sum_peak_kb / 1024, 1) if workers else None,
+            "python_worker_processes_seen": len(workers),
+            "sample_interval_s": self.interval,
+            **self.cpu_seconds(),
+        }

@@ -1,0 +1,763 @@
+"""Per-partition SVMs: k scikit-learn SVCs trained in parallel and averaged, as a Spark ML stage.
+
+A kernel SVM costs between O(n^2) and O(n^3) to train, so one SVC on all the
+nodule candidates is out of reach; k SVCs on k disjoint, stratified slices of
+the data train in parallel (one ``applyInPandas`` group each) and their
+averaged scores classify about as well as the single large model would.
+
+Flow of :class:`PartitionedSVC`:
+
+1. :func:`assign_partitions` numbers the rows of each label in a seeded hash
+   order and deals them round-robin to ``numPartitions`` partitions, so every
+   partition sees both classes in the data's ratio (counts differ by at most
+   one row per class).
+2. Each partition is capped at ``maxRowsPerPartition`` rows *before* the
+   groupBy (the rows dropped are the highest-numbered of each label, i.e. a
+   seeded, stratified sample), because ``applyInPandas`` loads a whole group
+   into one Python worker's memory.
+3. ``groupBy(partition).applyInPandas`` fits one model per partition
+   (:func:`build_estimator`, :func:`train_partition`) and returns it pickled in
+   one small row; the k rows are gathered on the driver.
+4. :class:`PartitionedSVCModel` broadcasts the pickled models once per
+   ``transform`` and scores rows in an iterator pandas UDF that unpickles them
+   once per task (:func:`ensemble_scores`).
+
+Only labels 0.0 and 1.0 are supported (lung-cancer classifiers are binary).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sklearn
+from pyspark import keyword_only
+from pyspark.ml import Estimator, Model
+from pyspark.ml.evaluation import BinaryClassificationEvaluator
+from pyspark.ml.functions import array_to_vector, vector_to_array
+from pyspark.ml.linalg import VectorUDT
+from pyspark.ml.param import Param, Params, TypeConverters
+from pyspark.ml.param.shared import (
+    HasFeaturesCol,
+    HasLabelCol,
+    HasPredictionCol,
+    HasProbabilityCol,
+    HasRawPredictionCol,
+    HasSeed,
+)
+from pyspark.ml.util import (
+    DefaultParamsReadable,
+    DefaultParamsReader,
+    DefaultParamsWritable,
+    DefaultParamsWriter,
+    MLReadable,
+    MLReader,
+    MLWritable,
+    MLWriter,
+)
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from scipy.special import expit
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.svm import SVC
+
+from ctlake.errors import ConfigError, InputError
+
+log = logging.getLogger("ctlake.svm_ensemble")
+
+#: Column :func:`assign_partitions` adds: the partition (0..k-1) a row trains in.
+PARTITION_COL = "partition"
+#: Column :func:`assign_partitions` adds: the row's 0-based position among the rows of
+#: its label in its partition, in seeded-hash order (downsampling keeps the lowest).
+RANK_COL = "rank_in_partition"
+
+#: One row per partition, as ``applyInPandas`` returns it and as the model saves it.
+#: ``model`` is null (and ``skipped`` says why) when the partition could not be trained.
+PARTITION_RESULT_SCHEMA = T.StructType([
+    T.StructField("partition", T.IntegerType(), False),
+    T.StructField("model", T.BinaryType(), True),
+    T.StructField("n_rows", T.LongType(), False),
+    T.StructField("n_pos", T.LongType(), False),
+    T.StructField("train_seconds", T.DoubleType(), False),
+    T.StructField("skipped", T.StringType(), True),
+])
+
+#: What the scoring UDF returns per row, before the arrays become ML vectors. The fields
+#: are declared nullable because Spark 4.2 compares the Arrow batch's (always nullable)
+#: struct fields with this schema and fails the task with ARROW_TYPE_MISMATCH otherwise.
+SCORE_SCHEMA = T.StructType([
+    T.StructField("raw", T.ArrayType(T.DoubleType(), False)),
+    T.StructField("probability", T.ArrayType(T.DoubleType(), False)),
+    T.StructField("prediction", T.DoubleType()),
+])
+
+KERNELS = ("rbf", "linear")
+AGGREGATIONS = ("probability", "decision")
+CALIBRATIONS = ("sigmoid", "isotonic", "platt-in-svc")
+CLASS_WEIGHTS = ("balanced", "none")
+#: calibration Param value -> CalibratedClassifierCV (method, cv folds, ensemble). Stratified
+#: k-fold needs k rows of each class, so a partition needs ``cv`` rows of each to calibrate.
+#: "platt-in-svc" is what ``SVC(probability=True)`` did (one SVC on all rows, a sigmoid fitted
+#: on 5-fold cross-validated decision values); scikit-learn 1.9 deprecates that flag in
+#: favour of exactly this CalibratedClassifierCV form (removed in 1.11).
+CALIBRATION_CV = {
+    "sigmoid": ("sigmoid", 3, True),
+    "isotonic": ("isotonic", 3, True),
+    "platt-in-svc": ("sigmoid", 5, False),
+}
+#: Format of the saved model folder; bump when the layout changes.
+SAVE_FORMAT = 1
+
+
+class PartitionSkippedWarning(UserWarning):
+    """A partition could not be trained (one class only, too few rows to calibrate, a fit error)."""
+
+
+# --------------------------------------------------------------------------- param converters
+
+def _one_of(name: str, choices: tuple[str, ...]):
+    def convert(value: Any) -> str:
+        text = TypeConverters.toString(value)
+        if text not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        return text
+    return convert
+
+
+def _int_at_least(name: str, low: int):
+    def convert(value: Any) -> int:
+        number = TypeConverters.toInt(value)
+        if number < low:
+            raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}")
+        return number
+    return convert
+
+
+def _positive_float(name: str):
+    def convert(value: Any) -> float:
+        number = TypeConverters.toFloat(value)
+        if not (number > 0 and math.isfinite(number)):
+            raise ConfigError(f"{name} must be a positive finite number; got {value!r}")
+        return number
+    return convert
+
+
+def _gamma(value: Any) -> str:
+    """'scale', 'auto' or a positive float, kept as a string so the Param has one JSON type."""
+    text = str(value).strip()
+    if text in ("scale", "auto"):
+        return text
+    try:
+        number = float(text)
+    except ValueError:
+        number = float("nan")
+    if not (number > 0 and math.isfinite(number)):
+        raise ConfigError(f"gamma must be 'scale', 'auto' or a positive number; got {value!r}")
+    return repr(number)
+
+
+def _sklearn_gamma(gamma: str) -> str | float:
+    return gamma if gamma in ("scale", "auto") else float(gamma)
+
+
+# --------------------------------------------------------------------------- pure core (no Spark)
+
+def build_estimator(kernel: str = "rbf", C: float = 1.0, gamma: str = "scale", calibration: str = "sigmoid",
+                    class_weight: str = "balanced", aggregation: str = "probability",
+                    random_state: int | None = None):
+    """The unfitted scikit-learn model one partition trains.
+
+    ``aggregation="decision"`` averages raw SVC decision values, so the model is
+    a bare ``SVC`` (calibration does not apply). For ``"probability"``, an
+    ``SVC`` inside ``CalibratedClassifierCV``: ``"sigmoid"``/``"isotonic"`` use
+    cv=3 (three SVCs on two thirds each, each calibrated on the held-out third,
+    probabilities averaged); ``"platt-in-svc"`` uses cv=5 with ``ensemble=False``,
+    the replacement scikit-learn 1.9 gives for ``SVC(probability=True)``.
+    """
+    # SVC's ``probability`` flag is left unset: passing it at all warns in scikit-learn 1.9.
+    svc = SVC(kernel=kernel, C=C, gamma=_sklearn_gamma(gamma),
+              class_weight="balanced" if class_weight == "balanced" else None,
+              random_state=random_state)
+    if aggregation == "decision":
+        return svc
+    method, folds, ensemble = CALIBRATION_CV[calibration]
+    return CalibratedClassifierCV(svc, method=method, cv=folds, ensemble=ensemble)
+
+
+def min_rows_per_class(calibration: str, aggregation: str) -> int:
+    """Fewest rows of each class a partition needs for its model to be fittable."""
+    return CALIBRATION_CV[calibration][1] if aggregation == "probability" else 1
+
+
+def train_partition(features: np.ndarray, labels: np.ndarray, settings: dict) -> tuple[Any | None, str | None]:
+    """Fit one partition's model; ``(model, None)`` or ``(None, reason it was skipped)``.
+
+    ``settings`` holds :func:`build_estimator`'s arguments plus ``seed`` and
+    ``partition``; the model's ``random_state`` is ``seed + partition`` (mod 2**32),
+    so partitions differ from each other and a run is reproducible.
+    """
+    need = min_rows_per_class(settings["calibration"], settings["aggregation"])
+    counts = {label: int(np.sum(labels == label)) for label in (0.0, 1.0)}
+    if min(counts.values()) == 0:
+        present = [label for label, count in counts.items() if count]
+        return None, f"only one class ({present[0] if present else 'none'}) in {len(labels)} rows"
+    if min(counts.values()) < need:
+        return None, (f"{counts[0.0]} negative and {counts[1.0]} positive rows; "
+                      f"{settings['calibration']} calibration ({need}-fold CV) needs at least {need} of each")
+    estimator = build_estimator(
+        kernel=settings["kernel"], C=settings["C"], gamma=settings["gamma"],
+        calibration=settings["calibration"], class_weight=settings["class_weight"],
+        aggregation=settings["aggregation"],
+        random_state=(settings["seed"] + settings["partition"]) % 2**32)
+    try:
+        return estimator.fit(features, labels), None
+    except ValueError as exc:  # scikit-learn's data errors: reported as a value, not a dead job
+        return None, f"fit failed: {type(exc).__name__}: {exc}"
+
+
+def ensemble_scores(models: list, features: np.ndarray, aggregation: str) -> tuple[np.ndarray, np.ndarray]:
+    """Ensemble score ``s`` and positive-class probability ``p`` for each row of ``features``.
+
+    ``aggregation="probability"``: ``p`` is the mean over models of
+    ``predict_proba[:, 1]`` and ``s = p``. ``aggregation="decision"``: ``s`` is
+    the mean of ``decision_function`` (signed distance to each SVM's margin,
+    positive towards class 1) and ``p = 1 / (1 + exp(-s))``, a monotone squash
+    to [0, 1] that keeps ``p >= 0.5`` exactly where ``s >= 0`` but is not a
+    calibrated probability.
+    """
+    if aggregation == "probability":
+        p = np.mean(np.stack([m.predict_proba(features)[:, 1] for m in models]), axis=0)
+        return p, p
+    s = np.mean(np.stack([m.decision_function(features) for m in models]), axis=0)
+    return s, expit(s)
+
+
+def stratified_caps(class_counts: dict[float, int], k: int, max_rows: int) -> dict[float, int] | None:
+    """Rows of each label a partition may keep, or None when no partition exceeds ``max_rows``.
+
+    The cap is split between the labels in the data's ratio (at least one row of
+    each), so a downsampled partition is still stratified and never exceeds ``max_rows``.
+    """
+    largest = sum(math.ceil(count / k) for count in class_counts.values())
+    if largest <= max_rows:
+        return None
+    total = sum(class_counts.values())
+    minority = min(class_counts, key=lambda label: (class_counts[label], label))
+    minority_cap = max(1, math.floor(max_rows * class_counts[minority] / total))
+    return {label: minority_cap if label == minority else max_rows - minority_cap for label in class_counts}
+
+
+# --------------------------------------------------------------------------- Spark helpers
+
+def assign_partitions(df: DataFrame, k: int, label_col: str = "label", seed: int = 0) -> DataFrame:
+    """``df`` with :data:`PARTITION_COL` (0..k-1) and :data:`RANK_COL`, stratified by label.
+
+    Within each label the rows are ordered by a seeded 64-bit hash of all of
+    ``df``'s columns (vector columns as arrays) and dealt round-robin: row ``i``
+    goes to partition ``i mod k`` with rank ``i div k``. So each partition holds
+    ``floor`` or ``ceil`` of ``n_label / k`` rows of every label, and the
+    assignment depends on the rows' contents and the seed, not on the input's
+    order or partitioning. Rows identical in every column tie in the hash, but
+    are interchangeable, so the partitions' contents are still deterministic.
+
+    The numbering is a window per label: each label's rows are sorted in one
+    task, which is fine for tabular features (millions of rows) but is why
+    ``df`` should carry only the columns the model needs.
+    """
+    if k < 1:
+        raise ConfigError(f"k (the number of partitions) must be >= 1; got {k}")
+    if label_col not in df.columns:
+        raise InputError(f"label column {label_col!r} not found; columns are {df.columns}")
+    hashed = [vector_to_array(F.col(f.name)) if isinstance(f.dataType, VectorUDT) else F.col(f.name)
+              for f in df.schema.fields]
+    order = F.xxhash64(F.lit(seed).cast("long"), *hashed)
+    rank = F.row_number().over(Window.partitionBy(label_col).orderBy(order)) - 1
+    return (df.withColumn("_svm_rank", rank)
+              .withColumn(PARTITION_COL, (F.col("_svm_rank") % k).cast("int"))
+              .withColumn(RANK_COL, F.expr(f"_svm_rank div {k}"))
+              .drop("_svm_rank"))
+
+
+def _require_vector_column(dataset: DataFrame, column: str) -> None:
+    if column not in dataset.columns:
+        raise InputError(f"features column {column!r} not found; columns are {dataset.columns}")
+    found = dataset.schema[column].dataType
+    if not isinstance(found, VectorUDT):
+        raise InputError(f"features column {column!r} must be an ML Vector (e.g. from VectorAssembler); "
+                         f"found {found.simpleString()}")
+
+
+def _train_udf(settings: dict):
+    """The applyInPandas function: one partition's rows in, one PARTITION_RESULT_SCHEMA row out."""
+    def train(group: pd.DataFrame) -> pd.DataFrame:
+        # Shuffles deliver rows in any order; SVC's solver and the calibration folds depend on it.
+        group = group.sort_values(["label", RANK_COL], kind="stable")
+        partition = int(group[PARTITION_COL].iloc[0])
+        features = np.vstack(group["features"].to_numpy()).astype(np.float64, copy=False)
+        labels = group["label"].to_numpy(dtype=np.float64)
+        started = time.perf_counter()
+        model, skipped = train_partition(features, labels, dict(settings, partition=partition))
+        return pd.DataFrame([{
+            "partition": partition,
+            "model": pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL) if model is not None else None,
+            "n_rows": len(labels),
+            "n_pos": int(np.sum(labels == 1.0)),
+            "train_seconds": time.perf_counter() - started,
+            "skipped": skipped,
+        }], columns=PARTITION_RESULT_SCHEMA.fieldNames())
+    return train
+
+
+def _score_udf(models_broadcast, aggregation: str):
+    """Iterator pandas UDF: feature arrays -> SCORE_SCHEMA; models unpickled once per task."""
+    @F.pandas_udf(SCORE_SCHEMA)
+    def score(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        models = pickle.loads(models_broadcast.value)
+        for features in batches:
+            if len(features) == 0:
+                yield pd.DataFrame({name: [] for name in SCORE_SCHEMA.fieldNames()})
+                continue
+            s, p = ensemble_scores(models, np.vstack(features.to_numpy()).astype(np.float64, copy=False),
+                                   aggregation)
+            yield pd.DataFrame({
+                "raw": list(np.column_stack([-s, s]) if aggregation == "decision" else np.column_stack([1 - p, p])),
+                "probability": list(np.column_stack([1 - p, p])),
+                "prediction": (p >= 0.5).astype(np.float64),
+            })
+    return score
+
+
+# --------------------------------------------------------------------------- Params
+
+class _PartitionedSVCParams(HasFeaturesCol, HasLabelCol, HasPredictionCol, HasProbabilityCol,
+                            HasRawPredictionCol, HasSeed):
+    """Params shared by :class:`PartitionedSVC` and :class:`PartitionedSVCModel`."""
+
+    numPartitions: Param[int] = Param(
+        Params._dummy(), "numPartitions", "number of stratified partitions, one SVC each (>= 1)",
+        typeConverter=_int_at_least("numPartitions", 1))
+    kernel: Param[str] = Param(
+        Params._dummy(), "kernel", "SVC kernel: 'rbf' or 'linear'", typeConverter=_one_of("kernel", KERNELS))
+    C: Param[float] = Param(
+        Params._dummy(), "C", "SVC regularisation strength (> 0; smaller is stronger)",
+        typeConverter=_positive_float("C"))
+    gamma: Param[str] = Param(
+        Params._dummy(), "gamma", "RBF kernel coefficient: 'scale', 'auto' or a positive number as a string",
+        typeConverter=_gamma)
+    maxRowsPerPartition: Param[int] = Param(
+        Params._dummy(), "maxRowsPerPartition",
+        "most rows one partition trains on; larger partitions are downsampled, stratified and seeded (>= 2)",
+        typeConverter=_int_at_least("maxRowsPerPartition", 2))
+    aggregation: Param[str] = Param(
+        Params._dummy(), "aggregation",
+        "how the models' outputs are averaged: 'probability' (calibrated predict_proba) or "
+        "'decision' (decision_function, squashed by a logistic)",
+        typeConverter=_one_of("aggregation", AGGREGATIONS))
+    calibration: Param[str] = Param(
+        Params._dummy(), "calibration",
+        "probability calibration: 'sigmoid' or 'isotonic' (CalibratedClassifierCV, cv=3) or "
+        "'platt-in-svc' (one SVC, sigmoid on 5-fold CV decision values); unused when aggregation='decision'",
+        typeConverter=_one_of("calibration", CALIBRATIONS))
+    classWeight: Param[str] = Param(
+        Params._dummy(), "classWeight", "SVC class_weight: 'balanced' or 'none'",
+        typeConverter=_one_of("classWeight", CLASS_WEIGHTS))
+
+    def __init__(self) -> None:
+        super().__init__()
+        # pyspark's HasSeed default is hash(class name), which changes with every
+        # Python process (PYTHONHASHSEED); a fixed default keeps runs reproducible.
+        self._setDefault(numPartitions=4, kernel="rbf", C=1.0, gamma="scale", maxRowsPerPartition=20000,
+                         aggregation="probability", calibration="sigmoid", classWeight="balanced", seed=0)
+
+    def getNumPartitions(self) -> int:
+        """Number of stratified partitions (one SVC each)."""
+        return self.getOrDefault(self.numPartitions)
+
+    def getKernel(self) -> str:
+        """SVC kernel, 'rbf' or 'linear'."""
+        return self.getOrDefault(self.kernel)
+
+    def getC(self) -> float:
+        """SVC regularisation strength."""
+        return self.getOrDefault(self.C)
+
+    def getGamma(self) -> str:
+        """RBF kernel coefficient ('scale', 'auto' or a number as a string)."""
+        return self.getOrDefault(self.gamma)
+
+    def getMaxRowsPerPartition(self) -> int:
+        """Most rows one partition trains on."""
+        return self.getOrDefault(self.maxRowsPerPartition)
+
+    def getAggregation(self) -> str:
+        """'probability' or 'decision'."""
+        return self.getOrDefault(self.aggregation)
+
+    def getCalibration(self) -> str:
+        """'sigmoid', 'isotonic' or 'platt-in-svc'."""
+        return self.getOrDefault(self.calibration)
+
+    def getClassWeight(self) -> str:
+        """'balanced' or 'none'."""
+        return self.getOrDefault(self.classWeight)
+
+    def _settings(self) -> dict:
+        """The plain values the Python workers need (Params objects stay on the driver)."""
+        return {"kernel": self.getKernel(), "C": self.getC(), "gamma": self.getGamma(),
+                "calibration": self.getCalibration(), "class_weight": self.getClassWeight(),
+                "aggregation": self.getAggregation(), "seed": self.getSeed()}
+
+
+# --------------------------------------------------------------------------- Estimator
+
+class PartitionedSVC(_PartitionedSVCParams, Estimator["PartitionedSVCModel"],
+                     DefaultParamsReadable, DefaultParamsWritable):
+    """Ensemble of scikit-learn SVCs, one per stratified partition of the training data.
+
+    Parameters
+    ----------
+    featuresCol : str, default "features"
+        ML Vector column of features (scale them first: SVMs are not scale-invariant).
+    labelCol : str, default "label"
+        Binary label, 0.0 or 1.0.
+    predictionCol, probabilityCol, rawPredictionCol : str
+        Output columns of the fitted model (see :class:`PartitionedSVCModel`).
+    numPartitions : int, default 4
+        k, the number of partitions and models.
+    kernel : {"rbf", "linear"}, default "rbf"
+    C : float, default 1.0
+    gamma : str, default "scale"
+        "scale", "auto" or a positive number as a string ("0.01").
+    maxRowsPerPartition : int, default 20000
+        Partitions above this are downsampled (stratified, seeded) before the
+        groupBy, and a warning is logged: it bounds one Python worker's memory and
+        one SVC's O(n^2) kernel cost.
+    aggregation : {"probability", "decision"}, default "probability"
+        Average calibrated probabilities, or decision values (see :func:`ensemble_scores`).
+    calibration : {"sigmoid", "isotonic", "platt-in-svc"}, default "sigmoid"
+        See :func:`build_estimator`. Ignored when ``aggregation="decision"``.
+    classWeight : {"balanced", "none"}, default "balanced"
+    seed : int, default 0
+        Orders the partition assignment and seeds each SVC (``seed + partition``).
+
+    Notes
+    -----
+    ``fit`` reads its input twice (class counts, then training): cache an
+    expensive input first. A partition without both classes, or with fewer rows
+    of a class than the calibration's folds, is skipped with a
+    :class:`PartitionSkippedWarning`; if every partition is skipped, ``fit``
+    raises :class:`ctlake.errors.InputError` listing why.
+
+    Examples
+    --------
+    >>> pipeline = Pipeline(stages=[VectorAssembler(inputCols=cols, outputCol="raw_features"),
+    ...                             StandardScaler(inputCol="raw_features", outputCol="features"),
+    ...                             PartitionedSVC(numPartitions=8, kernel="rbf", C=10.0)])
+    >>> model = pipeline.fit(train)  # doctest: +SKIP
+    """
+
+    @keyword_only
+    def __init__(self, *, featuresCol: str = "features", labelCol: str = "label",
+                 predictionCol: str = "prediction", probabilityCol: str = "probability",
+                 rawPredictionCol: str = "rawPrediction", numPartitions: int = 4, kernel: str = "rbf",
+                 C: float = 1.0, gamma: str = "scale", maxRowsPerPartition: int = 20000,
+                 aggregation: str = "probability", calibration: str = "sigmoid",
+                 classWeight: str = "balanced", seed: int = 0) -> None:
+        super().__init__()
+        self.setParams(**self._input_kwargs)
+
+    @keyword_only
+    def setParams(self, *, featuresCol: str = "features", labelCol: str = "label",
+                  predictionCol: str = "prediction", probabilityCol: str = "probability",
+                  rawPredictionCol: str = "rawPrediction", numPartitions: int = 4, kernel: str = "rbf",
+                  C: float = 1.0, gamma: str = "scale", maxRowsPerPartition: int = 20000,
+                  aggregation: str = "probability", calibration: str = "sigmoid",
+                  classWeight: str = "balanced", seed: int = 0) -> PartitionedSVC:
+        """Set the given params (only those passed); returns self."""
+        return self._set(**self._input_kwargs)
+
+    def setFeaturesCol(self, value: str) -> PartitionedSVC:
+        return self._set(featuresCol=value)
+
+    def setLabelCol(self, value: str) -> PartitionedSVC:
+        return self._set(labelCol=value)
+
+    def setPredictionCol(self, value: str) -> PartitionedSVC:
+        return self._set(predictionCol=value)
+
+    def setProbabilityCol(self, value: str) -> PartitionedSVC:
+        return self._set(probabilityCol=value)
+
+    def setRawPredictionCol(self, value: str) -> PartitionedSVC:
+        return self._set(rawPredictionCol=value)
+
+    def setNumPartitions(self, value: int) -> PartitionedSVC:
+        return self._set(numPartitions=value)
+
+    def setKernel(self, value: str) -> PartitionedSVC:
+        return self._set(kernel=value)
+
+    def setC(self, value: float) -> PartitionedSVC:
+        return self._set(C=value)
+
+    def setGamma(self, value: str) -> PartitionedSVC:
+        return self._set(gamma=value)
+
+    def setMaxRowsPerPartition(self, value: int) -> PartitionedSVC:
+        return self._set(maxRowsPerPartition=value)
+
+    def setAggregation(self, value: str) -> PartitionedSVC:
+        return self._set(aggregation=value)
+
+    def setCalibration(self, value: str) -> PartitionedSVC:
+        return self._set(calibration=value)
+
+    def setClassWeight(self, value: str) -> PartitionedSVC:
+        return self._set(classWeight=value)
+
+    def setSeed(self, value: int) -> PartitionedSVC:
+        return self._set(seed=value)
+
+    def _class_counts(self, dataset: DataFrame) -> dict[float, int]:
+        label_col = self.getLabelCol()
+        if label_col not in dataset.columns:
+            raise InputError(f"label column {label_col!r} not found; columns are {dataset.columns}")
+        counts = {row[0]: row[1] for row in dataset.groupBy(F.col(label_col).cast("double")).count().collect()}
+        unexpected = sorted(str(label) for label in counts if label not in (0.0, 1.0))
+        if unexpected:
+            raise InputError(f"PartitionedSVC needs binary labels 0.0/1.0 in {label_col!r}; "
+                             f"found {', '.join(unexpected)}")
+        if len(counts) < 2:
+            raise InputError(f"PartitionedSVC needs both classes in {label_col!r}; found only {sorted(counts)} "
+                             f"in {sum(counts.values())} rows")
+        return counts
+
+    def _fit(self, dataset: DataFrame) -> PartitionedSVCModel:
+        _require_vector_column(dataset, self.getFeaturesCol())
+        k, max_rows, seed = self.getNumPartitions(), self.getMaxRowsPerPartition(), self.getSeed()
+        counts = self._class_counts(dataset)
+
+        rows = dataset.select(vector_to_array(F.col(self.getFeaturesCol())).alias("features"),
+                              F.col(self.getLabelCol()).cast("double").alias("label"))
+        parts = assign_partitions(rows, k, "label", seed)
+        caps = stratified_caps(counts, k, max_rows)
+        if caps is not None:
+            largest = sum(math.ceil(count / k) for count in counts.values())
+            log.warning("PartitionedSVC: partitions of up to %d rows are downsampled to %d "
+                        "(maxRowsPerPartition; %d negative and %d positive rows each)",
+                        largest, max_rows, caps[0.0], caps[1.0])
+            parts = parts.filter(F.col(RANK_COL) < F.when(F.col("label") == 0.0, F.lit(caps[0.0]))
+                                                   .otherwise(F.lit(caps[1.0])))
+        # Range partitioning on k distinct ids gives each partition its own task (a hash
+        # of small ints often collides), and AQE does not coalesce an explicit count.
+        results = (parts.repartitionByRange(k, PARTITION_COL)
+                        .groupBy(PARTITION_COL)
+                        .applyInPandas(_train_udf(self._settings()), PARTITION_RESULT_SCHEMA)
+                        .collect())
+        results = sorted((row.asDict() for row in results), key=lambda row: row["partition"])
+        for row in results:
+            if row["model"] is None:
+                warnings.warn(f"PartitionedSVC: partition {row['partition']} skipped: {row['skipped']}",
+                              PartitionSkippedWarning, stacklevel=3)
+        trained = [row for row in results if row["model"] is not None]
+        if not trained:
+            reasons = "; ".join(f"partition {row['partition']}: {row['skipped']}" for row in results)
+            raise InputError(f"PartitionedSVC trained no model out of {k} partitions ({reasons}); "
+                             "use fewer partitions or more rows of the minority class")
+
+        model = PartitionedSVCModel(
+            models=[pickle.loads(row["model"]) for row in trained],
+            partition_stats=[{key: row[key] for key in ("partition", "n_rows", "n_pos", "train_seconds",
+                                                        "skipped")} for row in results])
+        return self._copyValues(model)
+
+
+# --------------------------------------------------------------------------- Model
+
+class PartitionedSVCModel(_PartitionedSVCParams, Model, MLReadable["PartitionedSVCModel"], MLWritable):
+    """The fitted ensemble: adds rawPrediction, probability and prediction columns.
+
+    Output columns, with ``p`` the ensemble's positive-class probability
+    (:func:`ensemble_scores`):
+
+    - ``rawPredictionCol``: ML DenseVector ``[1 - p, p]`` (aggregation
+      "probability") or ``[-s, s]`` with ``s`` the mean decision value
+      (aggregation "decision");
+    - ``probabilityCol``: DenseVector ``[1 - p, p]``;
+    - ``predictionCol``: 1.0 where ``p >= 0.5``, else 0.0.
+
+    Attributes
+    ----------
+    models_ : list
+        The fitted scikit-learn estimators, in partition order (skipped partitions absent).
+    partition_stats_ : list of dict
+        One per partition: ``partition``, ``n_rows``, ``n_pos``, ``train_seconds`` and
+        ``skipped`` (None, or why the partition has no model).
+    n_partitions_trained_ : int
+    skipped_partitions_ : list of int
+
+    Notes
+    -----
+    Saving writes the models as pickles and loading unpickles them: load only
+    models this project wrote, with the same scikit-learn version (a mismatch warns).
+    """
+
+    def __init__(self, models: list | None = None, partition_stats: list[dict] | None = None) -> None:
+        super().__init__()
+        self.models_ = list(models or [])
+        self.partition_stats_ = [dict(stats) for stats in partition_stats or []]
+
+    @property
+    def n_partitions_trained_(self) -> int:
+        return len(self.models_)
+
+    @property
+    def skipped_partitions_(self) -> list[int]:
+        return [stats["partition"] for stats in self.partition_stats_ if stats["skipped"] is not None]
+
+    def setFeaturesCol(self, value: str) -> PartitionedSVCModel:
+        return self._set(featuresCol=value)
+
+    def setPredictionCol(self, value: str) -> PartitionedSVCModel:
+        return self._set(predictionCol=value)
+
+    def setProbabilityCol(self, value: str) -> PartitionedSVCModel:
+        return self._set(probabilityCol=value)
+
+    def setRawPredictionCol(self, value: str) -> PartitionedSVCModel:
+        return self._set(rawPredictionCol=value)
+
+    def _transform(self, dataset: DataFrame) -> DataFrame:
+        if not self.models_:
+            raise InputError("PartitionedSVCModel has no fitted models (construct it by PartitionedSVC.fit "
+                             "or PartitionedSVCModel.load)")
+        _require_vector_column(dataset, self.getFeaturesCol())
+        spark = dataset.sparkSession
+        models_broadcast = spark.sparkContext.broadcast(
+            pickle.dumps(self.models_, protocol=pickle.HIGHEST_PROTOCOL))
+        score = _score_udf(models_broadcast, self.getAggregation())
+        scored = dataset.withColumn("_svm_score", score(vector_to_array(F.col(self.getFeaturesCol()))))
+        return (scored.withColumn(self.getRawPredictionCol(), array_to_vector(F.col("_svm_score.raw")))
+                      .withColumn(self.getProbabilityCol(), array_to_vector(F.col("_svm_score.probability")))
+                      .withColumn(self.getPredictionCol(), F.col("_svm_score.prediction"))
+                      .drop("_svm_score"))
+
+    def write(self) -> MLWriter:
+        """An MLWriter: Spark ML metadata under ``path/metadata``, models under ``path/models``."""
+        return _PartitionedSVCModelWriter(self)
+
+    @classmethod
+    def read(cls) -> MLReader[PartitionedSVCModel]:
+        return _PartitionedSVCModelReader(cls)
+
+
+class _PartitionedSVCModelWriter(MLWriter):
+    """Params as DefaultParamsWriter metadata; the models as a one-file Parquet table.
+
+    ``path/models`` has one row per partition (PARTITION_RESULT_SCHEMA, the
+    model pickled, null for a skipped partition). Writing through Spark works
+    for any Hadoop path (local, HDFS, S3), which a Python ``open()`` would not.
+    """
+
+    def __init__(self, instance: PartitionedSVCModel) -> None:
+        super().__init__()
+        self.instance = instance
+
+    def saveImpl(self, path: str) -> None:
+        spark = self.sparkSession
+        DefaultParamsWriter.saveMetadata(self.instance, path, spark, extraMetadata={
+            "ctlakeFormat": SAVE_FORMAT, "sklearnVersion": sklearn.__version__})
+        models = iter(self.instance.models_)
+        rows = [(stats["partition"],
+                 pickle.dumps(next(models), protocol=pickle.HIGHEST_PROTOCOL) if stats["skipped"] is None else None,
+                 stats["n_rows"], stats["n_pos"], float(stats["train_seconds"]), stats["skipped"])
+                for stats in self.instance.partition_stats_]
+        spark.createDataFrame(rows, PARTITION_RESULT_SCHEMA).coalesce(1).write.parquet(f"{path}/models")
+
+
+class _PartitionedSVCModelReader(MLReader["PartitionedSVCModel"]):
+    def __init__(self, cls: type[PartitionedSVCModel]) -> None:
+        super().__init__()
+        self.cls = cls
+
+    def load(self, path: str) -> PartitionedSVCModel:
+        spark = self.sparkSession
+        metadata = DefaultParamsReader.loadMetadata(path, spark)
+        if metadata.get("ctlakeFormat") != SAVE_FORMAT:
+            raise InputError(f"{path} is not a PartitionedSVCModel of format {SAVE_FORMAT} "
+                             f"(metadata says class {metadata.get('class')!r}, "
+                             f"format {metadata.get('ctlakeFormat')!r})")
+        if metadata.get("sklearnVersion") != sklearn.__version__:
+            warnings.warn(f"{path} was saved with scikit-learn {metadata.get('sklearnVersion')}; "
+                          f"unpickling its models under {sklearn.__version__} may fail or differ",
+                          UserWarning, stacklevel=2)
+        rows = sorted((row.asDict() for row in spark.read.parquet(f"{path}/models").collect()),
+                      key=lambda row: row["partition"])
+        instance = self.cls(
+            models=[pickle.loads(row["model"]) for row in rows if row["model"] is not None],
+            partition_stats=[{key: row[key] for key in PARTITION_RESULT_SCHEMA.fieldNames() if key != "model"}
+                             for row in rows])
+        instance._resetUid(metadata["uid"])
+        DefaultParamsReader.getAndSetParams(instance, metadata)
+        return instance
+
+
+# --------------------------------------------------------------------------- tuning
+
+def tune_partitioned_svc(train: DataFrame, validation: DataFrame, grid: list[dict],
+                         evaluator_metric: str = "areaUnderROC", **fixed) -> tuple[dict, list[dict]]:
+    """Fit a :class:`PartitionedSVC` per grid entry on ``train``; score each on ``validation``.
+
+    Parameters
+    ----------
+    train, validation : DataFrame
+        With the features vector and label columns the params name (cached here
+        for the duration of the search if they are not already).
+    grid : list of dict
+        Param values per candidate, e.g. ``[dict(zip(("kernel", "C"), v)) for v in
+        itertools.product(["rbf", "linear"], [0.1, 1.0, 10.0])]``.
+    evaluator_metric : {"areaUnderROC", "areaUnderPR"}
+        BinaryClassificationEvaluator metric on the rawPrediction column (larger is better).
+    **fixed
+        Params shared by every candidate (``numPartitions=8, seed=1``, ...).
+
+    Returns
+    -------
+    best : dict
+        ``{**fixed, **grid_entry}`` of the best candidate (the first of equals):
+        ``PartitionedSVC(**best)`` rebuilds it.
+    results : list of dict
+        Per candidate, in grid order: its grid entry, the metric under
+        ``evaluator_metric``, ``fit_seconds`` and ``n_partitions_trained``.
+    """
+    if not grid:
+        raise ConfigError("tune_partitioned_svc needs a non-empty grid of param dicts")
+    if evaluator_metric not in ("areaUnderROC", "areaUnderPR"):
+        raise ConfigError(f"evaluator_metric must be 'areaUnderROC' or 'areaUnderPR'; got {evaluator_metric!r}")
+    cached = [frame for frame in (train, validation) if not frame.is_cached]
+    for frame in cached:
+        frame.cache()
+    try:
+        results = []
+        for candidate in grid:
+            estimator = PartitionedSVC(**{**fixed, **candidate})
+            started = time.perf_counter()
+            model = estimator.fit(train)
+            fit_seconds = time.perf_counter() - started
+            evaluator = BinaryClassificationEvaluator(
+                rawPredictionCol=model.getRawPredictionCol(), labelCol=model.getLabelCol(),
+                metricName=evaluator_metric)
+            results.append({**candidate, evaluator_metric: evaluator.evaluate(model.transform(validation)),
+                            "fit_seconds": fit_seconds, "n_partitions_trained": model.n_partitions_trained_})
+    finally:
+        for frame in cached:
+            frame.unpersist()
+    best = max(range(len(grid)), key=lambda i: (results[i][evaluator_metric], -i))
+    return {**fixed, **grid[best]}, results

@@ -1,0 +1,273 @@
+"""Per-partition SVMs on real Spark: stratified partitions, exact ensemble maths, Pipeline save/load."""
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from ctlake.errors import ConfigError, InputError
+from ctlake.svm_ensemble import (
+    PARTITION_COL,
+    RANK_COL,
+    PartitionedSVC,
+    PartitionedSVCModel,
+    PartitionSkippedWarning,
+    assign_partitions,
+    build_estimator,
+    stratified_caps,
+    tune_partitioned_svc,
+)
+from pyspark.ml import Pipeline, PipelineModel
+from pyspark.ml.evaluation import BinaryClassificationEvaluator
+from pyspark.ml.feature import StandardScaler, VectorAssembler
+from pyspark.ml.linalg import DenseVector
+from pyspark.sql import functions as F
+from scipy.special import expit
+
+FEATURES = [f"f{i}" for i in range(5)]
+
+
+def gaussian_frame(spark, n_neg, n_pos, seed, shift=1.5, assemble=True):
+    """Two 5-D unit Gaussians whose means differ by ``shift`` in every feature; ``id`` orders rows."""
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.zeros(n_neg), np.ones(n_pos)]
+    points = rng.normal(size=(len(labels), len(FEATURES))) + labels[:, None] * shift
+    pdf = pd.DataFrame(points, columns=FEATURES)
+    pdf.insert(0, "id", np.arange(len(labels)))
+    pdf["label"] = labels
+    df = spark.createDataFrame(pdf)
+    if assemble:
+        df = VectorAssembler(inputCols=FEATURES, outputCol="features").transform(df).select("id", "features", "label")
+    return df
+
+
+def scored(model, df):
+    """(features matrix, P(class 1), output rows), all in ``id`` order."""
+    rows = model.transform(df).orderBy("id").collect()
+    return (np.array([r["features"].toArray() for r in rows]),
+            np.array([r["probability"][1] for r in rows]),
+            rows)
+
+
+@pytest.fixture(scope="module")
+def train(spark):
+    return gaussian_frame(spark, 200, 200, seed=1).cache()
+
+
+@pytest.fixture(scope="module")
+def test(spark):
+    return gaussian_frame(spark, 100, 100, seed=2).cache()
+
+
+@pytest.fixture(scope="module")
+def fitted(train):
+    return PartitionedSVC(numPartitions=4, seed=7).fit(train)
+
+
+# ------------------------------------------------------------------ params and pure helpers
+
+def test_params_have_defaults_and_getters():
+    svc = PartitionedSVC()
+    assert (svc.getNumPartitions(), svc.getKernel(), svc.getC(), svc.getGamma(), svc.getMaxRowsPerPartition(),
+            svc.getAggregation(), svc.getCalibration(), svc.getClassWeight(), svc.getSeed()) == \
+        (4, "rbf", 1.0, "scale", 20000, "probability", "sigmoid", "balanced", 0)
+    assert (svc.getFeaturesCol(), svc.getLabelCol(), svc.getPredictionCol(), svc.getProbabilityCol(),
+            svc.getRawPredictionCol()) == ("features", "label", "prediction", "probability", "rawPrediction")
+    assert not svc.isSet(svc.kernel) and svc.hasDefault(svc.kernel)
+    custom = PartitionedSVC(kernel="linear", C=10, gamma=0.01, numPartitions=8).setClassWeight("none")
+    assert (custom.getKernel(), custom.getC(), custom.getGamma(), custom.getNumPartitions(),
+            custom.getClassWeight()) == ("linear", 10.0, "0.01", 8, "none")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"kernel": "poly"}, "kernel must be one of 'rbf', 'linear'; got 'poly'"),
+    ({"gamma": "wide"}, "gamma must be 'scale', 'auto' or a positive number; got 'wide'"),
+    ({"gamma": "-1"}, "gamma must be"),
+    ({"C": 0.0}, "C must be a positive finite number; got 0.0"),
+    ({"numPartitions": 0}, "numPartitions must be an integer >= 1; got 0"),
+    ({"maxRowsPerPartition": 1}, "maxRowsPerPartition must be an integer >= 2"),
+    ({"aggregation": "vote"}, "aggregation must be one of 'probability', 'decision'"),
+    ({"calibration": "beta"}, "calibration must be one of"),
+])
+def test_bad_param_values_are_configuration_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        PartitionedSVC(**kwargs)
+
+
+def test_stratified_caps_keep_the_ratio_and_the_limit():
+    assert stratified_caps({0.0: 800, 1.0: 200}, k=4, max_rows=250) is None
+    assert stratified_caps({0.0: 800, 1.0: 200}, k=4, max_rows=100) == {0.0: 80, 1.0: 20}
+    # A rare class keeps at least one row per partition.
+    assert stratified_caps({0.0: 10_000, 1.0: 3}, k=2, max_rows=100) == {0.0: 99, 1.0: 1}
+
+
+def test_estimator_per_calibration_setting():
+    calibrated = build_estimator(calibration="isotonic", random_state=3)
+    assert (calibrated.method, calibrated.cv, calibrated.ensemble) == ("isotonic", 3, True)
+    assert calibrated.estimator.random_state == 3
+    platt = build_estimator(calibration="platt-in-svc", kernel="linear")
+    assert (platt.method, platt.cv, platt.ensemble, platt.estimator.kernel) == ("sigmoid", 5, False, "linear")
+    bare = build_estimator(aggregation="decision", calibration="isotonic", gamma="0.5", class_weight="none")
+    assert (type(bare).__name__, bare.gamma, bare.class_weight) == ("SVC", 0.5, None)
+
+
+# ------------------------------------------------------------------ partition assignment
+
+def assignment(df, seed, k=4):
+    """{id: (label, partition, rank)} from one collect of :func:`assign_partitions`."""
+    return {r["id"]: (r["label"], r[PARTITION_COL], r[RANK_COL])
+            for r in assign_partitions(df, k, "label", seed).collect()}
+
+
+def test_assign_partitions_is_stratified_and_independent_of_row_order(spark):
+    df = gaussian_frame(spark, 200, 100, seed=3)
+    assigned = assignment(df, seed=11)
+    # Each (partition, label) holds exactly its share, ranked 0..n-1.
+    ranks = {}
+    for label, partition, rank in assigned.values():
+        ranks.setdefault((partition, label), []).append(rank)
+    assert {key: sorted(r) for key, r in ranks.items()} == \
+        {(p, label): list(range(n)) for p in range(4) for label, n in ((0.0, 50), (1.0, 25))}
+
+    assert assignment(df.orderBy(F.desc("id")).repartition(3), seed=11) == assigned
+    assert assignment(df, seed=12) != assigned
+
+
+def test_uneven_classes_differ_by_at_most_one_row_per_partition(spark):
+    assigned = assignment(gaussian_frame(spark, 23, 6, seed=4), seed=0).values()
+    for label, shares in ((0.0, [5, 6, 6, 6]), (1.0, [1, 1, 2, 2])):
+        assert sorted(sum(1 for lab, p, _ in assigned if lab == label and p == part) for part in range(4)) == shares
+
+
+# ------------------------------------------------------------------ fit and transform
+
+def test_fits_one_model_per_partition_and_classifies_held_out_data(fitted, test):
+    assert fitted.n_partitions_trained_ == len(fitted.models_) == 4
+    assert [s["partition"] for s in fitted.partition_stats_] == [0, 1, 2, 3]
+    assert [(s["n_rows"], s["n_pos"], s["skipped"]) for s in fitted.partition_stats_] == [(100, 50, None)] * 4
+    assert fitted.skipped_partitions_ == []
+    auc = BinaryClassificationEvaluator(metricName="areaUnderROC").evaluate(fitted.transform(test))
+    assert auc > 0.9
+
+
+def test_prediction_is_probability_at_least_one_half(fitted, test):
+    _, p, rows = scored(fitted, test)
+    assert all(isinstance(r["probability"], DenseVector) and isinstance(r["rawPrediction"], DenseVector) for r in rows)
+    assert [r["prediction"] for r in rows] == [1.0 if x >= 0.5 else 0.0 for x in p]
+    assert [list(r["probability"]) for r in rows] == [[1 - x, x] for x in p]
+    assert [list(r["rawPrediction"]) for r in rows] == [[1 - x, x] for x in p]
+    assert 0 < sum(r["prediction"] for r in rows) < len(rows)
+
+
+def test_ensemble_probability_is_the_mean_of_the_gathered_models(fitted, test):
+    features, p, _ = scored(fitted, test)
+    local = np.mean(np.stack([m.predict_proba(features)[:, 1] for m in fitted.models_]), axis=0)
+    assert np.array_equal(p, local)
+    assert len({tuple(m.predict_proba(features[:5])[:, 1]) for m in fitted.models_}) == 4  # distinct models
+
+
+def test_decision_aggregation_averages_decision_values_through_a_logistic(train, test):
+    model = PartitionedSVC(numPartitions=2, kernel="linear", aggregation="decision", seed=7).fit(train)
+    assert [type(m).__name__ for m in model.models_] == ["SVC", "SVC"]
+    features, p, rows = scored(model, test)
+    s = np.mean(np.stack([m.decision_function(features) for m in model.models_]), axis=0)
+    assert np.array_equal(p, expit(s))
+    assert [list(r["rawPrediction"]) for r in rows] == [[-x, x] for x in s]
+    assert [r["prediction"] for r in rows] == [1.0 if x >= 0 else 0.0 for x in s]
+
+
+def test_same_seed_same_model_and_other_seed_other_partitions(fitted, train, test):
+    again = PartitionedSVC(numPartitions=4, seed=7).fit(train)
+    assert np.array_equal(scored(again, test)[1], scored(fitted, test)[1])
+    other = PartitionedSVC(numPartitions=4, seed=8).fit(train)
+    assert not np.array_equal(scored(other, test)[1], scored(fitted, test)[1])
+
+
+def test_max_rows_per_partition_caps_what_each_model_sees(train, caplog):
+    with caplog.at_level(logging.WARNING, logger="ctlake.svm_ensemble"):
+        model = PartitionedSVC(numPartitions=2, maxRowsPerPartition=50, seed=7).fit(train)
+    assert [(s["n_rows"], s["n_pos"]) for s in model.partition_stats_] == [(50, 25), (50, 25)]
+    assert [m.n_features_in_ for m in model.models_] == [5, 5]
+    assert "partitions of up to 200 rows are downsampled to 50" in caplog.text
+
+
+def test_partition_with_one_class_is_skipped_with_a_warning(spark):
+    # Two positives dealt round-robin over four partitions: partitions 2 and 3 get none.
+    df = gaussian_frame(spark, 60, 2, seed=5)
+    with pytest.warns(PartitionSkippedWarning) as caught:
+        model = PartitionedSVC(numPartitions=4, aggregation="decision", seed=7).fit(df)
+    assert sorted(str(w.message) for w in caught) == [
+        "PartitionedSVC: partition 2 skipped: only one class (0.0) in 15 rows",
+        "PartitionedSVC: partition 3 skipped: only one class (0.0) in 15 rows",
+    ]
+    assert model.n_partitions_trained_ == 2
+    assert model.skipped_partitions_ == [2, 3]
+    assert model.transform(df).count() == 62
+
+
+def test_no_trainable_partition_is_an_input_error(spark):
+    # One positive per partition is too few for 3-fold calibration.
+    df = gaussian_frame(spark, 60, 2, seed=5)
+    with pytest.warns(PartitionSkippedWarning), \
+            pytest.raises(InputError, match=r"trained no model out of 2 partitions \(partition 0: 30 negative"):
+        PartitionedSVC(numPartitions=2, seed=7).fit(df)
+
+
+def test_inputs_are_checked_before_training(spark, train):
+    with pytest.raises(InputError, match="needs both classes"):
+        PartitionedSVC().fit(train.filter("label = 1"))
+    with pytest.raises(InputError, match="binary labels 0.0/1.0 in 'label'; found 2.0"):
+        PartitionedSVC().fit(train.withColumn("label", F.col("label") * 2))
+    with pytest.raises(InputError, match="'f0' must be an ML Vector .* found double"):
+        PartitionedSVC(featuresCol="f0").fit(gaussian_frame(spark, 10, 10, seed=6, assemble=False))
+
+
+# ------------------------------------------------------------------ save / load
+
+def test_pipeline_save_load_gives_identical_probabilities(spark, tmp_path):
+    train_raw = gaussian_frame(spark, 150, 150, seed=1, assemble=False)
+    test_raw = gaussian_frame(spark, 50, 50, seed=2, assemble=False)
+    pipeline = Pipeline(stages=[VectorAssembler(inputCols=FEATURES, outputCol="raw_features"),
+                                StandardScaler(inputCol="raw_features", outputCol="features"),
+                                PartitionedSVC(numPartitions=3, kernel="rbf", C=2.0, seed=5)])
+    pipeline.write().save(str(tmp_path / "pipeline"))
+    assert Pipeline.load(str(tmp_path / "pipeline")).getStages()[2].getC() == 2.0
+
+    model = pipeline.fit(train_raw)
+    model.write().save(str(tmp_path / "model"))
+    loaded = PipelineModel.load(str(tmp_path / "model"))
+
+    svm = loaded.stages[2]
+    assert isinstance(svm, PartitionedSVCModel)
+    assert (svm.uid, svm.getC(), svm.getNumPartitions(), svm.n_partitions_trained_) == \
+        (model.stages[2].uid, 2.0, 3, 3)
+    assert svm.partition_stats_ == model.stages[2].partition_stats_
+
+    def probabilities(m):
+        return [(r["id"], list(r["probability"]), list(r["rawPrediction"]), r["prediction"])
+                for r in m.transform(test_raw).orderBy("id").collect()]
+    assert probabilities(loaded) == probabilities(model)
+
+
+def test_model_saves_skipped_partitions_and_overwrites(spark, tmp_path):
+    df = gaussian_frame(spark, 60, 2, seed=5)
+    with pytest.warns(PartitionSkippedWarning):
+        model = PartitionedSVC(numPartitions=4, aggregation="decision", seed=7).fit(df)
+    path = str(tmp_path / "svm")
+    model.save(path)
+    model.write().overwrite().save(path)
+    loaded = PartitionedSVCModel.load(path)
+    assert (loaded.skipped_partitions_, loaded.n_partitions_trained_, loaded.getAggregation()) == ([2, 3], 2, "decision")
+
+
+# ------------------------------------------------------------------ tuning
+
+def test_tuning_picks_the_best_validation_auc(train, test):
+    grid = [{"kernel": "linear", "C": 0.1}, {"kernel": "rbf", "C": 1.0, "gamma": "0.01"}]
+    best, results = tune_partitioned_svc(train, test, grid, numPartitions=2, seed=3)
+    assert [{k: r[k] for k in ("kernel", "C")} for r in results] == [{"kernel": "linear", "C": 0.1},
+                                                                     {"kernel": "rbf", "C": 1.0}]
+    assert all(0.9 < r["areaUnderROC"] <= 1.0 and r["n_partitions_trained"] == 2 for r in results)
+    winner = max(range(2), key=lambda i: (results[i]["areaUnderROC"], -i))
+    assert best == {"numPartitions": 2, "seed": 3, **grid[winner]}
+    with pytest.raises(ConfigError, match="non-empty grid"):
+        tune_partitioned_svc(train, test, [])
