@@ -7,7 +7,7 @@ setup(
     description="Ingest, preprocess and learn from CT image sets on Apache Spark and Delta Lake",
     package_dir={"": "lib"},
     packages=find_packages("lib"),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=[
         # delta-spark 4.4.x is built against Spark 4.2; Maven Central serves the
         # matching jar io.delta:delta-spark_4.2_2.13 at 4.4.0 (4.4.1 is not there).

@@ -15,7 +15,8 @@ from ctlake.cli import job_parser, run_job
 def main(argv=None) -> int:
     parser = job_parser("score", __doc__)
     parser.add_argument("--run-id", required=True, help="a run id from the runs table (see the report)")
-    parser.add_argument("--series", nargs="*", metavar="UID", help="series to score (default: new patients' series not yet scored)")
+    parser.add_argument("--series", nargs="*", metavar="UID",
+                        help="series to score (default: new patients' series not yet scored)")
     return run_job(parser, lambda spark, config, args: score.run(spark, config, args.run_id, args.series), argv)
 
 

@@ -71,3 +71,12 @@ def test_bootstrap_intervals_contain_the_estimate_and_resample_patients():
     assert r["auc"]["low"] <= r["auc"]["value"] <= r["auc"]["high"]
     assert r["auc"]["high"] - r["auc"]["low"] > 0.02
     assert bootstrap_metrics(labels, scores, groups, 0.5, n_boot=300, seed=1) == r
+
+
+def test_patient_aggregates():
+    from ctlake.metrics import aggregate_probabilities
+
+    p = [0.1, 0.9, 0.5, 0.3]
+    assert aggregate_probabilities(p, "max") == 0.9
+    assert aggregate_probabilities(p, "mean") == pytest.approx(0.45)
+    assert aggregate_probabilities(p, "top3") == pytest.approx((0.9 + 0.5 + 0.3) / 3)

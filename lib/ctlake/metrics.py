@@ -5,6 +5,21 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
 METRICS = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1")
+AGGREGATES = ("max", "mean", "top3")
+
+
+def aggregate_probabilities(p, how: str) -> float:
+    """A patient's probability from its patch probabilities: max, mean, or mean of the top three.
+
+    ``max`` says "the most suspicious patch decides", the usual reading of a
+    patch detector; ``top3`` is less sensitive to one noisy patch.
+    """
+    p = np.asarray(p, dtype=float)
+    if how == "max":
+        return float(p.max())
+    if how == "mean":
+        return float(p.mean())
+    return float(np.sort(p)[-3:].mean())
 
 
 def threshold_youden(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 
-import pandas as pd
 from pyspark.ml import PipelineModel
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import SparkSession
@@ -21,6 +20,7 @@ from pyspark.sql import types as T
 from ctlake import config as cfg
 from ctlake import featurize, patches, preprocess, tables
 from ctlake.errors import InputError
+from ctlake.metrics import aggregate_probabilities
 from ctlake.train import read_text
 
 log = logging.getLogger("ctlake.score")
@@ -69,10 +69,6 @@ def load_run(spark: SparkSession, config: dict, run_id: str) -> dict:
     return meta
 
 
-def _aggregate(p: pd.Series, how: str) -> float:
-    return float(p.max() if how == "max" else p.mean() if how == "mean" else p.nlargest(3).mean())
-
-
 def run(spark: SparkSession, config: dict, run_id: str, series: list[str] | None = None) -> dict:
     meta = load_run(spark, config, run_id)
     if not series:
@@ -115,10 +111,10 @@ def run(spark: SparkSession, config: dict, run_id: str, series: list[str] | None
     k = cfg.positive_int(config, "train.evidence_k", 3)
     rows = []
     for (patient, uid), group in scored.groupby(["patient_pseudonym", "series_uid"]):
-        p = _aggregate(group["p"], how)
+        p = aggregate_probabilities(group["p"], how)
         top = group.sort_values("p", ascending=False).head(k)
-        rows.append((run_id, patient, uid, int(len(group)), _aggregate(group["p_random_forest"], how),
-                     _aggregate(group["p_svm_ensemble"], how), p, threshold, bool(p >= threshold),
+        rows.append((run_id, patient, uid, int(len(group)), aggregate_probabilities(group["p_random_forest"], how),
+                     aggregate_probabilities(group["p_svm_ensemble"], how), p, threshold, bool(p >= threshold),
                      [(r.patch_id, r.sop_uid, int(r.slice_index), float(r.center_row), float(r.center_col),
                        float(r.p)) for r in top.itertuples()], None))
     predictions = (spark.createDataFrame(rows, PREDICTIONS_SCHEMA)

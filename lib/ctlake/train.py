@@ -32,14 +32,13 @@ from ctlake import config as cfg
 from ctlake import tables
 from ctlake.errors import ConfigError, InputError
 from ctlake.featurize import FEATURES, feature_names, layout
-from ctlake.metrics import bootstrap_metrics, threshold_youden
+from ctlake.metrics import AGGREGATES, aggregate_probabilities, bootstrap_metrics, threshold_youden
 from ctlake.splits import split_patients, split_sizes
 from ctlake.svm_ensemble import PartitionedSVC
 
 log = logging.getLogger("ctlake.train")
 
 RUNS = "runs"
-AGGREGATES = ("max", "mean", "top3")
 RUNS_SCHEMA = T.StructType([
     T.StructField("run_id", T.StringType()),
     T.StructField("started_at", T.TimestampType()),
@@ -146,15 +145,9 @@ def scores(model: PipelineModel, frame: DataFrame) -> pd.DataFrame:
 
 def aggregate(patch_scores: pd.DataFrame, how: str) -> pd.DataFrame:
     """Patient probability from patch probabilities: max, mean or mean of the top three."""
-    def combine(p: pd.Series) -> float:
-        if how == "max":
-            return float(p.max())
-        if how == "mean":
-            return float(p.mean())
-        return float(p.nlargest(3).mean())
-
     grouped = patch_scores.groupby("patient_pseudonym")
-    return pd.DataFrame({"p": grouped["p"].apply(combine), "label": grouped["patient_label"].first(),
+    return pd.DataFrame({"p": grouped["p"].apply(lambda p: aggregate_probabilities(p, how)),
+                         "label": grouped["patient_label"].first(),
                          "split": grouped["split"].first()}).reset_index()
 
 
