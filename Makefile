@@ -81,9 +81,10 @@ test: setup ## run the test suite (real Spark in local mode, real Delta tables)
 lint: setup ## static checks
 	$(VENV)/bin/ruff check lib jobs tests bench
 
-bench: setup ## benchmarks: ingestion, preprocessing and patches against plain single-process loops
+bench: setup ## benchmarks: ingest, preprocess, patches vs single-process loops; MLlib vs scikit-learn models
 	$(PY) bench/bench_ingest.py --conf $(CONF) $(SETFLAGS)
 	$(PY) bench/bench_preprocess.py --conf $(CONF) $(SETFLAGS)
+	$(PY) bench/bench_models.py --conf $(CONF) $(SETFLAGS)
 
 package: setup ## build the ctlake wheel into dist/
 	$(VENV)/bin/pip wheel --quiet --no-deps -w dist .

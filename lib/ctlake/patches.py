@@ -249,7 +249,9 @@ def candidate_tasks(spark: SparkSession, config: dict, meta: DataFrame, params: 
     masks = (tables.read(spark, config, tables.PREPROCESSED).filter(F.col("mask_valid"))
              .select("sop_uid", "frame", "mask").join(meta.select("sop_uid", "frame", "series_uid", "slice_index"),
                                                        ["sop_uid", "frame"]))
-    mask_slices = masks.select("series_uid", "slice_index")
+    # Negatives only for series of the candidates file: a scan ingested for scoring is not training data.
+    mask_slices = masks.select("series_uid", "slice_index").join(
+        cands.select("series_uid").distinct(), "series_uid", "left_semi")
     per_series = (mask_slices.groupBy("series_uid").agg(F.count("*").alias("mask_slices"))
                   .join(positives, "series_uid", "left").fillna(0, ["count"])
                   .withColumn("wanted", F.ceil(F.greatest(F.col("count"), F.lit(1)) * F.lit(ratio)).cast("int")))
