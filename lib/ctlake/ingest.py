@@ -19,6 +19,7 @@ A crash between steps leaves a state from which the next run converges.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 import os
 import re
 import uuid
@@ -330,9 +331,7 @@ def run(spark: SparkSession, config: dict, input_path: str | None = None) -> dic
 
     # Counted from this run's own rows, not re-read from the tables: exact for one writer at a time.
     # Rows a concurrent run inserted first are skipped by the MERGEs but still counted here.
-    by_reason: dict[str, int] = {}
-    for row in quarantine_rows:
-        by_reason[row[3]] = by_reason.get(row[3], 0) + 1
+    by_reason = Counter(row[3] for row in quarantine_rows)
     summary.update({
         "files_ingested": len(accepted_paths),
         "slices_written": slices_written,

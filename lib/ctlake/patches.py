@@ -262,7 +262,7 @@ def candidate_tasks(spark: SparkSession, config: dict, meta: DataFrame, params: 
     # One negative on each of `wanted` randomly drawn slices of the series.
     negatives = (ranked.filter(F.col("pick") < F.col("wanted"))
                  .withColumn("n_negatives", F.lit(1)).select("series_uid", "slice_index", "n_negatives"))
-    nodule_rows = located.filter(F.col("label") == 1).filter(F.col("radius_mm").isNotNull() | (F.col("mode") == "candidate"))
+    nodule_rows = located.filter(F.col("label") == 1)
     exclusions = (meta.select("series_uid", "slice_index", "z_position", "pixel_spacing_row")
                   .join(nodule_rows.select("series_uid", F.col("row").alias("n_row"), F.col("col").alias("n_col"),
                                            "z_mm", F.coalesce("radius_mm", F.lit(5.0)).alias("radius_mm")),

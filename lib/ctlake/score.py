@@ -21,7 +21,6 @@ from ctlake import config as cfg
 from ctlake import featurize, patches, preprocess, tables
 from ctlake.errors import InputError
 from ctlake.metrics import aggregate_probabilities
-from ctlake.train import read_text
 
 log = logging.getLogger("ctlake.score")
 
@@ -54,7 +53,7 @@ def load_run(spark: SparkSession, config: dict, run_id: str) -> dict:
     """The run's metadata; a clear InputError when the run does not exist or does not match."""
     path = f"{cfg.get(config, 'warehouse', str).rstrip('/')}/models/{run_id}"
     try:
-        meta = json.loads(read_text(spark, f"{path}/run.json"))
+        meta = json.loads(tables.read_text(spark, f"{path}/run.json"))
     except InputError:
         known = []
         if tables.exists(spark, config, "runs"):

@@ -5,6 +5,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from ctlake import config as cfg
+from ctlake.errors import InputError
 
 SLICES = "slices"
 SERIES = "series"
@@ -172,3 +173,38 @@ def merge_upsert(spark: SparkSession, config: dict, table: str, rows: DataFrame,
     condition = " AND ".join(f"t.{k} <=> n.{k}" for k in keys)
     (DeltaTable.forPath(spark, path).alias("t").merge(rows.alias("n"), condition)
      .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+
+
+def version(spark: SparkSession, config: dict, table: str) -> int | None:
+    """The table's latest Delta version (what a run records to time-travel back to its inputs)."""
+    from delta.tables import DeltaTable
+
+    if not exists(spark, config, table):
+        return None
+    return int(DeltaTable.forPath(spark, cfg.table_path(config, table)).history(1).first()["version"])
+
+
+def write_text(spark: SparkSession, path: str, text: str) -> None:
+    """Write a small text file on any Hadoop filesystem (models live beside the tables)."""
+    jvm = spark._jvm
+    target = jvm.org.apache.hadoop.fs.Path(path)
+    fs = target.getFileSystem(spark._jsc.hadoopConfiguration())
+    # No .crc side file: run.json is small, and people do open and edit it.
+    fs.setWriteChecksum(False)
+    stream = fs.create(target, True)
+    stream.write(bytearray(text.encode("utf-8")))
+    stream.close()
+
+
+def read_text(spark: SparkSession, path: str) -> str:
+    """Read a small text file written by :func:`write_text`; InputError when it is missing."""
+    jvm = spark._jvm
+    target = jvm.org.apache.hadoop.fs.Path(path)
+    fs = target.getFileSystem(spark._jsc.hadoopConfiguration())
+    fs.setVerifyChecksum(False)
+    if not fs.exists(target):
+        raise InputError(f"not found: {path}")
+    stream = fs.open(target)
+    data = jvm.org.apache.commons.io.IOUtils.toByteArray(stream)
+    stream.close()
+    return bytes(data).decode("utf-8")

@@ -33,7 +33,7 @@ from ctlake import tables
 from ctlake.errors import ConfigError, InputError
 from ctlake.featurize import FEATURES, feature_names, layout
 from ctlake.metrics import AGGREGATES, aggregate_probabilities, bootstrap_metrics, threshold_youden
-from ctlake.splits import split_patients, split_sizes
+from ctlake.splits import SPLITS, split_patients, split_sizes
 from ctlake.svm_ensemble import PartitionedSVC
 
 log = logging.getLogger("ctlake.train")
@@ -57,7 +57,6 @@ def validate(config: dict) -> None:
     """Everything training needs from configuration, checked before Spark starts."""
     fractions = cfg.get(config, "train.split", dict)
     folds = cfg.positive_int(config, "train.folds")
-    from ctlake.splits import SPLITS
     if set(fractions) != set(SPLITS):
         raise ConfigError(f"train.split must give {', '.join(SPLITS)}, found {sorted(fractions)}")
     if folds < 2:
@@ -263,9 +262,9 @@ def run(spark: SparkSession, config: dict) -> dict:
         results[name] = evaluate(frame_scores, how, n_boot, seed)
 
     # Shuffled-label control: same forest, training targets permuted; must score near 0.5.
-    shuffled = _shuffled(spark, train, seed)
-    control = rf_pipeline(names, seed)[0].copy({forest.numTrees: rf_best.get("numTrees", 50),
-                                                forest.maxDepth: rf_best.get("maxDepth", 5)}).fit(shuffled)
+    control, control_forest = rf_pipeline(names, seed)
+    control_forest.setNumTrees(rf_best["numTrees"]).setMaxDepth(rf_best["maxDepth"])
+    control = control.fit(_shuffled(spark, train, seed))
     control_scores = scores(control, evaluation)
     results["shuffled_label_control"] = evaluate(control_scores, how, min(n_boot, 200), seed)
 
@@ -279,8 +278,8 @@ def run(spark: SparkSession, config: dict) -> dict:
                          for name, s in all_scores.items() if name != "shuffled_label_control"},
             "results": results, "split_sizes": sizes, "timings_s": timings,
             "patients": sorted(assignment["patient"])}
-    write_text(spark, f"{models_path}/run.json", json.dumps(meta, default=_json_default, indent=1))
-    versions = {t: _version(spark, config, t) for t in (tables.SLICES, tables.PATCHES, FEATURES)}
+    tables.write_text(spark, f"{models_path}/run.json", json.dumps(meta, default=_json_default, indent=1))
+    versions = {t: tables.version(spark, config, t) for t in (tables.SLICES, tables.PATCHES, FEATURES)}
     row = [(run_id, started.replace(tzinfo=None), git_commit(), json.dumps(config, default=str), versions,
             json.dumps(sizes), json.dumps(results, default=_json_default), models_path,
             round(time.monotonic() - clock, 1))]
@@ -295,45 +294,10 @@ def run(spark: SparkSession, config: dict) -> dict:
 
 def _shuffled(spark: SparkSession, train: DataFrame, seed: int) -> DataFrame:
     """The training rows with their targets permuted (seeded)."""
-    window_order = F.xxhash64("patch_id", F.lit(seed))
-    targets = train.select("target").orderBy(window_order).toPandas()["target"].to_numpy()
-    permuted = np.random.default_rng(seed).permutation(targets)
-    ids = train.select("patch_id").orderBy("patch_id").toPandas()["patch_id"]
-    mapping = spark.createDataFrame(pd.DataFrame({"patch_id": ids, "shuffled": permuted.astype(float)}))
+    rows = train.select("patch_id", "target").orderBy("patch_id").toPandas()
+    permuted = np.random.default_rng(seed).permutation(rows["target"].to_numpy()).astype(float)
+    mapping = spark.createDataFrame(pd.DataFrame({"patch_id": rows["patch_id"], "shuffled": permuted}))
     return train.join(F.broadcast(mapping), "patch_id").drop("target").withColumnRenamed("shuffled", "target")
-
-
-def _version(spark: SparkSession, config: dict, table: str) -> int | None:
-    from delta.tables import DeltaTable
-
-    if not tables.exists(spark, config, table):
-        return None
-    return int(DeltaTable.forPath(spark, cfg.table_path(config, table)).history(1).first()["version"])
-
-
-def write_text(spark: SparkSession, path: str, text: str) -> None:
-    """Write a small text file on any Hadoop filesystem (models live beside the tables)."""
-    jvm = spark._jvm
-    target = jvm.org.apache.hadoop.fs.Path(path)
-    fs = target.getFileSystem(spark._jsc.hadoopConfiguration())
-    # No .crc side file: run.json is small, and people do open and edit it.
-    fs.setWriteChecksum(False)
-    stream = fs.create(target, True)
-    stream.write(bytearray(text.encode("utf-8")))
-    stream.close()
-
-
-def read_text(spark: SparkSession, path: str) -> str:
-    jvm = spark._jvm
-    target = jvm.org.apache.hadoop.fs.Path(path)
-    fs = target.getFileSystem(spark._jsc.hadoopConfiguration())
-    fs.setVerifyChecksum(False)
-    if not fs.exists(target):
-        raise InputError(f"not found: {path}")
-    stream = fs.open(target)
-    data = jvm.org.apache.commons.io.IOUtils.toByteArray(stream)
-    stream.close()
-    return bytes(data).decode("utf-8")
 
 
 def _json_default(value):
