@@ -4,6 +4,7 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+import sklearn
 from ctlake.errors import ConfigError, InputError
 from ctlake.svm_ensemble import (
     PARTITION_COL,
@@ -14,6 +15,7 @@ from ctlake.svm_ensemble import (
     assign_partitions,
     build_estimator,
     stratified_caps,
+    train_partition,
     tune_partitioned_svc,
 )
 from pyspark.ml import Pipeline, PipelineModel
@@ -73,6 +75,8 @@ def test_params_have_defaults_and_getters():
     assert (svc.getFeaturesCol(), svc.getLabelCol(), svc.getPredictionCol(), svc.getProbabilityCol(),
             svc.getRawPredictionCol()) == ("features", "label", "prediction", "probability", "rawPrediction")
     assert not svc.isSet(svc.kernel) and svc.hasDefault(svc.kernel)
+    assert not svc.isDefined(svc.weightCol)  # as in MLlib: unset means every weight is 1.0
+    assert PartitionedSVC(weightCol="w").getWeightCol() == PartitionedSVC().setWeightCol("w").getWeightCol() == "w"
     custom = PartitionedSVC(kernel="linear", C=10, gamma=0.01, numPartitions=8).setClassWeight("none")
     assert (custom.getKernel(), custom.getC(), custom.getGamma(), custom.getNumPartitions(),
             custom.getClassWeight()) == ("linear", 10.0, "0.01", 8, "none")
@@ -108,6 +112,27 @@ def test_estimator_per_calibration_setting():
     assert (platt.method, platt.cv, platt.ensemble, platt.estimator.kernel) == ("sigmoid", 5, False, "linear")
     bare = build_estimator(aggregation="decision", calibration="isotonic", gamma="0.5", class_weight="none")
     assert (type(bare).__name__, bare.gamma, bare.class_weight) == ("SVC", 0.5, None)
+
+
+def test_train_partition_passes_sample_weight_also_under_metadata_routing():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(30), np.ones(30)]
+    features = rng.normal(size=(60, 2)) + labels[:, None] * 0.5
+    settings = {"kernel": "rbf", "C": 1.0, "gamma": "scale", "calibration": "sigmoid",
+                "class_weight": "balanced", "aggregation": "probability", "seed": 0, "partition": 0}
+    weights = np.where(labels == 1.0, 10.0, 1.0)
+
+    def p_positive(**kwargs):
+        model, skipped = train_partition(features, labels, settings, **kwargs)
+        assert skipped is None
+        return model.predict_proba(features)[:, 1]
+    plain = p_positive()
+    assert np.array_equal(p_positive(sample_weight=np.ones(60)), plain)
+    weighted = p_positive(sample_weight=weights)
+    assert weighted[labels == 1.0].mean() > plain[labels == 1.0].mean()
+    # Routing switched on globally needs the SVC to request the weights; the result is the same.
+    with sklearn.config_context(enable_metadata_routing=True):
+        assert np.array_equal(p_positive(sample_weight=weights), weighted)
 
 
 # ------------------------------------------------------------------ partition assignment
@@ -221,16 +246,67 @@ def test_inputs_are_checked_before_training(spark, train):
         PartitionedSVC(featuresCol="f0").fit(gaussian_frame(spark, 10, 10, seed=6, assemble=False))
 
 
+# ------------------------------------------------------------------ sample weights
+
+@pytest.fixture(scope="module")
+def overlapping(spark):
+    """80 rows of two heavily overlapping classes, with unit and positive-heavy weight columns."""
+    return (gaussian_frame(spark, 40, 40, seed=9, shift=0.3)
+            .withColumn("ones", F.lit(1))  # an integer column: weights are cast to double
+            .withColumn("w_pos", F.when(F.col("label") == 1.0, 20.0).otherwise(1.0))
+            .cache())
+
+
+def test_weighting_the_positives_raises_their_predicted_probability(overlapping):
+    unit = PartitionedSVC(numPartitions=2, seed=3, weightCol="ones").fit(overlapping)
+    heavy = PartitionedSVC(numPartitions=2, seed=3, weightCol="w_pos").fit(overlapping)
+    assert [(s["n_rows"], s["n_pos"]) for s in heavy.partition_stats_] == [(40, 20), (40, 20)]
+    labels = np.array([r["label"] for r in overlapping.orderBy("id").collect()])
+    _, p_unit, rows_unit = scored(unit, overlapping)
+    _, p_heavy, rows_heavy = scored(heavy, overlapping)
+    assert p_heavy[labels == 1.0].mean() > p_unit[labels == 1.0].mean() + 0.1
+    assert sum(r["prediction"] for r in rows_heavy) > sum(r["prediction"] for r in rows_unit)
+
+
+@pytest.mark.parametrize("weight_col", ["ones", ""])
+def test_unit_or_empty_weight_column_gives_exactly_the_unweighted_model(overlapping, weight_col):
+    plain = PartitionedSVC(numPartitions=2, seed=3).fit(overlapping)
+    weighted = PartitionedSVC(numPartitions=2, seed=3, weightCol=weight_col).fit(overlapping)
+    assert weighted.getWeightCol() == weight_col
+    assert weighted.partition_stats_[0]["n_rows"] == plain.partition_stats_[0]["n_rows"]
+    assert np.array_equal(scored(weighted, overlapping)[1], scored(plain, overlapping)[1])
+
+
+@pytest.mark.parametrize("weight, message", [
+    ("IF(id = 3, -1.0, 1.0)",
+     "weight column 'w' must hold finite weights >= 0; 1 of 80 rows are null, NaN, infinite or negative"),
+    ("CASE WHEN id < 2 THEN NULL WHEN id = 5 THEN double('NaN') ELSE 1.0 END",
+     "weight column 'w' must hold finite weights >= 0; 3 of 80 rows"),
+    ("IF(id = 0, double('Infinity'), 1.0)", "1 of 80 rows are null, NaN, infinite or negative"),
+    ("'heavy'", "weight column 'w' must be numeric; found string"),
+])
+def test_bad_weights_are_input_errors(overlapping, weight, message):
+    with pytest.raises(InputError, match=message):
+        PartitionedSVC(numPartitions=2, weightCol="w").fit(overlapping.withColumn("w", F.expr(weight)))
+
+
+def test_missing_weight_column_is_an_input_error(overlapping):
+    with pytest.raises(InputError, match=r"weight column 'weight' \(weightCol\) not found; columns are \['id'"):
+        PartitionedSVC(numPartitions=2).setWeightCol("weight").fit(overlapping)
+
+
 # ------------------------------------------------------------------ save / load
 
 def test_pipeline_save_load_gives_identical_probabilities(spark, tmp_path):
-    train_raw = gaussian_frame(spark, 150, 150, seed=1, assemble=False)
-    test_raw = gaussian_frame(spark, 50, 50, seed=2, assemble=False)
+    train_raw = (gaussian_frame(spark, 150, 150, seed=1, assemble=False)
+                 .withColumn("w", F.when(F.col("label") == 0.0, 3.0).otherwise(1.0)))
+    test_raw = gaussian_frame(spark, 50, 50, seed=2, assemble=False)  # scoring needs no weights
     pipeline = Pipeline(stages=[VectorAssembler(inputCols=FEATURES, outputCol="raw_features"),
                                 StandardScaler(inputCol="raw_features", outputCol="features"),
-                                PartitionedSVC(numPartitions=3, kernel="rbf", C=2.0, seed=5)])
+                                PartitionedSVC(numPartitions=3, kernel="rbf", C=2.0, seed=5, weightCol="w")])
     pipeline.write().save(str(tmp_path / "pipeline"))
-    assert Pipeline.load(str(tmp_path / "pipeline")).getStages()[2].getC() == 2.0
+    saved_svc = Pipeline.load(str(tmp_path / "pipeline")).getStages()[2]
+    assert (saved_svc.getC(), saved_svc.getWeightCol()) == (2.0, "w")
 
     model = pipeline.fit(train_raw)
     model.write().save(str(tmp_path / "model"))
@@ -238,8 +314,8 @@ def test_pipeline_save_load_gives_identical_probabilities(spark, tmp_path):
 
     svm = loaded.stages[2]
     assert isinstance(svm, PartitionedSVCModel)
-    assert (svm.uid, svm.getC(), svm.getNumPartitions(), svm.n_partitions_trained_) == \
-        (model.stages[2].uid, 2.0, 3, 3)
+    assert (svm.uid, svm.getC(), svm.getNumPartitions(), svm.getWeightCol(), svm.n_partitions_trained_) == \
+        (model.stages[2].uid, 2.0, 3, "w", 3)
     assert svm.partition_stats_ == model.stages[2].partition_stats_
 
     def probabilities(m):

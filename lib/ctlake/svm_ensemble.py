@@ -10,7 +10,9 @@ Flow of :class:`PartitionedSVC`:
 1. :func:`assign_partitions` numbers the rows of each label in a seeded hash
    order and deals them round-robin to ``numPartitions`` partitions, so every
    partition sees both classes in the data's ratio (counts differ by at most
-   one row per class).
+   one row per class). An optional ``weightCol`` travels with each row as a
+   per-row ``sample_weight`` but does not enter the hash, so weighting the
+   data never moves a row to another partition.
 2. Each partition is capped at ``maxRowsPerPartition`` rows *before* the
    groupBy (the rows dropped are the highest-numbered of each label, i.e. a
    seeded, stratified sample), because ``applyInPandas`` loads a whole group
@@ -50,6 +52,7 @@ from pyspark.ml.param.shared import (
     HasProbabilityCol,
     HasRawPredictionCol,
     HasSeed,
+    HasWeightCol,
 )
 from pyspark.ml.util import (
     DefaultParamsReadable,
@@ -185,6 +188,13 @@ def build_estimator(kernel: str = "rbf", C: float = 1.0, gamma: str = "scale", c
     svc = SVC(kernel=kernel, C=C, gamma=_sklearn_gamma(gamma),
               class_weight="balanced" if class_weight == "balanced" else None,
               random_state=random_state)
+    if sklearn.get_config()["enable_metadata_routing"]:
+        # With routing off (scikit-learn's default) CalibratedClassifierCV.fit hands its
+        # sample_weight to every fold's SVC.fit (it inspects the signature) and to the
+        # calibrator. With routing switched on globally it would instead raise
+        # UnsetMetadataPassedError unless the SVC requests the weights; requesting them
+        # keeps both modes identical (set_fit_request raises when routing is off).
+        svc.set_fit_request(sample_weight=True)
     if aggregation == "decision":
         return svc
     method, folds, ensemble = CALIBRATION_CV[calibration]
@@ -196,12 +206,20 @@ def min_rows_per_class(calibration: str, aggregation: str) -> int:
     return CALIBRATION_CV[calibration][1] if aggregation == "probability" else 1
 
 
-def train_partition(features: np.ndarray, labels: np.ndarray, settings: dict) -> tuple[Any | None, str | None]:
+def train_partition(features: np.ndarray, labels: np.ndarray, settings: dict,
+                    sample_weight: np.ndarray | None = None) -> tuple[Any | None, str | None]:
     """Fit one partition's model; ``(model, None)`` or ``(None, reason it was skipped)``.
 
     ``settings`` holds :func:`build_estimator`'s arguments plus ``seed`` and
     ``partition``; the model's ``random_state`` is ``seed + partition`` (mod 2**32),
     so partitions differ from each other and a run is reproducible.
+
+    ``sample_weight`` (one non-negative weight per row, or None for all 1.0) goes to
+    the estimator's ``fit``: a bare SVC scales each row's ``C`` by its weight, and
+    ``CalibratedClassifierCV`` passes the weights to every fold's SVC and to the
+    calibrator. It multiplies ``class_weight="balanced"``, which counts rows, not weights.
+    A partition whose weights leave a class with no positive weight fails to fit
+    and is skipped like any other fit error.
     """
     need = min_rows_per_class(settings["calibration"], settings["aggregation"])
     counts = {label: int(np.sum(labels == label)) for label in (0.0, 1.0)}
@@ -217,7 +235,9 @@ def train_partition(features: np.ndarray, labels: np.ndarray, settings: dict) ->
         aggregation=settings["aggregation"],
         random_state=(settings["seed"] + settings["partition"]) % 2**32)
     try:
-        return estimator.fit(features, labels), None
+        if sample_weight is None:
+            return estimator.fit(features, labels), None
+        return estimator.fit(features, labels, sample_weight=sample_weight), None
     except ValueError as exc:  # scikit-learn's data errors: reported as a value, not a dead job
         return None, f"fit failed: {type(exc).__name__}: {exc}"
 
@@ -256,11 +276,13 @@ def stratified_caps(class_counts: dict[float, int], k: int, max_rows: int) -> di
 
 # --------------------------------------------------------------------------- Spark helpers
 
-def assign_partitions(df: DataFrame, k: int, label_col: str = "label", seed: int = 0) -> DataFrame:
+def assign_partitions(df: DataFrame, k: int, label_col: str = "label", seed: int = 0,
+                      hash_cols: list[str] | None = None) -> DataFrame:
     """``df`` with :data:`PARTITION_COL` (0..k-1) and :data:`RANK_COL`, stratified by label.
 
-    Within each label the rows are ordered by a seeded 64-bit hash of all of
-    ``df``'s columns (vector columns as arrays) and dealt round-robin: row ``i``
+    Within each label the rows are ordered by a seeded 64-bit hash of
+    ``hash_cols`` (default: all of ``df``'s columns; vector columns as arrays) and
+    dealt round-robin: row ``i``
     goes to partition ``i mod k`` with rank ``i div k``. So each partition holds
     ``floor`` or ``ceil`` of ``n_label / k`` rows of every label, and the
     assignment depends on the rows' contents and the seed, not on the input's
@@ -275,8 +297,11 @@ def assign_partitions(df: DataFrame, k: int, label_col: str = "label", seed: int
         raise ConfigError(f"k (the number of partitions) must be >= 1; got {k}")
     if label_col not in df.columns:
         raise InputError(f"label column {label_col!r} not found; columns are {df.columns}")
+    missing = [name for name in hash_cols or [] if name not in df.columns]
+    if missing:
+        raise InputError(f"hash columns {missing} not found; columns are {df.columns}")
     hashed = [vector_to_array(F.col(f.name)) if isinstance(f.dataType, VectorUDT) else F.col(f.name)
-              for f in df.schema.fields]
+              for f in df.schema.fields if hash_cols is None or f.name in hash_cols]
     order = F.xxhash64(F.lit(seed).cast("long"), *hashed)
     rank = F.row_number().over(Window.partitionBy(label_col).orderBy(order)) - 1
     return (df.withColumn("_svm_rank", rank)
@@ -295,15 +320,21 @@ def _require_vector_column(dataset: DataFrame, column: str) -> None:
 
 
 def _train_udf(settings: dict):
-    """The applyInPandas function: one partition's rows in, one PARTITION_RESULT_SCHEMA row out."""
+    """The applyInPandas function: one partition's rows in, one PARTITION_RESULT_SCHEMA row out.
+
+    The group has columns ``features``, ``label``, :data:`PARTITION_COL`, :data:`RANK_COL`
+    and, when the estimator has a weight column, ``weight`` (passed as ``sample_weight``).
+    """
     def train(group: pd.DataFrame) -> pd.DataFrame:
         # Shuffles deliver rows in any order; SVC's solver and the calibration folds depend on it.
         group = group.sort_values(["label", RANK_COL], kind="stable")
         partition = int(group[PARTITION_COL].iloc[0])
         features = np.vstack(group["features"].to_numpy()).astype(np.float64, copy=False)
         labels = group["label"].to_numpy(dtype=np.float64)
+        weights = group["weight"].to_numpy(dtype=np.float64) if "weight" in group.columns else None
         started = time.perf_counter()
-        model, skipped = train_partition(features, labels, dict(settings, partition=partition))
+        model, skipped = train_partition(features, labels, dict(settings, partition=partition),
+                                         sample_weight=weights)
         return pd.DataFrame([{
             "partition": partition,
             "model": pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL) if model is not None else None,
@@ -337,7 +368,7 @@ def _score_udf(models_broadcast, aggregation: str):
 # --------------------------------------------------------------------------- Params
 
 class _PartitionedSVCParams(HasFeaturesCol, HasLabelCol, HasPredictionCol, HasProbabilityCol,
-                            HasRawPredictionCol, HasSeed):
+                            HasRawPredictionCol, HasSeed, HasWeightCol):
     """Params shared by :class:`PartitionedSVC` and :class:`PartitionedSVCModel`."""
 
     numPartitions: Param[int] = Param(
@@ -408,6 +439,10 @@ class _PartitionedSVCParams(HasFeaturesCol, HasLabelCol, HasPredictionCol, HasPr
         """'balanced' or 'none'."""
         return self.getOrDefault(self.classWeight)
 
+    def _weight_column(self) -> str | None:
+        """The weight column's name, or None when weightCol is unset or empty (all weights 1.0, as in MLlib)."""
+        return (self.getWeightCol() or None) if self.isDefined(self.weightCol) else None
+
     def _settings(self) -> dict:
         """The plain values the Python workers need (Params objects stay on the driver)."""
         return {"kernel": self.getKernel(), "C": self.getC(), "gamma": self.getGamma(),
@@ -446,14 +481,24 @@ class PartitionedSVC(_PartitionedSVCParams, Estimator["PartitionedSVCModel"],
     classWeight : {"balanced", "none"}, default "balanced"
     seed : int, default 0
         Orders the partition assignment and seeds each SVC (``seed + partition``).
+    weightCol : str, optional
+        Numeric column of per-row sample weights (finite, >= 0), passed to each
+        partition's ``fit`` as ``sample_weight``; unset or ``""`` means every
+        weight is 1.0 and gives exactly the unweighted model. Use it to make some
+        rows count more than others, e.g. to up-weight hard negatives such as
+        benign nodules that look malignant, or to down-weight uncertain labels.
+        A row's weight scales its SVC penalty ``C`` and its share of the
+        calibration fit, on top of ``classWeight`` (which balances row counts,
+        not weights). Weights do not affect which partition a row trains in.
 
     Notes
     -----
-    ``fit`` reads its input twice (class counts, then training): cache an
-    expensive input first. A partition without both classes, or with fewer rows
-    of a class than the calibration's folds, is skipped with a
-    :class:`PartitionSkippedWarning`; if every partition is skipped, ``fit``
-    raises :class:`ctlake.errors.InputError` listing why.
+    ``fit`` reads its input twice (class counts and weight checks, then
+    training): cache an expensive input first. A null, NaN, infinite or negative
+    weight is an :class:`ctlake.errors.InputError`. A partition without both
+    classes, or with fewer rows of a class than the calibration's folds, is
+    skipped with a :class:`PartitionSkippedWarning`; if every partition is
+    skipped, ``fit`` raises :class:`ctlake.errors.InputError` listing why.
 
     Examples
     --------
@@ -469,7 +514,8 @@ class PartitionedSVC(_PartitionedSVCParams, Estimator["PartitionedSVCModel"],
                  rawPredictionCol: str = "rawPrediction", numPartitions: int = 4, kernel: str = "rbf",
                  C: float = 1.0, gamma: str = "scale", maxRowsPerPartition: int = 20000,
                  aggregation: str = "probability", calibration: str = "sigmoid",
-                 classWeight: str = "balanced", seed: int = 0) -> None:
+                 classWeight: str = "balanced", seed: int = 0,
+                 weightCol: str | None = None) -> None:
         super().__init__()
         self.setParams(**self._input_kwargs)
 
@@ -479,7 +525,8 @@ class PartitionedSVC(_PartitionedSVCParams, Estimator["PartitionedSVCModel"],
                   rawPredictionCol: str = "rawPrediction", numPartitions: int = 4, kernel: str = "rbf",
                   C: float = 1.0, gamma: str = "scale", maxRowsPerPartition: int = 20000,
                   aggregation: str = "probability", calibration: str = "sigmoid",
-                  classWeight: str = "balanced", seed: int = 0) -> PartitionedSVC:
+                  classWeight: str = "balanced", seed: int = 0,
+                  weightCol: str | None = None) -> PartitionedSVC:
         """Set the given params (only those passed); returns self."""
         return self._set(**self._input_kwargs)
 
@@ -525,11 +572,32 @@ class PartitionedSVC(_PartitionedSVCParams, Estimator["PartitionedSVCModel"],
     def setSeed(self, value: int) -> PartitionedSVC:
         return self._set(seed=value)
 
+    def setWeightCol(self, value: str) -> PartitionedSVC:
+        """Column of per-row sample weights (finite, >= 0); ``""`` for none (all 1.0)."""
+        return self._set(weightCol=value)
+
     def _class_counts(self, dataset: DataFrame) -> dict[float, int]:
-        label_col = self.getLabelCol()
+        """Rows per label, after checking the labels and (in the same pass) the weights."""
+        label_col, weight_col = self.getLabelCol(), self._weight_column()
         if label_col not in dataset.columns:
             raise InputError(f"label column {label_col!r} not found; columns are {dataset.columns}")
-        counts = {row[0]: row[1] for row in dataset.groupBy(F.col(label_col).cast("double")).count().collect()}
+        aggregates = [F.count(F.lit(1)).alias("n")]
+        if weight_col is not None:
+            if weight_col not in dataset.columns:
+                raise InputError(f"weight column {weight_col!r} (weightCol) not found; columns are {dataset.columns}")
+            found = dataset.schema[weight_col].dataType
+            if not isinstance(found, T.NumericType):
+                raise InputError(f"weight column {weight_col!r} must be numeric; found {found.simpleString()}")
+            weight = F.col(weight_col).cast("double")
+            invalid = weight.isNull() | F.isnan(weight) | (F.abs(weight) == float("inf")) | (weight < 0)
+            aggregates.append(F.count(F.when(invalid, 1)).alias("bad_weights"))
+        stats = dataset.groupBy(F.col(label_col).cast("double")).agg(*aggregates).collect()
+        if weight_col is not None:
+            bad = sum(row["bad_weights"] for row in stats)
+            if bad:
+                raise InputError(f"weight column {weight_col!r} must hold finite weights >= 0; {bad} of "
+                                 f"{sum(row['n'] for row in stats)} rows are null, NaN, infinite or negative")
+        counts = {row[0]: row["n"] for row in stats}
         unexpected = sorted(str(label) for label in counts if label not in (0.0, 1.0))
         if unexpected:
             raise InputError(f"PartitionedSVC needs binary labels 0.0/1.0 in {label_col!r}; "
@@ -544,9 +612,14 @@ class PartitionedSVC(_PartitionedSVCParams, Estimator["PartitionedSVCModel"],
         k, max_rows, seed = self.getNumPartitions(), self.getMaxRowsPerPartition(), self.getSeed()
         counts = self._class_counts(dataset)
 
-        rows = dataset.select(vector_to_array(F.col(self.getFeaturesCol())).alias("features"),
-                              F.col(self.getLabelCol()).cast("double").alias("label"))
-        parts = assign_partitions(rows, k, "label", seed)
+        columns = [vector_to_array(F.col(self.getFeaturesCol())).alias("features"),
+                   F.col(self.getLabelCol()).cast("double").alias("label")]
+        weight_col = self._weight_column()
+        if weight_col is not None:
+            columns.append(F.col(weight_col).cast("double").alias("weight"))
+        rows = dataset.select(*columns)
+        # Only features and label order the rows, so a weight column never changes the partitions.
+        parts = assign_partitions(rows, k, "label", seed, hash_cols=["features", "label"])
         caps = stratified_caps(counts, k, max_rows)
         if caps is not None:
             largest = sum(math.ceil(count / k) for count in counts.values())
