@@ -177,7 +177,7 @@ def slice_task_frame(spark, config: dict, mode: str, series: list[str] | None):
         tasks, _ = patches.candidate_tasks(spark, config, meta, params)
     else:
         tasks = patches.window_tasks(spark, config, meta, series)
-    stacks = patches.slice_stacks(spark, config, meta, tasks.select("series_uid", "slice_index"), params.neighbours)
+    stacks = patches.slice_stacks(spark, config, meta, tasks.select("series_uid", "slice_index"), params)
     frame = stacks.join(tasks, ["series_uid", "slice_index"]).toPandas()
     meta.unpersist()
     return frame
@@ -198,29 +198,16 @@ def preprocess_loop(config: dict, slices) -> tuple[float, float, int]:
 def cut_loop(config: dict, frame) -> tuple[float, float, int]:
     """Single process: unpack each slice task (``hu_frame``) and ``cut_slice_task``; seconds, CPU seconds, patches.
 
-    The unpacking mirrors ``ctlake.patches.cut_udf``; the output rows (patch ids, bytes) are not built.
+    The unpacking is ``ctlake.patches.cut_udf``'s own; the output rows (patch ids, bytes) are not built.
     """
-    import numpy as np
-    from ctlake.dicom import hu_frame
-    from ctlake.patches import params_from_config
-    from ctlake.patching import cut_slice_task
+    from ctlake.patches import params_from_config, task_patches
 
     params = params_from_config(config)
-    offsets = range(-params.neighbours, params.neighbours + 1)
     records = frame.to_dict("records")
     count = 0
     started, cpu_started = time.perf_counter(), time.process_time()
     for task in records:
-        by_offset = {s["offset"]: s for s in task["stack"]}
-        stack = [hu_frame(by_offset[o]["pixels"], by_offset[o]["pixel_shape"])
-                 if o in by_offset and by_offset[o]["pixels"] is not None else None for o in offsets]
-        shape = tuple(by_offset[0]["pixel_shape"])
-        mask = np.frombuffer(task["mask"], np.uint8).reshape(shape) if task["mask"] is not None else None
-        requests = [dict(r) for r in (task["requests"] if task["requests"] is not None else [])]
-        exclusions = [dict(e) for e in (task["exclusions"] if task["exclusions"] is not None else [])]
-        count += len(cut_slice_task(stack, (task["pixel_spacing_row"], task["pixel_spacing_col"]), params, requests,
-                                    mask, int(task["n_negatives"] or 0), exclusions, bool(task["window"]),
-                                    int(task["seed"])))
+        count += len(task_patches(task, params))
     return time.perf_counter() - started, time.process_time() - cpu_started, count
 
 

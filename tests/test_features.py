@@ -14,6 +14,7 @@ from ctlake.features import (
     pixel_vector,
     segment_nodule,
 )
+from ctlake.shape3d import NAMES_3D
 
 PX = 32
 LUNG_HU = -850
@@ -59,12 +60,13 @@ def _star(outer: float, inner: float, points: int = 8) -> np.ndarray:
 # Names.
 
 def test_feature_names_are_unique_and_grouped_in_documented_order():
-    assert len(FEATURE_NAMES) == 41 == len(set(FEATURE_NAMES))
+    assert len(FEATURE_NAMES) == 60 == len(set(FEATURE_NAMES))
     assert FEATURE_NAMES[:3] == ("seg_found", "fo_mean_hu", "fo_std_hu")
     assert FEATURE_NAMES.index("fo_entropy") < FEATURE_NAMES.index("shape_area_mm2")
     assert FEATURE_NAMES[FEATURE_NAMES.index("glcm_contrast_d1"):][:5] == (
         "glcm_contrast_d1", "glcm_homogeneity_d1", "glcm_energy_d1", "glcm_correlation_d1", "glcm_contrast_d2")
-    assert FEATURE_NAMES[-10:] == tuple(f"lbp_hist_{k:02d}" for k in range(10))
+    assert FEATURE_NAMES[-31:-21] == tuple(f"lbp_hist_{k:02d}" for k in range(10))
+    assert FEATURE_NAMES[-21:] == NAMES_3D
 
 
 def test_pixel_names_row_major_and_zero_padded():
@@ -151,8 +153,8 @@ def test_disc_shape_close_to_analytic_values(spacing_mm):
     assert 0.85 <= features["shape_compactness"] <= 1.0
     assert features["shape_eccentricity"] == pytest.approx(0.0, abs=1e-9)
     assert features["shape_solidity"] == pytest.approx(1.0)
-    assert features["shape_extent_slices"] == 1.0
-    assert features["shape_volume_mm3"] == pytest.approx(features["shape_area_mm2"] * spacing_mm)
+    assert features["n3d_z_extent_mm"] == spacing_mm
+    assert features["n3d_volume_mm3"] == pytest.approx(features["shape_area_mm2"] * spacing_mm)
 
 
 def test_ellipse_is_more_eccentric_than_disc():
@@ -207,13 +209,13 @@ def test_calcified_disc_is_denser_than_solid_disc():
     assert calcified["fo_p90_hu"] > solid["fo_p90_hu"] + 400.0
 
 
-def test_extent_and_volume_count_channels_with_a_region():
+def test_3d_extent_and_volume_follow_the_nodule_through_the_channels():
     patch = _with(_with(_lung(3), _disc(6), 40.0), _disc(4), 40.0, channel=0)
     features = _features(patch, spacing_mm=0.5, slice_spacing_mm=2.5)
-    assert features["shape_extent_slices"] == 2.0
+    assert features["n3d_z_extent_mm"] == 5.0
     voxels = _disc(6).sum() + _disc(4).sum()
-    assert features["shape_volume_mm3"] == pytest.approx(voxels * 0.25 * 2.5)
-    assert _features(patch, spacing_mm=0.5)["shape_volume_mm3"] == pytest.approx(voxels * 0.25 * 0.5)
+    assert features["n3d_volume_mm3"] == pytest.approx(voxels * 0.25 * 2.5)
+    assert _features(patch, spacing_mm=0.5)["n3d_volume_mm3"] == pytest.approx(voxels * 0.25 * 0.5)
 
 
 # ---------------------------------------------------------------------------
@@ -283,7 +285,7 @@ def test_lbp_histogram_is_rotation_invariant_and_sums_to_one():
     patch = np.random.default_rng(3).normal(-500.0, 300.0, (1, PX, PX))
     features = patch_features(patch, 1.0)
     rotated = patch_features(np.rot90(patch, axes=(1, 2)).copy(), 1.0)
-    lbp = slice(len(FEATURE_NAMES) - 10, None)
+    lbp = slice(FEATURE_NAMES.index("lbp_hist_00"), FEATURE_NAMES.index("lbp_hist_09") + 1)
     assert features[lbp].sum() == pytest.approx(1.0)
     np.testing.assert_allclose(rotated[lbp], features[lbp], atol=1e-12)
 
@@ -307,10 +309,10 @@ def test_single_pixel_and_line_masks_follow_the_conventions():
     assert line["shape_eccentricity"] == pytest.approx(1.0)
 
 
-def test_nodule_only_in_a_neighbouring_slice_counts_in_extent_not_in_the_centre():
+def test_nodule_only_in_a_neighbouring_slice_counts_in_3d_not_in_the_centre():
     features = _features(_with(_lung(3), _disc(4), 40.0, channel=2))
     assert features["seg_found"] == 0.0 and features["shape_area_mm2"] == 0.0
-    assert features["shape_extent_slices"] == 1.0 and features["shape_volume_mm3"] == _disc(4).sum()
+    assert features["n3d_z_extent_mm"] == 1.0 and features["n3d_volume_mm3"] == _disc(4).sum()
 
 
 def test_air_padding_patch_is_finite_and_empty():

@@ -10,8 +10,8 @@ from ctlake import patches, preprocess, tables
 from ctlake.config import with_value
 from ctlake.dicom import hu_frame
 from ctlake.errors import ConfigError
-from ctlake.patchgeom import SliceGeometry, extract_patch_stack, world_to_voxel
-from ctlake.patching import PAD_HU
+from ctlake.patchgeom import SliceGeometry, extract_patch_stack, resample_planes, world_to_voxel
+from ctlake.patching import PAD_HU, plane_offsets_mm
 
 
 @pytest.fixture
@@ -29,14 +29,15 @@ def slices_by_series(spark, config):
     return series
 
 
-def test_candidate_patches_match_the_pure_cut_with_full_lineage(spark, preprocessed):
-    config = preprocessed
+@pytest.mark.parametrize("depth_mm", [0, 32])
+def test_candidate_patches_match_the_pure_cut_with_full_lineage(spark, preprocessed, depth_mm):
+    config = with_value(preprocessed, "patches.depth_mm", depth_mm)
     summary = patches.run(spark, config)
     params = patches.params_from_config(config)
     series = slices_by_series(spark, config)
     with open(config["patches"]["candidates"]) as handle:
         candidates = list(csv.DictReader(handle))
-    table = tables.read(spark, config, tables.PATCHES)
+    table = tables.read(spark, config, tables.PATCHES).filter(F.col("params_hash") == summary["params_hash"])
     cand_rows = table.filter(F.col("mode") == "candidate").collect()
     assert len(cand_rows) == summary["candidates_located"] - summary["candidates_off_slab"]
     assert len(cand_rows) == len(candidates) - summary["candidates_off_slab"]
@@ -57,17 +58,28 @@ def test_candidate_patches_match_the_pure_cut_with_full_lineage(spark, preproces
         assert got["label"] == int(cand["class"])
         assert got["sop_uid"] == stack_rows[index]["sop_uid"]
         assert got["patient_pseudonym"] == stack_rows[index]["patient_pseudonym"]
-        images = [hu_frame(stack_rows[i]["pixels"], stack_rows[i]["pixel_shape"])
-                  if 0 <= i < len(stack_rows) else None
-                  for i in range(index - params.neighbours, index + params.neighbours + 1)]
-        expected = extract_patch_stack(images, (row, col), params.size_mm, params.out_px,
-                                       (stack_rows[index]["pixel_spacing_row"], stack_rows[index]["pixel_spacing_col"]),
-                                       PAD_HU).astype(np.int16)
-        assert got["patch_shape"] == [2 * params.neighbours + 1, params.out_px, params.out_px]
-        assert np.frombuffer(got["pixels"], "<i2").reshape(got["patch_shape"]).tolist() == expected.tolist()
+        spacing = (stack_rows[index]["pixel_spacing_row"], stack_rows[index]["pixel_spacing_col"])
+        if depth_mm:
+            # The whole series, cut and resampled to the patch's planes: the job's stack must cover them.
+            images = [hu_frame(r["pixels"], r["pixel_shape"]) for r in stack_rows]
+            native = extract_patch_stack(images, (row, col), params.size_mm, params.out_px, spacing, PAD_HU)
+            expected = np.rint(resample_planes(native, [r["z_position"] for r in stack_rows],
+                                               stack_rows[index]["z_position"] + plane_offsets_mm(params), PAD_HU))
+            assert got["channel_spacing_mm"] == params.size_mm / params.out_px
+        else:
+            images = [hu_frame(stack_rows[i]["pixels"], stack_rows[i]["pixel_shape"])
+                      if 0 <= i < len(stack_rows) else None
+                      for i in range(index - params.neighbours, index + params.neighbours + 1)]
+            expected = extract_patch_stack(images, (row, col), params.size_mm, params.out_px, spacing, PAD_HU)
+            assert got["channel_spacing_mm"] is None
+        assert got["patch_shape"] == list(expected.shape)
+        assert np.frombuffer(got["pixels"], "<i2").reshape(got["patch_shape"]).tolist() == \
+            expected.astype(np.int16).tolist()
         checked += 1
     assert checked == len(cand_rows)
     assert Path(summary["patch_grid"]).is_file()
+    if depth_mm:
+        assert got["patch_shape"] == [33, 32, 32]
 
 
 def test_negatives_stay_inside_the_lung_and_away_from_nodules(spark, preprocessed):
@@ -115,3 +127,5 @@ def test_bad_patch_settings_are_configuration_errors(base_config):
         patches.params_from_config(with_value(base_config, "patches.neighbours", 9))
     with pytest.raises(ConfigError, match="patches.size_mm"):
         patches.params_from_config(with_value(base_config, "patches.size_mm", -4))
+    with pytest.raises(ConfigError, match="patches.depth_mm"):
+        patches.params_from_config(with_value(base_config, "patches.depth_mm", -1))

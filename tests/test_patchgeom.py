@@ -8,6 +8,7 @@ from ctlake.patchgeom import (
     SliceGeometry,
     extract_patch,
     extract_patch_stack,
+    resample_planes,
     nearest_slice,
     patch_to_image_matrix,
     sample_negatives,
@@ -214,6 +215,19 @@ def test_patch_stack_pads_missing_neighbours():
     stack = extract_patch_stack([top, below], [(48, 56), (50, 50)], size_mm=16, out_px=32,
                                 spacing_rc=(0.5, 0.5), pad_value=-1024, interpolation="nearest")
     np.testing.assert_array_equal(stack[1], below[34:66, 34:66])
+
+
+def test_resample_planes_interpolates_in_mm_and_pads_past_the_ends():
+    planes = np.stack([np.full((2, 2), v, dtype=np.int16) for v in (0, 30, 90)])
+    # Native slices 3 mm apart at z = 10, 13, 19 (a slice missing at 16).
+    out = resample_planes(planes, [10.0, 13.0, 19.0], [9.0, 10.0, 11.5, 13.0, 16.0, 19.0, 19.5], -1000.0)
+    assert out.dtype == np.float32 and out.shape == (7, 2, 2)
+    assert out[:, 0, 0].tolist() == [-1000.0, 0.0, 15.0, 30.0, 60.0, 90.0, -1000.0]
+    assert resample_planes(planes[:1], [5.0], [5.0, 6.0], -1.0)[:, 0, 0].tolist() == [0.0, -1.0]
+    with pytest.raises(InputError):
+        resample_planes(planes, [10.0, 10.0, 19.0], [10.0], 0.0)
+    with pytest.raises(InputError):
+        resample_planes(planes, [10.0, 13.0], [10.0], 0.0)
 
 
 def test_sliding_windows_hand_case():

@@ -92,3 +92,21 @@ def test_score_a_new_patient_and_refuse_bad_runs(spark, trained, tmp_path):
             score.run(spark, config, summary["run_id"], [uid])
     finally:
         run_json.write_text(json.dumps(meta_on_disk))
+    with pytest.raises(InputError, match="trained on patches"):
+        score.run(spark, with_value(config, "patches.depth_mm", 0), summary["run_id"], [uid])
+
+
+def test_a_new_feature_layout_rewrites_the_table_with_its_names(spark, trained):
+    config = trained[0]
+    smaller = with_value(config, "features.pixel_size", 8)
+    try:
+        first = featurize.run(spark, smaller)
+        table = tables.read(spark, smaller, featurize.FEATURES)
+        assert first["table_rewritten_for_new_layout"] and first["errors"] == 0
+        assert featurize.feature_names(table, "pixel_vector") == list(featurize.layout(8)["pixels"])
+        assert table.filter(F.col("layout_hash") != featurize.layout(8)["hash"]).count() == 0
+        assert table.count() == first["table_rows"] == first["patches_featurized"]
+        again = featurize.run(spark, smaller)
+        assert not again["table_rewritten_for_new_layout"] and again["patches_featurized"] == 0
+    finally:
+        featurize.run(spark, config)

@@ -8,8 +8,9 @@ so a feature table can go straight into scikit-learn.
 
 Patch conventions
 -----------------
-* ``channels`` is odd (1 for 2D, 3 for 2.5D: below, centre, above, ordered by
-  z); the **centre channel** is ``channels // 2``.
+* ``channels`` is odd (1 for 2D, 3 for 2.5D: below, centre, above; or a
+  whole volume of planes ``slice_spacing_mm`` apart, ``patches.depth_mm``),
+  ordered by z; the **centre channel** is ``channels // 2``.
 * The candidate sits at pixel ``(px // 2, px // 2)`` of every channel.
 * ``spacing_mm`` is the in-plane pixel size of the patch (``size_mm / px``,
   1 mm with the defaults), ``slice_spacing_mm`` the distance between channels.
@@ -40,8 +41,6 @@ The feature vector
     (mask pixels / pixels whose centre lies in the convex hull of the mask's
     pixel centres, 1 for a straight line), equivalent diameter (mm, of the
     disc of the same area); all six are 0 when the centre mask is empty.
-    Then over all channels: extent (number of channels with a non-empty mask)
-    and volume (mask voxels x ``spacing_mm**2 x slice_spacing_mm``, mm3).
 ``glcm_*_d{1,2,4}``
     Grey-level co-occurrence matrix of the whole centre-channel window,
     quantized to :data:`GLCM_LEVELS` levels over :data:`GLCM_RANGE_HU`,
@@ -58,6 +57,8 @@ The feature vector
     bilinearly interpolated, a neighbour equal to the centre counts as 1) over
     every centre-channel pixel whose circle fits in the window: bin ``k < 9``
     holds uniform patterns with ``k`` ones, bin 9 the non-uniform ones.
+``n3d_*``
+    The nodule as a 3D object over all channels: :mod:`ctlake.shape3d`.
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ import cv2
 import numpy as np
 
 from ctlake.errors import ConfigError, InputError
+from ctlake.shape3d import NAMES_3D, features_3d
 
 FALLBACK_RADIUS_MM = 4.0
 """Radius of the central disc the first-order features use when no region is found, mm."""
@@ -98,7 +100,7 @@ _FIRST_ORDER = ("fo_mean_hu", "fo_std_hu", "fo_skewness", "fo_kurtosis", "fo_p10
                 "fo_p50_hu", "fo_p75_hu", "fo_p90_hu", "fo_entropy")
 _PERCENTILES = (10.0, 25.0, 50.0, 75.0, 90.0)
 _SHAPE = ("shape_area_mm2", "shape_perimeter_mm", "shape_eccentricity", "shape_compactness",
-          "shape_solidity", "shape_equiv_diameter_mm", "shape_extent_slices", "shape_volume_mm3")
+          "shape_solidity", "shape_equiv_diameter_mm")
 _GLCM_PROPERTIES = ("contrast", "homogeneity", "energy", "correlation")
 _LBP_BINS = 10
 
@@ -106,6 +108,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     ("seg_found",) + _FIRST_ORDER + _SHAPE
     + tuple(f"glcm_{prop}_d{d}" for d in GLCM_DISTANCES for prop in _GLCM_PROPERTIES)
     + tuple(f"lbp_hist_{k:02d}" for k in range(_LBP_BINS))
+    + NAMES_3D
 )
 """Names of the :func:`patch_features` vector, in order (see the module docstring)."""
 
@@ -331,13 +334,10 @@ def _hull_pixel_count(points: np.ndarray, shape: tuple[int, int], area_px: int) 
     return max(int(np.count_nonzero(inside)), area_px)
 
 
-def _shape(masks: np.ndarray, spacing_mm: float, slice_spacing_mm: float) -> np.ndarray:
-    mask = masks[masks.shape[0] // 2]
+def _shape(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
     area_px = int(mask.sum())
-    extent = int(np.count_nonzero(masks.reshape(masks.shape[0], -1).any(axis=1)))
-    volume = float(masks.sum()) * spacing_mm ** 2 * slice_spacing_mm
     if area_px == 0:
-        return np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, extent, volume])
+        return np.zeros(len(_SHAPE))
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     perimeter_px = sum(cv2.arcLength(contour, True) for contour in contours)
     compactness = min(1.0, 4 * math.pi * area_px / perimeter_px ** 2) if perimeter_px > 0 else 1.0
@@ -352,7 +352,7 @@ def _shape(masks: np.ndarray, spacing_mm: float, slice_spacing_mm: float) -> np.
 
     area_mm2 = area_px * spacing_mm ** 2
     return np.array([area_mm2, perimeter_px * spacing_mm, eccentricity, compactness, solidity,
-                     math.sqrt(4 * area_mm2 / math.pi), extent, volume])
+                     math.sqrt(4 * area_mm2 / math.pi)])
 
 
 @functools.lru_cache(maxsize=8)
@@ -451,15 +451,16 @@ def patch_features(patch_hu: np.ndarray, spacing_mm: float, slice_spacing_mm: fl
     spacing_mm : float
         In-plane pixel size of the patch, mm (``size_mm / px``).
     slice_spacing_mm : float, optional
-        Distance between channels, mm, for the volume; ``spacing_mm`` when
+        Distance between channels, mm, for the 3D figures; ``spacing_mm`` when
         omitted (isotropic resampling).
 
     Returns
     -------
     ndarray of float64, shape (len(FEATURE_NAMES),)
         Finite values, see the module docstring for units and the conventions
-        of degenerate cases (empty mask, constant window).  The mask is
-        :func:`segment_nodule` with its default parameters.
+        of degenerate cases (empty mask, constant window).  The 2D mask is
+        :func:`segment_nodule` of the centre channel with its default
+        parameters, the 3D one :func:`ctlake.shape3d.segment_nodule_3d`.
 
     Raises
     ------
@@ -473,15 +474,17 @@ def patch_features(patch_hu: np.ndarray, spacing_mm: float, slice_spacing_mm: fl
     if patch_hu.shape[1] <= max(GLCM_DISTANCES):
         raise InputError(f"patch of {patch_hu.shape[1]} px is too small for GLCM distance "
                          f"{max(GLCM_DISTANCES)}: expected at least {max(GLCM_DISTANCES) + 1} px")
-    masks = segment_nodule(patch_hu)
-    centre = patch_hu[patch_hu.shape[0] // 2].astype(np.float64)
-    region = masks[masks.shape[0] // 2].astype(bool)
+    middle = patch_hu.shape[0] // 2
+    mask = segment_nodule(patch_hu[middle:middle + 1])[0]
+    centre = patch_hu[middle].astype(np.float64)
+    region = mask.astype(bool)
     seg_found = bool(region.any())
     if not seg_found:
         # At least the centre pixel, whatever the spacing.
         region = _disc(centre.shape, FALLBACK_RADIUS_MM / spacing_mm)
-    return np.concatenate([[float(seg_found)], _first_order(centre[region]),
-                           _shape(masks, spacing_mm, slice_spacing_mm), _glcm(centre), _lbp_histogram(centre)])
+    return np.concatenate([[float(seg_found)], _first_order(centre[region]), _shape(mask, spacing_mm),
+                           _glcm(centre), _lbp_histogram(centre),
+                           features_3d(patch_hu, (slice_spacing_mm, spacing_mm, spacing_mm))])
 
 
 # ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ctlake import config as cfg
-from ctlake import tables
+from ctlake import patches, tables
 from ctlake.features import FEATURE_NAMES, patch_features, pixel_names, pixel_vector
 from ctlake.patches import PATCHES_SCHEMA
 from ctlake.progress import StageProgress
@@ -75,11 +75,12 @@ def feature_udf(pixel_size: int):
     return compute
 
 
-def transform(patches: DataFrame, series: DataFrame, pixel_size: int) -> DataFrame:
+def transform(patch_rows: DataFrame, series: DataFrame, pixel_size: int) -> DataFrame:
     """patches (+ series spacing) -> feature rows; chainable with ``.transform``."""
-    spacing = series.select("series_uid", F.col("spacing_mm").alias("slice_mm"))
-    px = patches.join(spacing, "series_uid", "left").withColumn(
-        "pixel_mm", F.col("size_mm") / F.element_at("patch_shape", -1))
+    spacing = series.select("series_uid", F.col("spacing_mm").alias("series_mm"))
+    px = (patch_rows.join(spacing, "series_uid", "left")
+          .withColumn("pixel_mm", F.col("size_mm") / F.element_at("patch_shape", -1))
+          .withColumn("slice_mm", F.coalesce("channel_spacing_mm", "series_mm")))
     out = feature_udf(pixel_size)(F.col("pixels"), F.col("patch_shape"), F.col("pixel_mm"), F.col("slice_mm"))
     schema = features_schema(pixel_size)
     keep = [f.name for f in schema.fields if f.name not in ("radiomics", "pixel_vector", "layout_hash", "error",
@@ -94,21 +95,39 @@ def transform(patches: DataFrame, series: DataFrame, pixel_size: int) -> DataFra
 def run(spark: SparkSession, config: dict) -> dict:
     pixel_size = cfg.positive_int(config, "features.pixel_size", 16)
     tables.SCHEMAS[FEATURES] = features_schema(pixel_size)
-    digest = layout(pixel_size)["hash"]
-    done = (tables.read(spark, config, FEATURES).filter(F.col("layout_hash") == digest).select("patch_id"))
-    todo = tables.read(spark, config, tables.PATCHES).join(done, "patch_id", "left_anti").cache()
+    current = layout(pixel_size)
+    digest = current["hash"]
+    existing = tables.read(spark, config, FEATURES)
+    # Names live in the column metadata, which a MERGE cannot change: a new layout rewrites the table
+    # (the old one stays reachable by time travel) instead of mixing layouts in one column.
+    relayout = tables.exists(spark, config, FEATURES) and (
+        feature_names(existing, "radiomics") != current["radiomics"]
+        or feature_names(existing, "pixel_vector") != list(current["pixels"]))
+    done = (spark.createDataFrame([], "patch_id string") if relayout
+            else existing.filter(F.col("layout_hash") == digest).select("patch_id"))
+    # Only patches cut under the configured parameters: a table may also hold older cuts.
+    p_hash = patches.params_hash(patches.params_from_config(config))
+    todo = (tables.read(spark, config, tables.PATCHES).filter(F.col("params_hash") == p_hash)
+            .join(done, "patch_id", "left_anti").cache())
     pending = todo.count()
-    if pending:
+    if pending or relayout:
+        if relayout:
+            log.info("feature layout changed to %s: recomputing every patch and rewriting the table", digest)
         spark.conf.set("spark.sql.execution.arrow.maxBytesPerBatch",
                        str(cfg.size_bytes(config, "features.arrow_max_bytes_per_batch", "8m")))
         with StageProgress(spark.sparkContext, "features", cfg.get(config, "features.progress_seconds",
                                                                   (int, float), 10)):
             rows = transform(todo, tables.read(spark, config, tables.SERIES), pixel_size)
-            tables.merge_upsert(spark, config, FEATURES, rows, ["patch_id"])
+            if relayout:
+                tables.replace(spark, config, FEATURES, rows)
+            else:
+                tables.merge_upsert(spark, config, FEATURES, rows, ["patch_id"])
     todo.unpersist()
-    table = tables.read(spark, config, FEATURES).filter(F.col("layout_hash") == digest)
+    table = tables.read(spark, config, FEATURES).filter((F.col("layout_hash") == digest)
+                                                        & (F.col("params_hash") == p_hash))
     stats = table.agg(F.count("*").alias("rows"), F.sum(F.col("error").isNotNull().cast("int")).alias("errors")).first()
-    return {"layout_hash": digest, "radiomics_features": len(FEATURE_NAMES), "pixel_features": pixel_size ** 2,
+    return {"layout_hash": digest, "patch_params_hash": p_hash, "radiomics_features": len(FEATURE_NAMES),
+            "pixel_features": pixel_size ** 2, "table_rewritten_for_new_layout": relayout,
             "patches_featurized": pending, "table_rows": stats["rows"], "errors": stats["errors"] or 0}
 
 

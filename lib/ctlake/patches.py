@@ -2,7 +2,8 @@
 
 Work is organized per slice: every patch wanted from a slice (candidates,
 random negatives, window positions) becomes one *slice task* that carries the
-slice's HU pixels once (plus neighbours for 2.5D) into a pandas UDF, which cuts
+slice's HU pixels once (plus neighbours for 2.5D, or the slices within
+``patches.depth_mm / 2`` for volume patches) into a pandas UDF, which cuts
 them all with :func:`ctlake.patching.cut_slice_task`. Images are never
 collected to the driver, and a Python worker holds one slice stack at a time.
 
@@ -80,6 +81,8 @@ PATCHES_SCHEMA = T.StructType([T.StructField("patch_id", T.StringType())] + tabl
     T.StructField("coord_y", T.DoubleType()),
     T.StructField("coord_z", T.DoubleType()),
     T.StructField("size_mm", T.DoubleType()),
+    # mm between channels for volume patches; null for 2D/2.5D (the series' slice spacing).
+    T.StructField("channel_spacing_mm", T.DoubleType()),
     T.StructField("pixels", T.BinaryType()),
     T.StructField("patch_shape", T.ArrayType(T.IntegerType())),
     T.StructField("pixel_dtype", T.StringType()),
@@ -95,6 +98,7 @@ def params_from_config(config: dict) -> PatchParams:
         size_mm=float(cfg.get(config, "patches.size_mm", (int, float), 32.0)),
         out_px=cfg.positive_int(config, "patches.out_px", 32),
         neighbours=cfg.get(config, "patches.neighbours", int, 0),
+        depth_mm=float(cfg.get(config, "patches.depth_mm", (int, float), 0.0)),
         negative_margin_mm=float(cfg.get(config, "patches.negatives.margin_mm", (int, float), 10.0)),
         window_stride_mm=float(cfg.get(config, "patches.window.stride_mm", (int, float), 16.0)),
         window_min_mask_fraction=float(cfg.get(config, "patches.window.min_mask_fraction", (int, float), 0.5)),
@@ -103,12 +107,20 @@ def params_from_config(config: dict) -> PatchParams:
         raise ConfigError("patches.size_mm and patches.window.stride_mm must be positive")
     if not 0 <= params.neighbours <= 3:
         raise ConfigError(f"patches.neighbours must be 0 (2D) to 3, found {params.neighbours}")
+    if not 0 <= params.depth_mm <= 4 * params.size_mm:
+        raise ConfigError(f"patches.depth_mm must be 0 (use neighbours) up to 4 x size_mm, found {params.depth_mm}")
     if not 0 < params.window_min_mask_fraction <= 1:
         raise ConfigError("patches.window.min_mask_fraction must be in (0, 1]")
     ratio = cfg.get(config, "patches.negatives.ratio", (int, float), 1.0)
     if ratio < 0:
         raise ConfigError(f"patches.negatives.ratio must be >= 0, found {ratio}")
     return params
+
+
+def geometry(params: PatchParams) -> dict:
+    """What a patch looks like (not how many are cut): a model is only valid on patches of its geometry."""
+    return {"size_mm": params.size_mm, "out_px": params.out_px, "neighbours": params.neighbours,
+            "depth_mm": params.depth_mm}
 
 
 def params_hash(params: PatchParams) -> str:
@@ -168,44 +180,72 @@ def locate(candidates: DataFrame, meta: DataFrame) -> DataFrame:
             .applyInPandas(_locate, LOCATED_SCHEMA))
 
 
-def slice_stacks(spark: SparkSession, config: dict, meta: DataFrame, wanted: DataFrame, neighbours: int) -> DataFrame:
-    """For each wanted (series_uid, slice_index): lineage, spacing, and pixels of k-n..k+n."""
+def slice_stacks(spark: SparkSession, config: dict, meta: DataFrame, wanted: DataFrame,
+                 params: PatchParams) -> DataFrame:
+    """For each wanted (series_uid, slice_index): lineage, spacing, and the pixels and z of its stack.
+
+    The stack is slices ``k - n .. k + n``: ``n = params.neighbours`` for 2.5D,
+    and for volume patches enough slices of the series (by its median slice
+    spacing) to cover ``depth_mm / 2`` on each side plus one.
+    """
     pixels = (tables.read(spark, config, tables.SLICES).select("sop_uid", "frame", "pixels", "pixel_shape")
-              .join(meta.select("sop_uid", "frame", "series_uid", "slice_index"), ["sop_uid", "frame"]))
+              .join(meta.select("sop_uid", "frame", "series_uid", "slice_index", "z_position"), ["sop_uid", "frame"]))
     base = meta.join(wanted, ["series_uid", "slice_index"], "inner")
-    offsets = list(range(-neighbours, neighbours + 1))
-    needed = (base.select("series_uid", "slice_index")
-              .withColumn("offset", F.explode(F.array(*[F.lit(o) for o in offsets])))
+    needed = base.select("series_uid", "slice_index")
+    if params.depth_mm > 0:
+        spacing = tables.read(spark, config, tables.SERIES).select("series_uid", "spacing_mm")
+        reach = (F.ceil(F.lit(params.depth_mm / 2) / F.coalesce("spacing_mm", F.lit(params.depth_mm))) + 1)
+        needed = needed.join(spacing, "series_uid", "left").withColumn("reach", reach.cast("int"))
+        offsets = F.sequence(-F.col("reach"), F.col("reach"))
+    else:
+        offsets = F.array(*[F.lit(o) for o in range(-params.neighbours, params.neighbours + 1)])
+    needed = (needed.withColumn("offset", F.explode(offsets))
               .withColumn("source_index", F.col("slice_index") + F.col("offset")))
     joined = needed.join(pixels.select("series_uid", F.col("slice_index").alias("source_index"), "pixels",
-                                       "pixel_shape"), ["series_uid", "source_index"], "left")
+                                       "pixel_shape", "z_position"), ["series_uid", "source_index"],
+                         "inner" if params.depth_mm > 0 else "left")
     stack = (joined.groupBy("series_uid", "slice_index")
-             .agg(F.sort_array(F.collect_list(F.struct("offset", "pixels", "pixel_shape"))).alias("stack")))
+             .agg(F.sort_array(F.collect_list(F.struct("offset", "pixels", "pixel_shape", "z_position")))
+                  .alias("stack")))
     return base.join(stack, ["series_uid", "slice_index"])
+
+
+def task_patches(task: dict, params: PatchParams) -> list[dict]:
+    """One slice task (a row of :func:`slice_stacks` joined with its task) -> its patches."""
+    by_offset = {s["offset"]: s for s in task["stack"]}
+    shape = tuple(by_offset[0]["pixel_shape"])
+    if params.depth_mm > 0:
+        present = []
+        for offset in sorted(by_offset):
+            # Planes must rise strictly in z: a second frame at a slice's position adds nothing.
+            if by_offset[offset]["pixels"] is not None and (
+                    not present or by_offset[offset]["z_position"] > present[-1]["z_position"]):
+                present.append(by_offset[offset])
+        stack = [hu_frame(s["pixels"], s["pixel_shape"]) for s in present]
+        z_positions, centre_z = [s["z_position"] for s in present], by_offset[0]["z_position"]
+    else:
+        stack = [hu_frame(by_offset[o]["pixels"], by_offset[o]["pixel_shape"])
+                 if o in by_offset and by_offset[o]["pixels"] is not None else None
+                 for o in range(-params.neighbours, params.neighbours + 1)]
+        z_positions = centre_z = None
+    mask = np.frombuffer(task["mask"], np.uint8).reshape(shape) if task["mask"] is not None else None
+    requests = [dict(r) for r in (task["requests"] if task["requests"] is not None else [])]
+    exclusions = [dict(e) for e in (task["exclusions"] if task["exclusions"] is not None else [])]
+    return cut_slice_task(stack, (task["pixel_spacing_row"], task["pixel_spacing_col"]), params, requests, mask,
+                          int(task["n_negatives"] or 0), exclusions, bool(task["window"]), int(task["seed"]),
+                          z_positions, centre_z)
 
 
 def cut_udf(params: PatchParams, p_hash: str):
     """mapInPandas body: slice tasks -> patch rows (PATCHES_SCHEMA minus created_at)."""
     out_columns = [f for f in PATCHES_SCHEMA.fieldNames() if f != "created_at"]
+    channel_mm = params.size_mm / params.out_px if params.depth_mm > 0 else None
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
             out = []
             for task in batch.to_dict("records"):
-                by_offset = {s["offset"]: s for s in task["stack"]}
-                stack = []
-                for offset in range(-params.neighbours, params.neighbours + 1):
-                    item = by_offset.get(offset)
-                    stack.append(hu_frame(item["pixels"], item["pixel_shape"])
-                                 if item is not None and item["pixels"] is not None else None)
-                shape = tuple(by_offset[0]["pixel_shape"])
-                mask = np.frombuffer(task["mask"], np.uint8).reshape(shape) if task["mask"] is not None else None
-                requests = [dict(r) for r in (task["requests"] if task["requests"] is not None else [])]
-                exclusions = [dict(e) for e in (task["exclusions"] if task["exclusions"] is not None else [])]
-                patches = cut_slice_task(stack, (task["pixel_spacing_row"], task["pixel_spacing_col"]), params,
-                                         requests, mask, int(task["n_negatives"] or 0), exclusions,
-                                         bool(task["window"]), int(task["seed"]))
-                for p in patches:
+                for p in task_patches(task, params):
                     out.append({
                         "patch_id": patch_id(task["series_uid"], task["slice_index"], p["row"], p["col"],
                                              p["mode"], p_hash),
@@ -214,7 +254,8 @@ def cut_udf(params: PatchParams, p_hash: str):
                         "mode": p["mode"], "candidate_id": p.get("candidate_id"), "label": p.get("label"),
                         "center_row": p["row"], "center_col": p["col"],
                         "coord_x": p.get("coord_x"), "coord_y": p.get("coord_y"), "coord_z": p.get("coord_z"),
-                        "size_mm": params.size_mm, "pixels": p["patch"].astype("<i2").tobytes(),
+                        "size_mm": params.size_mm, "channel_spacing_mm": channel_mm,
+                        "pixels": p["patch"].astype("<i2").tobytes(),
                         "patch_shape": list(p["patch"].shape), "pixel_dtype": "int16", "params_hash": p_hash,
                     })
             frame = pd.DataFrame(out, columns=out_columns).astype(object)
@@ -322,7 +363,7 @@ def run(spark: SparkSession, config: dict, mode: str = "candidates", series: lis
     # The task table is small but costly to derive (CSV reads, locating, windows, joins) and is
     # used twice below: derive it once (measured: 30% less JVM time in candidates mode).
     tasks = tasks.localCheckpoint()
-    stacks = slice_stacks(spark, config, meta, tasks.select("series_uid", "slice_index"), params.neighbours)
+    stacks = slice_stacks(spark, config, meta, tasks.select("series_uid", "slice_index"), params)
     job = stacks.join(tasks, ["series_uid", "slice_index"])
     spark.conf.set("spark.sql.execution.arrow.maxBytesPerBatch",
                    str(cfg.size_bytes(config, "patches.arrow_max_bytes_per_batch", "16m")))

@@ -432,6 +432,51 @@ def extract_patch_stack(images: list[np.ndarray | None], center_rc, size_mm: flo
     return stack
 
 
+def resample_planes(planes: np.ndarray, z_native, z_target, pad_value: float) -> np.ndarray:
+    """Planes at ``z_native`` mm -> planes at ``z_target`` mm, linear along z.
+
+    Turns patches cut from native slices into a volume with isotropic voxels,
+    so a 3D shape means the same whatever the scan's slice spacing.  A target
+    beyond the first or last native plane is ``pad_value`` (the series ends
+    there); one between two planes mixes them by distance, across a missing
+    slice too.
+
+    Parameters
+    ----------
+    planes : np.ndarray, shape (n, rows, cols)
+        Native planes, in the order of ``z_native``.
+    z_native : array-like of float, shape (n,)
+        Strictly increasing positions, mm.
+    z_target : array-like of float, shape (m,)
+        Wanted positions, mm, any order.
+    pad_value : float
+
+    Returns
+    -------
+    np.ndarray of float32, shape (m, rows, cols)
+    """
+    planes = np.asarray(planes, dtype=np.float32)
+    native = np.asarray(z_native, dtype=float).ravel()
+    target = np.asarray(z_target, dtype=float).ravel()
+    if planes.ndim != 3 or planes.shape[0] != native.size or native.size == 0:
+        raise InputError(f"expected one plane per native z, got {planes.shape} planes for {native.size} positions")
+    if np.any(np.diff(native) <= 0):
+        raise InputError("native z positions must be strictly increasing")
+    out = np.full((target.size,) + planes.shape[1:], pad_value, dtype=np.float32)
+    tolerance = 1e-6
+    for k, z in enumerate(target):
+        if z < native[0] - tolerance or z > native[-1] + tolerance:
+            continue
+        if native.size == 1:
+            out[k] = planes[0]
+            continue
+        upper = int(np.clip(np.searchsorted(native, z), 1, native.size - 1))
+        lower = upper - 1
+        weight = float(np.clip((z - native[lower]) / (native[upper] - native[lower]), 0.0, 1.0))
+        out[k] = planes[lower] + weight * (planes[upper] - planes[lower])
+    return out
+
+
 def _check_mask(mask: np.ndarray) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.ndim != 2:

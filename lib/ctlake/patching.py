@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctlake.patchgeom import extract_patch_stack, sample_negatives, sliding_window_centers
+from ctlake.errors import InputError
+from ctlake.patchgeom import extract_patch_stack, resample_planes, sample_negatives, sliding_window_centers
 
 #: Hounsfield units of air: what a patch is padded with beyond the image.
 PAD_HU = -1000.0
@@ -22,14 +23,28 @@ PAD_HU = -1000.0
 
 @dataclass(frozen=True)
 class PatchParams:
-    """Physical patch size (mm), output size (pixels) and 2.5D depth (slices each side)."""
+    """Physical patch size (mm), output size (pixels) and depth.
+
+    ``depth_mm > 0`` makes every patch a volume: ``planes(params)`` planes
+    ``size_mm / out_px`` mm apart (isotropic voxels), centred on the slice and
+    interpolated between native slices.  Otherwise ``neighbours`` native
+    slices on each side give a 2.5D stack (0: 2D).
+    """
 
     size_mm: float = 32.0
     out_px: int = 32
     neighbours: int = 0
+    depth_mm: float = 0.0
     negative_margin_mm: float = 10.0
     window_stride_mm: float = 16.0
     window_min_mask_fraction: float = 0.5
+
+
+def plane_offsets_mm(params: PatchParams) -> np.ndarray:
+    """z offsets (mm) of a volume patch's planes from its centre slice, ascending."""
+    step = params.size_mm / params.out_px
+    half = int(round(params.depth_mm / 2 / step))
+    return np.arange(-half, half + 1) * step
 
 
 def patch_id(series_uid: str, slice_index: int, row: float, col: float, mode: str, params_hash: str) -> str:
@@ -40,13 +55,16 @@ def patch_id(series_uid: str, slice_index: int, row: float, col: float, mode: st
 
 def cut_slice_task(stack: list[np.ndarray | None], spacing_rc: tuple[float, float], params: PatchParams,
                    requests: list[dict], mask: np.ndarray | None = None, n_negatives: int = 0,
-                   exclusions: list[dict] | None = None, window: bool = False, seed: int = 0) -> list[dict]:
+                   exclusions: list[dict] | None = None, window: bool = False, seed: int = 0,
+                   z_positions: list[float] | None = None, centre_z: float | None = None) -> list[dict]:
     """All patches of one slice task.
 
     Parameters
     ----------
     stack : list of ndarray or None
         HU slices ``k - neighbours .. k + neighbours``; None where the series ends.
+        For volume patches (``params.depth_mm > 0``): the slices present
+        around ``k``, ascending z, at ``z_positions`` mm; ``centre_z`` is slice ``k``'s.
     spacing_rc : (float, float)
         Pixel spacing (row, column) of the slice, mm.
     requests : list of dict
@@ -68,6 +86,8 @@ def cut_slice_task(stack: list[np.ndarray | None], spacing_rc: tuple[float, floa
         One dict per patch: the request fields, ``row``/``col`` centre, ``mode``
         and ``patch`` (float HU array, shape (channels, out_px, out_px) cast to int16).
     """
+    if params.depth_mm > 0 and (z_positions is None or centre_z is None or len(z_positions) != len(stack)):
+        raise InputError("volume patches need the z position of every slice of the stack and of the centre")
     tasks = [dict(r) for r in requests]
     pixel_mm = min(spacing_rc)
     if n_negatives and mask is not None:
@@ -86,5 +106,7 @@ def cut_slice_task(stack: list[np.ndarray | None], spacing_rc: tuple[float, floa
     for task in tasks:
         patch = extract_patch_stack(stack, (task["row"], task["col"]), params.size_mm, params.out_px,
                                     spacing_rc, PAD_HU)
+        if params.depth_mm > 0:
+            patch = np.rint(resample_planes(patch, z_positions, centre_z + plane_offsets_mm(params), PAD_HU))
         patches.append({**task, "patch": patch.astype(np.int16)})
     return patches

