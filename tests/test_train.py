@@ -17,7 +17,7 @@ SMALL = {
     "cohort.patients": 36, "cohort.slices": 8, "cohort.matrix": 96, "cohort.rle_fraction": 0.0,
     "train.folds": 2, "train.bootstrap": 50, "train.rf.num_trees": [10], "train.rf.max_depth": [3],
     "train.rf.feature_subset": ["sqrt"], "train.rf.max_bins": [16], "train.svm.partitions": 2,
-    "train.svm.kernel": ["rbf"], "train.svm.c": [1.0], "train.svm.gamma": ["scale"],
+    "train.svm.kernel": ["rbf"], "train.svm.c": [1.0], "train.svm.gamma": ["scale"], "train.control_repeats": 2,
 }
 
 
@@ -65,7 +65,10 @@ def test_models_run_table_and_report_are_written(spark, trained):
     html = report.read_text()
     for image in ("roc_patient.png", "roc_patch.png", "importances.png"):
         assert image in html and (report.parent / image).is_file()
-    assert "shuffled label control" in html
+    assert "shuffled label control" in html and "Over 2 permutations" in html
+    control = summary["shuffled_label_control_auc"]["patch"]
+    assert control["permutations"] == 2 and 0.0 <= control["min"] <= control["mean"] <= control["max"] <= 1.0
+    assert meta["control_aucs"]["patch"][0] == round(meta["results"]["shuffled_label_control"]["patch"]["auc"]["value"], 4)
 
 
 def test_score_a_new_patient_and_refuse_bad_runs(spark, trained, tmp_path):

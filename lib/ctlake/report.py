@@ -154,6 +154,8 @@ def write_report(spark: SparkSession, config: dict, summary: dict, meta: dict, s
     evidence_html = "".join(
         f"<figure><img src='{n}'><figcaption>patient {html.escape(p)} · label {lab} · ensemble p={pr:.2f}"
         f"</figcaption></figure>" for p, lab, pr, n in evidence_rows)
+    control_text = "; ".join(f"{level} mean {np.mean(v):.2f} (range {min(v):.2f}-{max(v):.2f})"
+                             for level, v in meta["control_aucs"].items())
     page = f"""<!doctype html><html><head><meta charset=utf-8><title>ctlake run {summary['run_id']}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}}
 table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border:1px solid #ddd;padding:4px 8px;text-align:left;font-size:13px}}
@@ -163,7 +165,8 @@ figure{{display:inline-block;margin:0.5em}}img{{max-width:100%}}figcaption{{font
 <p>Patch classifiers aggregated to a patient-level probability of cancer ({html.escape(meta['aggregate'])} of the
 patch probabilities). Thresholds are chosen on the validation patients (Youden's J) and applied to the held-out
 test patients; intervals are 95% bootstrap intervals over test patients. The shuffled-label control is the
-forest trained on permuted labels: it should score near 0.5, showing that nothing but the label carries signal.</p>
+forest trained on permuted labels: it should score near 0.5, showing that nothing but the label carries signal.
+Over {len(meta['control_aucs'].get('patient', []))} permutations its test AUC was {control_text}.</p>
 <h2>Cohort and split</h2><table><tr><th>split</th><th>patients</th><th>with cancer</th><th>without</th><th>patches</th></tr>
 {split_rows}</table>
 <p>Random forest: best of {len(meta['rf_cv_auc'])} settings by {cfg.get(config, 'train.folds', int)}-fold
