@@ -168,7 +168,10 @@ def timed(run, targets: list[tuple[object, str, str]]) -> tuple[dict, float, dic
 # --- loop inputs and loops ------------------------------------------------------------------------
 
 def slice_task_frame(spark, config: dict, mode: str, series: list[str] | None):
-    """The slice tasks ``patches.run`` cuts (without its skip of done slices), as one pandas frame."""
+    """The rows ``patches.run`` cuts (without its skip of done slices), as a list of dicts.
+
+    Streamed one partition at a time: series volumes collected in one Arrow batch overflow the heap.
+    """
     from ctlake import patches
 
     params = patches.params_from_config(config)
@@ -177,8 +180,8 @@ def slice_task_frame(spark, config: dict, mode: str, series: list[str] | None):
         tasks, _ = patches.candidate_tasks(spark, config, meta, params)
     else:
         tasks = patches.window_tasks(spark, config, meta, series)
-    stacks = patches.slice_stacks(spark, config, meta, tasks.select("series_uid", "slice_index"), params)
-    frame = stacks.join(tasks, ["series_uid", "slice_index"]).toPandas()
+    frame = [row.asDict(recursive=True) for row in patches.job_frame(spark, config, meta, tasks, params)
+             .toLocalIterator()]
     meta.unpersist()
     return frame
 
@@ -195,19 +198,18 @@ def preprocess_loop(config: dict, slices) -> tuple[float, float, int]:
     return time.perf_counter() - started, time.process_time() - cpu_started, len(slices)
 
 
-def cut_loop(config: dict, frame) -> tuple[float, float, int]:
+def cut_loop(config: dict, rows: list[dict]) -> tuple[float, float, int]:
     """Single process: unpack each slice task (``hu_frame``) and ``cut_slice_task``; seconds, CPU seconds, patches.
 
     The unpacking is ``ctlake.patches.cut_udf``'s own; the output rows (patch ids, bytes) are not built.
     """
-    from ctlake.patches import params_from_config, task_patches
+    from ctlake.patches import params_from_config, row_tasks, task_patches
 
     params = params_from_config(config)
-    records = frame.to_dict("records")
     count = 0
     started, cpu_started = time.perf_counter(), time.process_time()
-    for task in records:
-        count += len(task_patches(task, params))
+    for row in rows:
+        count += sum(len(task_patches(task, params)) for task in row_tasks(row, params))
     return time.perf_counter() - started, time.process_time() - cpu_started, count
 
 

@@ -182,36 +182,48 @@ def locate(candidates: DataFrame, meta: DataFrame) -> DataFrame:
 
 def slice_stacks(spark: SparkSession, config: dict, meta: DataFrame, wanted: DataFrame,
                  params: PatchParams) -> DataFrame:
-    """For each wanted (series_uid, slice_index): lineage, spacing, and the pixels and z of its stack.
-
-    The stack is slices ``k - n .. k + n``: ``n = params.neighbours`` for 2.5D,
-    and for volume patches enough slices of the series (by its median slice
-    spacing) to cover ``depth_mm / 2`` on each side plus one.
-    """
+    """For each wanted (series_uid, slice_index): lineage, spacing, and the pixels of slices k-n..k+n (2.5D)."""
     pixels = (tables.read(spark, config, tables.SLICES).select("sop_uid", "frame", "pixels", "pixel_shape")
               .join(meta.select("sop_uid", "frame", "series_uid", "slice_index", "z_position"), ["sop_uid", "frame"]))
     base = meta.join(wanted, ["series_uid", "slice_index"], "inner")
-    needed = base.select("series_uid", "slice_index")
-    if params.depth_mm > 0:
-        spacing = tables.read(spark, config, tables.SERIES).select("series_uid", "spacing_mm")
-        reach = (F.ceil(F.lit(params.depth_mm / 2) / F.coalesce("spacing_mm", F.lit(params.depth_mm))) + 1)
-        needed = needed.join(spacing, "series_uid", "left").withColumn("reach", reach.cast("int"))
-        offsets = F.sequence(-F.col("reach"), F.col("reach"))
-    else:
-        offsets = F.array(*[F.lit(o) for o in range(-params.neighbours, params.neighbours + 1)])
-    needed = (needed.withColumn("offset", F.explode(offsets))
+    offsets = F.array(*[F.lit(o) for o in range(-params.neighbours, params.neighbours + 1)])
+    needed = (base.select("series_uid", "slice_index").withColumn("offset", F.explode(offsets))
               .withColumn("source_index", F.col("slice_index") + F.col("offset")))
     joined = needed.join(pixels.select("series_uid", F.col("slice_index").alias("source_index"), "pixels",
-                                       "pixel_shape", "z_position"), ["series_uid", "source_index"],
-                         "inner" if params.depth_mm > 0 else "left")
+                                       "pixel_shape", "z_position"), ["series_uid", "source_index"], "left")
     stack = (joined.groupBy("series_uid", "slice_index")
              .agg(F.sort_array(F.collect_list(F.struct("offset", "pixels", "pixel_shape", "z_position")))
                   .alias("stack")))
     return base.join(stack, ["series_uid", "slice_index"])
 
 
+def series_volumes(spark: SparkSession, config: dict, meta: DataFrame, tasks: DataFrame) -> DataFrame:
+    """One row per series with slice tasks: every slice's pixels once (``slices``) and the tasks (``tasks``).
+
+    Volume patches need every slice within ``depth_mm / 2`` of a task's slice: a
+    dozen at 3 mm spacing, fifty at 0.6 mm.  Sending each task its own stack
+    would copy every slice that many times through the shuffle (measured: out of
+    heap on 64 slices of 512 x 512 in window mode), so a series travels once
+    and its tasks are cut in one Python call, which holds one series.
+    """
+    pixels = (tables.read(spark, config, tables.SLICES).select("sop_uid", "frame", "pixels", "pixel_shape")
+              .join(meta.select("sop_uid", "frame", "series_uid", "slice_index", "z_position"), ["sop_uid", "frame"])
+              .join(tasks.select("series_uid").distinct(), "series_uid", "left_semi"))
+    volumes = (pixels.groupBy("series_uid")
+               .agg(F.sort_array(F.collect_list(F.struct("slice_index", "z_position", "pixels", "pixel_shape")))
+                    .alias("slices")))
+    task_rows = meta.join(tasks, ["series_uid", "slice_index"], "inner")
+    grouped = (task_rows.groupBy("series_uid")
+               .agg(F.collect_list(F.struct(*[c for c in task_rows.columns if c != "series_uid"])).alias("tasks")))
+    return volumes.join(grouped, "series_uid")
+
+
 def task_patches(task: dict, params: PatchParams) -> list[dict]:
-    """One slice task (a row of :func:`slice_stacks` joined with its task) -> its patches."""
+    """One slice task (a row of :func:`slice_stacks` joined with its task) -> its patches.
+
+    For volume patches ``task["stack"]`` holds the slices around the task's slice
+    (``offset`` from it), as :func:`volume_tasks` builds them.
+    """
     by_offset = {s["offset"]: s for s in task["stack"]}
     shape = tuple(by_offset[0]["pixel_shape"])
     if params.depth_mm > 0:
@@ -236,30 +248,69 @@ def task_patches(task: dict, params: PatchParams) -> list[dict]:
                           z_positions, centre_z)
 
 
+def volume_tasks(series_row: dict, params: PatchParams) -> Iterator[dict]:
+    """The slice tasks of one :func:`series_volumes` row, each with the stack :func:`task_patches` expects."""
+    slices = sorted(series_row["slices"], key=lambda s: s["slice_index"])
+    positions = np.array([s["z_position"] for s in slices], dtype=float)
+    index_of = {s["slice_index"]: i for i, s in enumerate(slices)}
+    half = params.depth_mm / 2
+    for task in series_row["tasks"]:
+        task = {**task, "series_uid": series_row["series_uid"]}
+        centre = index_of[task["slice_index"]]
+        # The planes reach depth_mm / 2 each side: take every slice up to one beyond that.
+        low = max(0, int(np.searchsorted(positions, positions[centre] - half, side="left")) - 1)
+        high = min(len(slices), int(np.searchsorted(positions, positions[centre] + half, side="right")) + 1)
+        task["stack"] = [{**slices[i], "offset": slices[i]["slice_index"] - task["slice_index"]}
+                         for i in range(low, high)]
+        yield task
+
+
+def job_frame(spark: SparkSession, config: dict, meta: DataFrame, tasks: DataFrame, params: PatchParams) -> DataFrame:
+    """What the cutting UDF reads: one row per slice task (2D/2.5D) or per series (volume patches)."""
+    if params.depth_mm > 0:
+        return series_volumes(spark, config, meta, tasks)
+    return slice_stacks(spark, config, meta, tasks.select("series_uid", "slice_index"), params).join(
+        tasks, ["series_uid", "slice_index"])
+
+
+def row_tasks(row: dict, params: PatchParams) -> Iterator[dict]:
+    """The slice tasks of one :func:`job_frame` row, ready for :func:`task_patches`."""
+    return volume_tasks(row, params) if params.depth_mm > 0 else iter([row])
+
+
 def cut_udf(params: PatchParams, p_hash: str):
-    """mapInPandas body: slice tasks -> patch rows (PATCHES_SCHEMA minus created_at)."""
+    """mapInPandas body: slice tasks (or, for volume patches, series) -> patch rows (PATCHES_SCHEMA minus created_at)."""
     out_columns = [f for f in PATCHES_SCHEMA.fieldNames() if f != "created_at"]
     channel_mm = params.size_mm / params.out_px if params.depth_mm > 0 else None
+
+    def rows(out: list[dict]) -> pd.DataFrame:
+        frame = pd.DataFrame(out, columns=out_columns).astype(object)
+        return frame.where(pd.notna(frame), None)
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
             out = []
-            for task in batch.to_dict("records"):
-                for p in task_patches(task, params):
-                    out.append({
-                        "patch_id": patch_id(task["series_uid"], task["slice_index"], p["row"], p["col"],
-                                             p["mode"], p_hash),
-                        **{k: task[k] for k in ("patient_pseudonym", "study_uid", "series_uid", "sop_uid",
-                                                "frame", "slice_index")},
-                        "mode": p["mode"], "candidate_id": p.get("candidate_id"), "label": p.get("label"),
-                        "center_row": p["row"], "center_col": p["col"],
-                        "coord_x": p.get("coord_x"), "coord_y": p.get("coord_y"), "coord_z": p.get("coord_z"),
-                        "size_mm": params.size_mm, "channel_spacing_mm": channel_mm,
-                        "pixels": p["patch"].astype("<i2").tobytes(),
-                        "patch_shape": list(p["patch"].shape), "pixel_dtype": "int16", "params_hash": p_hash,
-                    })
-            frame = pd.DataFrame(out, columns=out_columns).astype(object)
-            yield frame.where(pd.notna(frame), None)
+            for row in batch.to_dict("records"):
+                for task in row_tasks(row, params):
+                    # One output batch per slice task: a series' window volumes together would be
+                    # hundreds of MB in one Arrow batch (measured: out of heap).
+                    if out:
+                        yield rows(out)
+                        out = []
+                    for p in task_patches(task, params):
+                        out.append({
+                            "patch_id": patch_id(task["series_uid"], task["slice_index"], p["row"], p["col"],
+                                                 p["mode"], p_hash),
+                            **{k: task[k] for k in ("patient_pseudonym", "study_uid", "series_uid", "sop_uid",
+                                                    "frame", "slice_index")},
+                            "mode": p["mode"], "candidate_id": p.get("candidate_id"), "label": p.get("label"),
+                            "center_row": p["row"], "center_col": p["col"],
+                            "coord_x": p.get("coord_x"), "coord_y": p.get("coord_y"), "coord_z": p.get("coord_z"),
+                            "size_mm": params.size_mm, "channel_spacing_mm": channel_mm,
+                            "pixels": p["patch"].astype("<i2").tobytes(),
+                            "patch_shape": list(p["patch"].shape), "pixel_dtype": "int16", "params_hash": p_hash,
+                        })
+            yield rows(out)
 
     return run
 
@@ -363,8 +414,7 @@ def run(spark: SparkSession, config: dict, mode: str = "candidates", series: lis
     # The task table is small but costly to derive (CSV reads, locating, windows, joins) and is
     # used twice below: derive it once (measured: 30% less JVM time in candidates mode).
     tasks = tasks.localCheckpoint()
-    stacks = slice_stacks(spark, config, meta, tasks.select("series_uid", "slice_index"), params)
-    job = stacks.join(tasks, ["series_uid", "slice_index"])
+    job = job_frame(spark, config, meta, tasks, params)
     spark.conf.set("spark.sql.execution.arrow.maxBytesPerBatch",
                    str(cfg.size_bytes(config, "patches.arrow_max_bytes_per_batch", "16m")))
     schema = T.StructType([f for f in PATCHES_SCHEMA.fields if f.name != "created_at"])
