@@ -19,6 +19,7 @@ from ctlake.svm_ensemble import (
     tune_partitioned_svc,
 )
 from pyspark.ml import Pipeline, PipelineModel
+from pyspark.ml.functions import array_to_vector, vector_to_array
 from pyspark.ml.evaluation import BinaryClassificationEvaluator
 from pyspark.ml.feature import StandardScaler, VectorAssembler
 from pyspark.ml.linalg import DenseVector
@@ -155,6 +156,14 @@ def test_assign_partitions_is_stratified_and_independent_of_row_order(spark):
 
     assert assignment(df.orderBy(F.desc("id")).repartition(3), seed=11) == assigned
     assert assignment(df, seed=12) != assigned
+
+
+def test_last_bit_differences_do_not_deal_the_rows_anew(spark):
+    df = gaussian_frame(spark, 60, 30, seed=5)
+    nudged = df.withColumn("features", array_to_vector(F.transform(
+        vector_to_array("features"), lambda x: x * F.lit(1.0 + 2.0 ** -50))))
+    assert nudged.select(vector_to_array("features")).collect() != df.select(vector_to_array("features")).collect()
+    assert assignment(nudged, seed=11) == assignment(df, seed=11)
 
 
 def test_uneven_classes_differ_by_at_most_one_row_per_partition(spark):

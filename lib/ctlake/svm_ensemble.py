@@ -276,6 +276,21 @@ def stratified_caps(class_counts: dict[float, int], k: int, max_rows: int) -> di
 
 # --------------------------------------------------------------------------- Spark helpers
 
+HASH_DECIMALS = 6
+"""Decimals doubles are rounded to before :func:`assign_partitions` hashes them."""
+
+
+def _stable(column, data_type):
+    """``column`` as :func:`assign_partitions` hashes it: vectors as arrays, doubles rounded."""
+    if isinstance(data_type, VectorUDT):
+        return F.transform(vector_to_array(column), lambda x: F.round(x, HASH_DECIMALS))
+    if isinstance(data_type, T.ArrayType) and isinstance(data_type.elementType, (T.DoubleType, T.FloatType)):
+        return F.transform(column, lambda x: F.round(x, HASH_DECIMALS))
+    if isinstance(data_type, (T.DoubleType, T.FloatType)):
+        return F.round(column, HASH_DECIMALS)
+    return column
+
+
 def assign_partitions(df: DataFrame, k: int, label_col: str = "label", seed: int = 0,
                       hash_cols: list[str] | None = None) -> DataFrame:
     """``df`` with :data:`PARTITION_COL` (0..k-1) and :data:`RANK_COL`, stratified by label.
@@ -288,6 +303,10 @@ def assign_partitions(df: DataFrame, k: int, label_col: str = "label", seed: int
     assignment depends on the rows' contents and the seed, not on the input's
     order or partitioning. Rows identical in every column tie in the hash, but
     are interchangeable, so the partitions' contents are still deterministic.
+    Doubles (and vector or array elements) are hashed rounded to
+    :data:`HASH_DECIMALS` decimals: upstream aggregates such as a scaler's
+    mean are summed in task completion order, and a last-bit difference must
+    not deal the rows anew.
 
     The numbering is a window per label: each label's rows are sorted in one
     task, which is fine for tabular features (millions of rows) but is why
@@ -300,8 +319,7 @@ def assign_partitions(df: DataFrame, k: int, label_col: str = "label", seed: int
     missing = [name for name in hash_cols or [] if name not in df.columns]
     if missing:
         raise InputError(f"hash columns {missing} not found; columns are {df.columns}")
-    hashed = [vector_to_array(F.col(f.name)) if isinstance(f.dataType, VectorUDT) else F.col(f.name)
-              for f in df.schema.fields if hash_cols is None or f.name in hash_cols]
+    hashed = [_stable(F.col(f.name), f.dataType) for f in df.schema.fields if hash_cols is None or f.name in hash_cols]
     order = F.xxhash64(F.lit(seed).cast("long"), *hashed)
     rank = F.row_number().over(Window.partitionBy(label_col).orderBy(order)) - 1
     return (df.withColumn("_svm_rank", rank)

@@ -228,7 +228,12 @@ def run(spark: SparkSession, config: dict) -> dict:
                                 cfg.positive_int(config, "train.folds"), seed)
     sizes = split_sizes(assignment)
     log.info("split (patients): %s", sizes)
-    frame = training_frame(spark, config, names, assignment).cache()
+    # A fixed layout of rows over partitions: the forest's bootstrap is drawn per partition, and the
+    # scaler's sums (whose last bits decide the SVM's partition hash) follow partition order. Without it
+    # two runs on the same tables differed by 0.09 in SVM nodule AUC.
+    frame = (training_frame(spark, config, names, assignment)
+             .repartition(cfg.positive_int(config, "train.partitions", 4), "patch_id")
+             .sortWithinPartitions("patch_id").cache())
     weighting = cfg.get(config, "train.weighting", str, "groups")
     train = with_weights(frame.filter((F.col("split") == "train") & F.col("trainable")), weighting)
     validation_train = with_weights(frame.filter((F.col("split") == "validation") & F.col("trainable")), weighting)
