@@ -37,7 +37,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from common import STAMP_NAME, MemorySampler, ensure_cohort, fresh, load_average, machine, rate, spark_cores, versions
+from common import (STAMP_NAME, MemorySampler, ensure_cohort, fresh, load_average, machine, memory_text, rate, spark_cores,
+                    versions)
 from ctlake import config as cfg
 from ctlake.cli import job_parser, setup_logging
 from ctlake.config import load_config, with_value
@@ -260,11 +261,7 @@ def human_table(result: dict) -> str:
     for name, seconds in result["ctlake"]["stages"].items():
         lines.append(f"  {name:<40}{seconds:>8.2f}")
     mem = result["ctlake"]["memory"]
-    lines += ["", ("peak RSS during ingest (MB, sampled every "
-                   f"{mem['sample_interval_s']} s): driver python {mem['driver_python_peak_rss_mb']},"
-                   f" JVM {mem['jvm_peak_rss_mb']}, largest python worker {mem['python_worker_peak_rss_mb']},"
-                   f" all python workers {mem['python_workers_sum_peak_rss_mb']}"
-                   f" ({mem['python_worker_processes_seen']} processes)")]
+    lines += ["", f"peak RSS during ingest (MB, sampled every {mem['sample_interval_s']} s): {memory_text(mem)}"]
     summary = result["ctlake"]["summary"]
     lines.append(f"ingest summary: {summary.get('files_ingested')} files ingested, {summary.get('slices_written')}"
                  f" slices, quarantined {summary.get('quarantined')}, accounted_for {summary.get('accounted_for')}")

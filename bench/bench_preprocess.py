@@ -34,6 +34,7 @@ from common import (
     fresh,
     load_average,
     machine,
+    memory_text,
     rate,
     spark_cores,
     versions,
@@ -249,11 +250,9 @@ def human_table(result: dict) -> str:
         for name, seconds in result[key]["spark"]["stages"].items():
             lines.append(f"  {name:<52}{seconds:>8.2f}")
         mem = result[key]["spark"]["memory"]
-        lines.append(f"  peak RSS MB (sampled every {mem['sample_interval_s']} s): driver python"
-                     f" {mem['driver_python_peak_rss_mb']}, JVM {mem['jvm_peak_rss_mb']}, largest python worker"
-                     f" {mem['python_worker_peak_rss_mb']}, all python workers {mem['python_workers_sum_peak_rss_mb']}"
-                     f" ({mem['python_worker_processes_seen']} processes); CPU s: driver {mem['driver_python_cpu_s']},"
-                     f" JVM {mem['jvm_cpu_s']}, Python workers {mem['python_worker_cpu_s']}")
+        lines.append(f"  peak RSS MB (sampled every {mem['sample_interval_s']} s): {memory_text(mem)};"
+                     f" CPU s: driver {mem['driver_python_cpu_s']}, JVM {mem['jvm_cpu_s']},"
+                     f" Python workers {mem['python_worker_cpu_s']}")
     return "\n".join(lines)
 
 

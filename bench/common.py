@@ -265,3 +265,10 @@ class MemorySampler:
             "sample_interval_s": self.interval,
             **self.cpu_seconds(),
         }
+
+
+def memory_text(mem: dict) -> str:
+    """The peak-RSS figures of a :class:`MemorySampler` summary, in one human line fragment (MB)."""
+    return (f"driver python {mem['driver_python_peak_rss_mb']}, JVM {mem['jvm_peak_rss_mb']}, largest python worker"
+            f" {mem['python_worker_peak_rss_mb']}, all python workers {mem['python_workers_sum_peak_rss_mb']}"
+            f" ({mem['python_worker_processes_seen']} processes)")

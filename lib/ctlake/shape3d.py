@@ -185,8 +185,8 @@ def _min_compactness(mask: np.ndarray) -> float:
     return min(values, default=1.0)
 
 
-def _solidity(mask: np.ndarray, spacing: np.ndarray, volume_mm3: float) -> float:
-    boundary = mask & ~ndimage.binary_erosion(mask)
+def _solidity(boundary: np.ndarray, spacing: np.ndarray, volume_mm3: float) -> float:
+    """Volume over the convex hull of the boundary voxels' centres (the same hull as of all voxels)."""
     points = np.argwhere(boundary) * spacing
     if len(points) < 4:
         return 1.0
@@ -238,15 +238,15 @@ def features_3d(volume_hu: np.ndarray, spacing_mm, mask: np.ndarray | None = Non
     major = 4 * math.sqrt(eigen[0])
     depth = float(ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing).max())
 
+    boundary = mask & ~ndimage.binary_erosion(mask)
     inside = volume[mask]
     p10, p90 = np.percentile(inside, (10.0, 90.0))
     gradient = np.sqrt(sum(g ** 2 for g in np.gradient(volume, *spacing))) if min(volume.shape) > 1 else None
-    boundary = mask & ~ndimage.binary_erosion(mask)
     edge = gradient[boundary] if gradient is not None else np.zeros(1)
     z_extent = np.count_nonzero(mask.any(axis=(1, 2))) * spacing[0]
     return np.array([
         volume_mm3, equiv_diameter, surface, sphericity, elongation, flatness, major,
-        depth / (equiv_diameter / 2), _solidity(mask, spacing, volume_mm3), _min_compactness(mask), z_extent,
+        depth / (equiv_diameter / 2), _solidity(boundary, spacing, volume_mm3), _min_compactness(mask), z_extent,
         inside.mean(), inside.std(), p10, p90, inside.max(),
         np.mean(inside > DENSE_HU), np.mean((inside > SOLID_HU_LOW) & (inside <= DENSE_HU)),
         np.mean(inside <= GGO_HU_HIGH), edge.mean(), np.percentile(edge, 25.0),
