@@ -184,15 +184,15 @@ def slice_stacks(spark: SparkSession, config: dict, meta: DataFrame, wanted: Dat
                  params: PatchParams) -> DataFrame:
     """For each wanted (series_uid, slice_index): lineage, spacing, and the pixels of slices k-n..k+n (2.5D)."""
     pixels = (tables.read(spark, config, tables.SLICES).select("sop_uid", "frame", "pixels", "pixel_shape")
-              .join(meta.select("sop_uid", "frame", "series_uid", "slice_index", "z_position"), ["sop_uid", "frame"]))
+              .join(meta.select("sop_uid", "frame", "series_uid", "slice_index"), ["sop_uid", "frame"]))
     base = meta.join(wanted, ["series_uid", "slice_index"], "inner")
     offsets = F.array(*[F.lit(o) for o in range(-params.neighbours, params.neighbours + 1)])
     needed = (base.select("series_uid", "slice_index").withColumn("offset", F.explode(offsets))
               .withColumn("source_index", F.col("slice_index") + F.col("offset")))
     joined = needed.join(pixels.select("series_uid", F.col("slice_index").alias("source_index"), "pixels",
-                                       "pixel_shape", "z_position"), ["series_uid", "source_index"], "left")
+                                       "pixel_shape"), ["series_uid", "source_index"], "left")
     stack = (joined.groupBy("series_uid", "slice_index")
-             .agg(F.sort_array(F.collect_list(F.struct("offset", "pixels", "pixel_shape", "z_position")))
+             .agg(F.sort_array(F.collect_list(F.struct("offset", "pixels", "pixel_shape")))
                   .alias("stack")))
     return base.join(stack, ["series_uid", "slice_index"])
 
