@@ -33,7 +33,7 @@ $(STAMP): setup.py
 	touch $@
 
 $(JARS_DIR)/.done: $(STAMP)
-	$(PY) -m ctlake.jars --dest $(JARS_DIR)
+	$(PY) -m ctlake.spark.jars --dest $(JARS_DIR)
 	touch $@
 
 setup: $(STAMP) $(JARS_DIR)/.done ## create .venv, install ctlake, cache Delta Lake's jars (once)

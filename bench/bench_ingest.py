@@ -5,9 +5,9 @@
 1. Generates a benchmark cohort under ``<workdir>/cohort`` with ``ctlake.cohort.job.run``
    (reused when its settings stamp matches, so repeated runs do not regenerate it).
 2. Warms the session with a tiny ingest of two files into a scratch warehouse (JVM start-up,
-   Delta classes and first-query compilation are not counted), then times ``ctlake.ingest.run``
+   Delta classes and first-query compilation are not counted), then times ``ctlake.spark.ingest.run``
    over the whole cohort into a fresh scratch warehouse, with a per-stage breakdown.
-3. Times plain loops over the same files: read bytes + ``ctlake.dicom.parse_dicom`` (the same
+3. Times plain loops over the same files: read bytes + ``ctlake.core.dicom_parse.parse_dicom`` (the same
    per-file work: read, decode, convert to HU, build records); ``pydicom.dcmread(path).pixel_array``;
    and read + ``parse_dicom`` + a durable write of the same ``slices`` rows (``SLICES_SCHEMA``
    columns, pixels as binary) to one Parquet file with pyarrow in ingestion's ``lz4_raw`` codec,
@@ -37,8 +37,18 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from common import (STAMP_NAME, MemorySampler, ensure_cohort, fresh, load_average, machine, memory_text, rate, spark_cores,
-                    versions)
+from common import (
+    STAMP_NAME,
+    MemorySampler,
+    ensure_cohort,
+    fresh,
+    load_average,
+    machine,
+    memory_text,
+    rate,
+    spark_cores,
+    versions,
+)
 from ctlake import config as cfg
 from ctlake.cli import job_parser, setup_logging
 from ctlake.config import load_config, with_value
@@ -74,7 +84,7 @@ def bench_config(args: argparse.Namespace) -> dict:
 # --- stage timings --------------------------------------------------------------------------------
 
 class StageClock:
-    """Wall time of each step of ``ctlake.ingest.run``, by wrapping the functions it calls.
+    """Wall time of each step of ``ctlake.spark.ingest.run``, by wrapping the functions it calls.
 
     Only the benchmark patches these module attributes, and it restores them;
     the ingestion code itself is unchanged and unaware.
@@ -101,7 +111,7 @@ class StageClock:
         setattr(owner, attribute, timed)
 
     def __enter__(self):
-        from ctlake import ingest, tables
+        from ctlake.spark import ingest, tables
 
         clock = self
 
@@ -133,7 +143,7 @@ class StageClock:
 # --- the measured runs ----------------------------------------------------------------------------
 
 def timed_ingest(spark, config: dict, input_path: str) -> tuple[dict, float, dict, dict]:
-    from ctlake import ingest
+    from ctlake.spark import ingest
 
     with MemorySampler() as memory, StageClock() as clock:
         started = time.perf_counter()
@@ -144,8 +154,8 @@ def timed_ingest(spark, config: dict, input_path: str) -> tuple[dict, float, dic
 
 def parse_loop(files: list[Path]) -> tuple[float, int, int]:
     """Single-process read + parse_dicom: seconds, files ok, frames."""
-    from ctlake.deid import DEV_KEY, Pseudonymizer
-    from ctlake.dicom import Rejection, parse_dicom
+    from ctlake.core.deid import DEV_KEY, Pseudonymizer
+    from ctlake.core.dicom_parse import Rejection, parse_dicom
 
     pseudonymize = Pseudonymizer(DEV_KEY)
     ok = frames = 0
@@ -181,11 +191,10 @@ def write_loop(files: list[Path], target: Path, max_batch_bytes: int) -> dict:
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from ctlake.core.deid import DEV_KEY, Pseudonymizer
+    from ctlake.core.dicom_parse import Rejection, parse_dicom
+    from ctlake.spark import tables
     from pyspark.sql.pandas.types import to_arrow_schema
-
-    from ctlake import tables
-    from ctlake.deid import DEV_KEY, Pseudonymizer
-    from ctlake.dicom import Rejection, parse_dicom
 
     schema = to_arrow_schema(tables.SLICES_SCHEMA, timezone="UTC")
     pseudonymize = Pseudonymizer(DEV_KEY)
@@ -273,7 +282,7 @@ def main(argv=None) -> int:
     setup_logging()
     try:
         config = bench_config(args)
-        from ctlake.cohort.job import db_path_from_config, settings_from_config
+        from ctlake.spark.cohort import db_path_from_config, settings_from_config
 
         settings_from_config(config)
         db_path_from_config(config)
@@ -281,8 +290,8 @@ def main(argv=None) -> int:
         print(f"bench_ingest: error: {exc}", file=sys.stderr)
         return 2
 
-    from ctlake import ingest
-    from ctlake.session import build_session
+    from ctlake.spark import ingest
+    from ctlake.spark.session import build_session
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,9 @@
     .venv/bin/python bench/bench_models.py --conf conf/local.yaml [--set k=v] [--replicate 20] [--k 2,4,8,16]
 
 1. Reads the ``features`` table of the configured warehouse (filled by ``make run``) and builds the
-   training frame exactly as ``jobs/train.py`` does (``ctlake.train.patient_labels``,
-   ``ctlake.splits.split_patients`` with ``train.split``/``train.folds``/``train.seed``,
-   ``ctlake.train.training_frame``): the models train on the trainable rows of the training
+   training frame exactly as ``jobs/train.py`` does (``ctlake.spark.train.patient_labels``,
+   ``ctlake.core.splits.split_patients`` with ``train.split``/``train.folds``/``train.seed``,
+   ``ctlake.spark.train.training_frame``): the models train on the trainable rows of the training
    patients and are evaluated on every patch of the test patients (patch level, target = centred on
    a malignant nodule; as in train.py, indeterminate patches count as negatives there).
 2. Runs everything twice: on the real training rows (N=1) and on ``--replicate N`` stacked copies of
@@ -102,10 +102,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_rows(spark, config: dict) -> tuple[list[str], pd.DataFrame, pd.DataFrame]:
     """Feature names, training rows (train split, trainable) and test rows, as train.py builds them."""
-    from ctlake import tables
-    from ctlake.featurize import FEATURES, feature_names, layout
-    from ctlake.splits import split_patients
-    from ctlake.train import patient_labels, training_frame
+    from ctlake.core.splits import split_patients
+    from ctlake.spark import tables
+    from ctlake.spark.features import FEATURES, feature_names, layout
+    from ctlake.spark.train import patient_labels, training_frame
     from pyspark.sql import functions as F
 
     if not tables.exists(spark, config, FEATURES):
@@ -185,7 +185,7 @@ def sklearn_forest(cores: int, seed: int):
 
 
 def partitioned_svc(k: int, rows: int, seed: int):
-    from ctlake.svm_ensemble import PartitionedSVC
+    from ctlake.spark.partitioned_svc import PartitionedSVC
 
     # maxRowsPerPartition = every training row: the partitions together see what the global SVC sees.
     return PartitionedSVC(featuresCol="svm_features", labelCol="target", numPartitions=k, seed=seed,
@@ -195,7 +195,7 @@ def partitioned_svc(k: int, rows: int, seed: int):
 
 
 def global_svc(seed: int):
-    from ctlake.svm_ensemble import build_estimator
+    from ctlake.spark.partitioned_svc import build_estimator
 
     return build_estimator(random_state=seed, **SVM_SETTINGS)
 
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
     setup_logging()
     try:
         config = load_config(args.conf, args.overrides)
-        from ctlake.train import validate
+        from ctlake.spark.train import validate
 
         validate(config)
         seed = cfg.get(config, "train.seed", int, 7)
@@ -327,8 +327,8 @@ def main(argv=None) -> int:
 
     import warnings
 
-    from ctlake.svm_ensemble import PartitionSkippedWarning, ensemble_scores, min_rows_per_class
-    from ctlake.session import build_session
+    from ctlake.spark.partitioned_svc import PartitionSkippedWarning, ensemble_scores, min_rows_per_class
+    from ctlake.spark.session import build_session
     from pyspark.ml.functions import vector_to_array
 
     load_start = load_average()

@@ -9,11 +9,11 @@
    scratch warehouse (JVM start-up, Delta classes, Python workers and first-query compilation are not
    counted).
 3. Times, each into a freshly deleted table, with a per-stage breakdown and peak memory:
-   ``ctlake.preprocess.run`` (slices/s), ``ctlake.patches.run`` in candidates mode (patches/s) and in
+   ``ctlake.spark.preprocess.run`` (slices/s), ``ctlake.spark.patches.run`` in candidates mode (patches/s) and in
    window mode over ``--window-series`` series (patches/s).
 4. Reads the same inputs into the driver once (not timed), stops Spark, and times single-process loops
    of the same pure work: ``hu_frame`` + ``PreprocessChain.apply`` + ``slice_quality`` per slice
-   (``ctlake.preprocess.process_slice``), and ``hu_frame`` + ``cut_slice_task`` per slice task.
+   (``ctlake.spark.preprocess.process_slice``), and ``hu_frame`` + ``cut_slice_task`` per slice task.
 5. Prints ratio = Spark throughput / (loop throughput x cores Spark used); target >= 0.8.
 
 The last line of stdout is one JSON object with every figure; it is also written to
@@ -86,7 +86,7 @@ def ensure_slices(spark, config: dict, cohort: Path, files: list[Path]) -> tuple
 
     Reused when the warehouse's stamp records the cohort's stamp and the table holds one row per file.
     """
-    from ctlake import ingest, tables
+    from ctlake.spark import ingest, tables
 
     warehouse = Path(config["warehouse"])
     cohort_stamp = json.loads((cohort / STAMP_NAME).read_text())
@@ -106,7 +106,7 @@ def ensure_slices(spark, config: dict, cohort: Path, files: list[Path]) -> tuple
 
 def warm_up(spark, config: dict, warehouse: Path) -> float:
     """Preprocess and both patch modes over the first few slices of one series, in another warehouse."""
-    from ctlake import patches, preprocess, tables
+    from ctlake.spark import patches, preprocess, tables
     from pyspark.sql import functions as F
 
     started = time.perf_counter()
@@ -173,7 +173,7 @@ def slice_task_frame(spark, config: dict, mode: str, series: list[str] | None):
 
     Streamed one partition at a time: series volumes collected in one Arrow batch overflow the heap.
     """
-    from ctlake import patches
+    from ctlake.spark import patches
 
     params = patches.params_from_config(config)
     meta = patches.slice_metadata(spark, config).cache()
@@ -189,8 +189,8 @@ def slice_task_frame(spark, config: dict, mode: str, series: list[str] | None):
 
 def preprocess_loop(config: dict, slices) -> tuple[float, float, int]:
     """Single process: ``hu_frame`` + chain + ``slice_quality`` (+ packing) per slice; seconds, CPU seconds, slices."""
-    from ctlake.dicom import hu_frame
-    from ctlake.preprocess import chain_from_config, process_slice
+    from ctlake.core.dicom_parse import hu_frame
+    from ctlake.spark.preprocess import chain_from_config, process_slice
 
     chain = chain_from_config(config)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -202,9 +202,9 @@ def preprocess_loop(config: dict, slices) -> tuple[float, float, int]:
 def cut_loop(config: dict, rows: list[dict]) -> tuple[float, float, int]:
     """Single process: unpack each slice task (``hu_frame``) and ``cut_slice_task``; seconds, CPU seconds, patches.
 
-    The unpacking is ``ctlake.patches.cut_udf``'s own; the output rows (patch ids, bytes) are not built.
+    The unpacking is ``ctlake.spark.patches.cut_udf``'s own; the output rows (patch ids, bytes) are not built.
     """
-    from ctlake.patches import params_from_config, row_tasks, task_patches
+    from ctlake.spark.patches import params_from_config, row_tasks, task_patches
 
     params = params_from_config(config)
     count = 0
@@ -261,9 +261,9 @@ def main(argv=None) -> int:
     setup_logging()
     try:
         config = bench_config(args)
-        from ctlake.cohort.job import db_path_from_config, settings_from_config
-        from ctlake.patches import params_from_config
-        from ctlake.preprocess import chain_from_config
+        from ctlake.spark.cohort import db_path_from_config, settings_from_config
+        from ctlake.spark.patches import params_from_config
+        from ctlake.spark.preprocess import chain_from_config
 
         settings_from_config(config)
         db_path_from_config(config)
@@ -273,8 +273,8 @@ def main(argv=None) -> int:
         print(f"bench_preprocess: error: {exc}", file=sys.stderr)
         return 2
 
-    from ctlake import patches, preprocess, tables
-    from ctlake.session import build_session
+    from ctlake.spark import patches, preprocess, tables
+    from ctlake.spark.session import build_session
     from pyspark.sql import functions as F
 
     load_start = load_average()

@@ -84,8 +84,8 @@ def ensure_cohort(spark, config: dict, folder: Path) -> tuple[list[Path], bool, 
 
     Reused when ``<folder>/bench-settings.json`` records the same settings and file count.
     """
-    from ctlake.cohort.job import run as make_cohort
-    from ctlake.cohort.job import settings_from_config
+    from ctlake.spark.cohort import run as make_cohort
+    from ctlake.spark.cohort import settings_from_config
 
     settings = settings_from_config(config)
     wanted = {key: getattr(settings, key) for key in STAMP_KEYS}

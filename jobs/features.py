@@ -6,8 +6,8 @@ Delta table `features`. Feature names are kept in the columns' metadata.
 """
 import sys
 
-from ctlake import featurize
 from ctlake.cli import job_parser, run_job
+from ctlake.spark import features as featurize
 
 
 def main(argv=None) -> int:

@@ -6,8 +6,8 @@ from cron or Airflow every few minutes.  The last line of output is the JSON sum
 """
 import sys
 
-from ctlake import ingest
 from ctlake.cli import job_parser, run_job
+from ctlake.spark import ingest
 
 
 def main(argv=None) -> int:
@@ -16,7 +16,7 @@ def main(argv=None) -> int:
                         help="folder, glob or Hadoop URI of DICOM files (default: ingest.input)")
     return run_job(parser,
                    lambda spark, config, args: ingest.run(spark, config, args.input),
-                   validate=lambda config, args: ingest.validate(config, args.input))
+                   argv, validate=lambda config, args: ingest.validate(config, args.input))
 
 
 if __name__ == "__main__":

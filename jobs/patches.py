@@ -9,8 +9,8 @@ Slices already cut with the same parameters are skipped.
 """
 import sys
 
-from ctlake import patches
 from ctlake.cli import job_parser, run_job
+from ctlake.spark import patches
 
 
 def main(argv=None) -> int:

@@ -6,8 +6,8 @@ the Delta table `preprocessed`, and write a montage PNG of one slice through eve
 """
 import sys
 
-from ctlake import preprocess
 from ctlake.cli import job_parser, run_job
+from ctlake.spark import preprocess
 
 
 def main(argv=None) -> int:

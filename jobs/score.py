@@ -8,8 +8,8 @@ train, validation or test split) and not yet scored by that run is scored.
 """
 import sys
 
-from ctlake import score
 from ctlake.cli import job_parser, run_job
+from ctlake.spark import score
 
 
 def main(argv=None) -> int:

@@ -8,24 +8,15 @@ bootstrap intervals, a shuffled-label control, models saved under <warehouse>/mo
 a row in the `runs` table, and the HTML report in report.folder.
 """
 import sys
-from functools import partial
 
-from ctlake import train
 from ctlake.cli import job_parser, run_job
-from ctlake.report import write_report
-
-
-def run(spark, config, args) -> dict:
-    summary = train.run(spark, config)
-    meta, scores = summary.pop("_meta"), summary.pop("_scores")
-    how = meta["aggregate"]
-    summary["report"] = write_report(spark, config, summary, meta, scores, partial(train.aggregate, how=how))
-    return summary
+from ctlake.spark import train
 
 
 def main(argv=None) -> int:
     parser = job_parser("train", __doc__)
-    return run_job(parser, run, argv, validate=lambda config, args: train.validate(config))
+    return run_job(parser, lambda spark, config, args: train.run_and_report(spark, config), argv,
+                   validate=lambda config, args: train.validate(config))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from ctlake.config import load_config, with_value
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +24,7 @@ def base_config() -> dict:
 
 @pytest.fixture(scope="session")
 def spark(base_config):
-    from ctlake.session import build_session
+    from ctlake.spark.session import build_session
 
     os.environ.pop("CTLAKE_PSEUDONYM_KEY", None)
     session = build_session(base_config)
@@ -55,8 +54,8 @@ def tiny_cohort_config(base_config: dict, root: Path) -> dict:
 @pytest.fixture(scope="session")
 def ingested_cohort(spark, base_config, tmp_path_factory) -> dict:
     """A tiny generated cohort, ingested once per test session (read-only for tests)."""
-    from ctlake import ingest
-    from ctlake.cohort.job import run as make_cohort
+    from ctlake.spark import ingest
+    from ctlake.spark.cohort import run as make_cohort
 
     config = tiny_cohort_config(base_config, tmp_path_factory.mktemp("tiny"))
     make_cohort(spark, config, config["cohort"]["output"])

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pyspark
 import pytest
-
-from dicom_files import build_mixed_folder
 from conftest import ROOT
+from dicom_files import build_mixed_folder
 
 SPARK_HOME = Path(pyspark.__file__).parent
 

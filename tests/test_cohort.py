@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from ctlake.cohort import dicom, lidc, nodule, render
-from ctlake.cohort.job import generate_patient, run, settings_from_config
+from ctlake.cohort import dicom_writer, lidc, nodule, render
 from ctlake.cohort.plan import CohortSettings, PatientSpec, choose_slab, plan_cohort
 from ctlake.config import with_value
 from ctlake.errors import ConfigError
+from ctlake.spark.cohort import generate_patient, run, settings_from_config
 from sklearn.metrics import roc_auc_score
 
 # ---------------------------------------------------------------- helpers
@@ -217,13 +217,13 @@ def test_rendered_patient_has_realistic_tissue(small_specs):
 # ---------------------------------------------------------------- DICOM
 
 def test_hu_to_stored_is_offset_and_clipped():
-    np.testing.assert_array_equal(dicom.hu_to_stored(np.array([-2000.0, -1024.0, 0.4, 40.0, 5000.0])),
+    np.testing.assert_array_equal(dicom_writer.hu_to_stored(np.array([-2000.0, -1024.0, 0.4, 40.0, 5000.0])),
                                   [0, 0, 1024, 1064, 4095])
 
 
 @pytest.mark.parametrize("rle", [False, True])
 def test_written_headers_locate_a_known_pixel(tmp_path, rle):
-    grid = dicom.image_grid(32, 1.40625)
+    grid = dicom_writer.image_grid(32, 1.40625)
     z = np.array([-100.5, -98.0, -95.5])
     volume = np.full((3, 32, 32), -1000.0, dtype=np.float32)
     volume[1, 5, 20] = 700.0
@@ -232,7 +232,7 @@ def test_written_headers_locate_a_known_pixel(tmp_path, rle):
               "ReferringPhysicianName": "R", "OperatorsName": "O", "PatientName": "P^Q", "PatientID": "MRN1",
               "IssuerOfPatientID": "I", "PatientBirthDate": "19500101", "PatientSex": "F",
               "OtherPatientIDs": "1", "PatientAge": "070Y", "PatientAddress": "S", "StudyID": "1"}
-    paths = dicom.write_series(volume, grid, z, 2.5, person, dicom.series_uids("t"), tmp_path, rle=rle)
+    paths = dicom_writer.write_series(volume, grid, z, 2.5, person, dicom_writer.series_uids("t"), tmp_path, rle=rle)
     ds, hu = read_hu(paths[1])
     assert ds.file_meta.TransferSyntaxUID == (pydicom.uid.RLELossless if rle else pydicom.uid.ExplicitVRLittleEndian)
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
@@ -240,7 +240,7 @@ def test_written_headers_locate_a_known_pixel(tmp_path, rle):
     assert hu[5, 20] == 700.0 and hu[0, 0] == -1000.0
     x = float(ds.ImagePositionPatient[0]) + 20 * float(ds.PixelSpacing[1])
     y = float(ds.ImagePositionPatient[1]) + 5 * float(ds.PixelSpacing[0])
-    assert (x, y, float(ds.ImagePositionPatient[2])) == dicom.pixel_to_world(grid, z[1], 5, 20)
+    assert (x, y, float(ds.ImagePositionPatient[2])) == dicom_writer.pixel_to_world(grid, z[1], 5, 20)
     assert float(ds.SliceLocation) == -98.0 and ds.InstanceNumber == 2
 
 

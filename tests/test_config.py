@@ -3,11 +3,9 @@ import subprocess
 import sys
 
 import pytest
-
+from conftest import ROOT
 from ctlake.config import get, load_config, positive_int, with_value
 from ctlake.errors import ConfigError
-
-from conftest import ROOT
 
 
 def test_overrides_are_parsed_as_yaml_scalars(tmp_path):

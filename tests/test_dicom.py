@@ -2,10 +2,8 @@
 import numpy as np
 import pydicom
 import pytest
-
-from ctlake.deid import DEV_KEY, Pseudonymizer
-from ctlake.dicom import Rejection, hu_frame, parse_dicom
-
+from ctlake.core.deid import DEV_KEY, Pseudonymizer
+from ctlake.core.dicom_parse import Rejection, hu_frame, parse_dicom
 from dicom_files import build_mixed_folder, real
 
 pseudonymize = Pseudonymizer(DEV_KEY)

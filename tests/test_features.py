@@ -6,15 +6,15 @@ import math
 import cv2
 import numpy as np
 import pytest
-from ctlake.errors import ConfigError, InputError
-from ctlake.features import (
+from ctlake.core.nodule3d import NAMES_3D
+from ctlake.core.radiomics import (
     FEATURE_NAMES,
     patch_features,
     pixel_names,
     pixel_vector,
     segment_nodule,
 )
-from ctlake.shape3d import NAMES_3D
+from ctlake.errors import ConfigError, InputError
 
 PX = 32
 LUNG_HU = -850

@@ -7,8 +7,7 @@ import cv2
 import numpy as np
 import pytest
 from ctlake.config import load_config
-from ctlake.errors import ConfigError
-from ctlake.imaging import (
+from ctlake.core.slice_ops import (
     WINDOW_PRESETS,
     PreprocessChain,
     adaptive_threshold,
@@ -19,6 +18,7 @@ from ctlake.imaging import (
     montage,
     slice_quality,
 )
+from ctlake.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,15 +4,14 @@ import shutil
 import numpy as np
 import pydicom
 import pytest
-from delta.tables import DeltaTable
-from pyspark.sql import functions as F
-
 from ctlake import config as cfg
-from ctlake import dicom, ingest, tables
-from ctlake.deid import IDENTIFYING_ATTRIBUTES
+from ctlake.core import dicom_parse as dicom
+from ctlake.core.deid import IDENTIFYING_ATTRIBUTES
 from ctlake.errors import InputError
-
+from ctlake.spark import ingest, tables
+from delta.tables import DeltaTable
 from dicom_files import build_mixed_folder, pydicom_test_folder, real
+from pyspark.sql import functions as F
 
 
 def outcomes(spark, config):

@@ -4,14 +4,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pyspark.sql import functions as F
-
-from ctlake import patches, preprocess, tables
 from ctlake.config import with_value
-from ctlake.dicom import hu_frame
+from ctlake.core.dicom_parse import hu_frame
+from ctlake.core.patch_geometry import SliceGeometry, extract_patch_stack, resample_planes, world_to_voxel
+from ctlake.core.patch_tasks import PAD_HU, plane_offsets_mm
 from ctlake.errors import ConfigError
-from ctlake.patchgeom import SliceGeometry, extract_patch_stack, resample_planes, world_to_voxel
-from ctlake.patching import PAD_HU, plane_offsets_mm
+from ctlake.spark import patches, preprocess, tables
+from pyspark.sql import functions as F
 
 
 @pytest.fixture

@@ -3,20 +3,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ctlake.errors import ConfigError, InputError
-from ctlake.patchgeom import (
+from ctlake.core.patch_geometry import (
     SliceGeometry,
     extract_patch,
     extract_patch_stack,
-    resample_planes,
     nearest_slice,
     patch_to_image_matrix,
+    resample_planes,
     sample_negatives,
     series_z_positions,
     sliding_window_centers,
     stack_indices,
     world_to_voxel,
 )
+from ctlake.errors import ConfigError, InputError
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 

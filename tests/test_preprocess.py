@@ -5,13 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from ctlake import preprocess, tables
-from ctlake.config import with_value
-from ctlake.dicom import hu_frame
-from ctlake.errors import ConfigError
-
 from conftest import ROOT
+from ctlake.config import with_value
+from ctlake.core.dicom_parse import hu_frame
+from ctlake.errors import ConfigError
+from ctlake.spark import preprocess, tables
 
 
 def test_udf_output_equals_the_pure_chain_pixel_for_pixel(spark, cohort_config):

@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 import pytest
+from ctlake.core.nodule3d import NAMES_3D, features_3d, segment_nodule_3d
 from ctlake.errors import ConfigError, InputError
-from ctlake.shape3d import NAMES_3D, features_3d, segment_nodule_3d
 
 N = 33
 LUNG_HU = -850.0

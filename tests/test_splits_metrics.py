@@ -2,11 +2,10 @@
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import roc_auc_score
-
+from ctlake.core.metrics import bootstrap_metrics, confusion, point_metrics, threshold_youden
+from ctlake.core.splits import split_patients, split_sizes
 from ctlake.errors import ConfigError
-from ctlake.metrics import bootstrap_metrics, confusion, point_metrics, threshold_youden
-from ctlake.splits import split_patients, split_sizes
+from sklearn.metrics import roc_auc_score
 
 FRACTIONS = {"train": 0.6, "validation": 0.2, "test": 0.2}
 
@@ -74,7 +73,7 @@ def test_bootstrap_intervals_contain_the_estimate_and_resample_patients():
 
 
 def test_patient_aggregates():
-    from ctlake.metrics import aggregate_probabilities
+    from ctlake.core.metrics import aggregate_probabilities
 
     p = [0.1, 0.9, 0.5, 0.3]
     assert aggregate_probabilities(p, "max") == 0.9

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import sklearn
 from ctlake.errors import ConfigError, InputError
-from ctlake.svm_ensemble import (
+from ctlake.spark.partitioned_svc import (
     PARTITION_COL,
     RANK_COL,
     PartitionedSVC,
@@ -19,9 +19,9 @@ from ctlake.svm_ensemble import (
     tune_partitioned_svc,
 )
 from pyspark.ml import Pipeline, PipelineModel
-from pyspark.ml.functions import array_to_vector, vector_to_array
 from pyspark.ml.evaluation import BinaryClassificationEvaluator
 from pyspark.ml.feature import StandardScaler, VectorAssembler
+from pyspark.ml.functions import array_to_vector, vector_to_array
 from pyspark.ml.linalg import DenseVector
 from pyspark.sql import functions as F
 from scipy.special import expit

@@ -1,17 +1,17 @@
 """Training, evaluation, report and scoring end to end on a small generated cohort."""
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
-from pyspark.ml import PipelineModel
-from pyspark.sql import functions as F
-
-from ctlake import featurize, ingest, patches, preprocess, score, tables, train
-from ctlake.cohort.job import run as make_cohort
 from ctlake.config import with_value
 from ctlake.errors import InputError
-from ctlake.report import write_report
-from functools import partial
+from ctlake.spark import features as featurize
+from ctlake.spark import ingest, patches, preprocess, score, tables, train
+from ctlake.spark.cohort import run as make_cohort
+from ctlake.spark.report import write_report
+from pyspark.ml import PipelineModel
+from pyspark.sql import functions as F
 
 SMALL = {
     "cohort.patients": 36, "cohort.slices": 8, "cohort.matrix": 96, "cohort.rle_fraction": 0.0,

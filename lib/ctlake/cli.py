@@ -88,7 +88,7 @@ def run_job(parser: argparse.ArgumentParser, run: Callable, argv: list[str] | No
         print(f"{job}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    from ctlake.session import build_session  # pyspark import only once the arguments are sound
+    from ctlake.spark.session import build_session  # pyspark import only once the arguments are sound
 
     started = time.monotonic()
     try:

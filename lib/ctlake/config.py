@@ -6,12 +6,14 @@ test, on a laptop and on a cluster except for what its configuration says.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ctlake.core.deid import DEV_KEY
 from ctlake.errors import ConfigError
 
 _MISSING = object()
@@ -109,3 +111,30 @@ def size_bytes(config: dict, key: str, default: Any = _MISSING) -> int:
     if not match or int(match.group(1)) <= 0:
         raise ConfigError(f"configuration key {key} must be a size such as 64m, found {value!r}")
     return int(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[match.group(2).lower()]
+
+
+def load_key(config: dict) -> bytes:
+    """Find the pseudonymization key: environment variable, then secret file, then dev key.
+
+    The development key is accepted only where the configuration says
+    ``privacy.allow_dev_key: true`` (``conf/local.yaml``); a cluster
+    configuration without a key is refused before any data is read.
+    """
+    env_name = get(config, "privacy.key_env", str, "CTLAKE_PSEUDONYM_KEY")
+    if env_name and os.environ.get(env_name):
+        return os.environ[env_name].encode("utf-8")
+    key_file = get(config, "privacy.key_file", str, None)
+    if key_file:
+        path = Path(key_file)
+        if not path.is_file():
+            raise ConfigError(f"privacy.key_file {key_file} does not exist")
+        key = path.read_bytes().strip()
+        if len(key) < 16:
+            raise ConfigError(f"privacy.key_file {key_file} holds {len(key)} bytes; use at least 16")
+        return key
+    if get(config, "privacy.allow_dev_key", bool, False):
+        return DEV_KEY
+    raise ConfigError(
+        f"no pseudonymization key: set the environment variable {env_name} or privacy.key_file "
+        "(the development key is allowed only in local configuration)"
+    )

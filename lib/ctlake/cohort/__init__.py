@@ -23,8 +23,9 @@ render
     One patient's volume, nodule positions and false-positive candidates.
 identity
     Deterministic fake identifying data so de-identification is exercised.
-dicom
+dicom_writer
     Pixel/world geometry and writing one CT Image Storage series.
-job
-    The Spark job: plan on the driver, render and write on executors, CSVs.
+
+The Spark job that plans on the driver and renders on the executors is
+:mod:`ctlake.spark.cohort`.
 """

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ctlake.cohort import anatomy, dicom, nodule
+from ctlake.cohort import anatomy, dicom_writer, nodule
 from ctlake.cohort.plan import NoduleSpec, PatientSpec
 
 #: In-plane noise standard deviation (HU) is drawn in this range for 0.7 mm pixels and
@@ -74,7 +74,7 @@ def equivalent_diameter(spec: NoduleSpec, pixel_spacing: float, spacing_z: float
 
 def render_patient(spec: PatientSpec) -> RenderedPatient:
     """Render the patient's chest, place and render its nodules, add noise and pick candidates."""
-    grid = dicom.image_grid(spec.matrix, spec.spacing_mm)
+    grid = dicom_writer.image_grid(spec.matrix, spec.spacing_mm)
     z = spec.z_positions
     dz = slice_spacing(z, spec.slice_thickness)
     chest = anatomy.make_chest(np.random.default_rng([spec.seed, spec.index, 1]), float(z.min()), float(z.max()))

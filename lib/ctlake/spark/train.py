@@ -15,9 +15,18 @@ import subprocess
 import time
 import uuid
 from datetime import datetime, timezone
+from functools import partial
 
 import numpy as np
 import pandas as pd
+from ctlake import config as cfg
+from ctlake.core.metrics import AGGREGATES, aggregate_probabilities, bootstrap_metrics, threshold_youden
+from ctlake.core.splits import SPLITS, split_patients, split_sizes
+from ctlake.errors import ConfigError, InputError
+from ctlake.spark import patches, tables
+from ctlake.spark.features import FEATURES, feature_names, layout
+from ctlake.spark.partitioned_svc import PartitionedSVC
+from ctlake.spark.report import write_report
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.classification import RandomForestClassifier
 from pyspark.ml.evaluation import BinaryClassificationEvaluator
@@ -27,14 +36,6 @@ from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
-
-from ctlake import config as cfg
-from ctlake import patches, tables
-from ctlake.errors import ConfigError, InputError
-from ctlake.featurize import FEATURES, feature_names, layout
-from ctlake.metrics import AGGREGATES, aggregate_probabilities, bootstrap_metrics, threshold_youden
-from ctlake.splits import SPLITS, split_patients, split_sizes
-from ctlake.svm_ensemble import PartitionedSVC
 
 log = logging.getLogger("ctlake.train")
 
@@ -209,6 +210,15 @@ def top_patches(patch_scores: pd.DataFrame, k: int) -> dict:
         evidence[patient] = group.head(k)[["patch_id", "series_uid", "sop_uid", "slice_index", "center_row",
                                            "center_col", "mode", "p"]].to_dict("records")
     return evidence
+
+
+def run_and_report(spark: SparkSession, config: dict) -> dict:
+    """The train job: :func:`run`, then the HTML report of the run; the summary names the report."""
+    summary = run(spark, config)
+    meta, patch_scores = summary.pop("_meta"), summary.pop("_scores")
+    summary["report"] = write_report(spark, config, summary, meta, patch_scores,
+                                     partial(aggregate, how=meta["aggregate"]))
+    return summary
 
 
 def run(spark: SparkSession, config: dict) -> dict:

@@ -19,27 +19,27 @@ A crash between steps leaves a state from which the next run converges.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 import os
 import re
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import NamedTuple
 
 import pandas as pd
+from ctlake import config as cfg
+from ctlake.config import load_key
+from ctlake.core.deid import Pseudonymizer
+from ctlake.core.dicom_parse import Rejection, parse_dicom
+from ctlake.core.series_layout import summarize_series
+from ctlake.errors import ConfigError, InputError
+from ctlake.spark import tables
+from ctlake.spark.progress import StageProgress
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-
-from ctlake import config as cfg
-from ctlake import tables
-from ctlake.deid import Pseudonymizer, load_key
-from ctlake.dicom import Rejection, parse_dicom
-from ctlake.errors import ConfigError, InputError
-from ctlake.geometry import summarize_series
-from ctlake.progress import StageProgress
 
 log = logging.getLogger("ctlake.ingest")
 

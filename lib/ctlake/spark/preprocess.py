@@ -16,18 +16,16 @@ from pathlib import Path
 from typing import Iterator
 
 import cv2
-
 import numpy as np
 import pandas as pd
+from ctlake import config as cfg
+from ctlake.core.dicom_parse import hu_frame
+from ctlake.core.slice_ops import PreprocessChain, montage, slice_quality
+from ctlake.spark import tables
+from ctlake.spark.progress import StageProgress
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
-
-from ctlake import config as cfg
-from ctlake import tables
-from ctlake.dicom import hu_frame
-from ctlake.imaging import PreprocessChain, montage, slice_quality
-from ctlake.progress import StageProgress
 
 log = logging.getLogger("ctlake.preprocess")
 

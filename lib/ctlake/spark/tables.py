@@ -1,11 +1,10 @@
 """Schemas of ctlake's Delta tables, declared once, and the one layer that reads and writes them."""
 from __future__ import annotations
 
-from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import types as T
-
 from ctlake import config as cfg
 from ctlake.errors import InputError
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
 
 SLICES = "slices"
 SERIES = "series"

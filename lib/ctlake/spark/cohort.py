@@ -23,9 +23,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-
 from ctlake import config as cfg
-from ctlake.cohort import dicom, identity, lidc, render
+from ctlake.cohort import dicom_writer, identity, lidc, render
 from ctlake.cohort.plan import CohortSettings, PatientSpec, plan_cohort
 from ctlake.errors import ConfigError
 
@@ -87,11 +86,11 @@ def generate_patient(spec: PatientSpec, output: str | Path) -> dict:
     """
     rendered = render.render_patient(spec)
     person = identity.fake_identity(np.random.default_rng([spec.seed, spec.index, 7]))
-    uids = dicom.series_uids("ctlake-cohort", spec.seed, spec.index, spec.scan_id, spec.matrix,
+    uids = dicom_writer.series_uids("ctlake-cohort", spec.seed, spec.index, spec.scan_id, spec.matrix,
                              len(spec.z_positions))
     series_uid = uids["SeriesInstanceUID"]
     folder = Path(output) / "dicom" / f"patient_{spec.index:04d}" / series_uid
-    files = dicom.write_series(rendered.volume, rendered.grid, spec.z_positions, spec.slice_thickness,
+    files = dicom_writer.write_series(rendered.volume, rendered.grid, spec.z_positions, spec.slice_thickness,
                                person, uids, folder, rle=spec.rle)
     labels = Counter(n.spec.label for n in rendered.nodules)
     nodules = []
@@ -145,8 +144,23 @@ def write_tables(results: list[dict], output: Path) -> None:
     write_csv(output / "nodules.csv", NODULE_COLUMNS, nodules)
 
 
-def run(spark, config: dict, output: str | Path) -> dict:
-    """Generate the cohort into ``output`` and return the run summary.
+def output_path(config: dict, output: str | None) -> str:
+    """``--output``, else ``cohort.output`` from the configuration."""
+    output = output or cfg.get(config, "cohort.output", str, None)
+    if not output:
+        raise ConfigError("no output folder: pass --output PATH or set cohort.output")
+    return output
+
+
+def validate(config: dict, output: str | None) -> None:
+    """Check every cohort setting and the LIDC database before a session is started."""
+    settings_from_config(config)
+    db_path_from_config(config)
+    output_path(config, output)
+
+
+def run(spark, config: dict, output: str | Path | None = None) -> dict:
+    """Generate the cohort into ``output`` (default ``cohort.output``) and return the run summary.
 
     Patients are planned on the driver, rendered and written by Spark tasks
     (one partition per patient up to twice the default parallelism), and the
@@ -154,7 +168,7 @@ def run(spark, config: dict, output: str | Path) -> dict:
     """
     started = time.monotonic()
     settings = settings_from_config(config)
-    output = Path(output)
+    output = Path(output_path(config, output))
     specs = plan_cohort(db_path_from_config(config), settings)
     shutil.rmtree(output / "dicom", ignore_errors=True)
     output.mkdir(parents=True, exist_ok=True)

@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import logging
 
+from ctlake import config as cfg
+from ctlake.core.metrics import aggregate_probabilities
+from ctlake.errors import InputError
+from ctlake.spark import features as featurize
+from ctlake.spark import patches, preprocess, tables
 from pyspark.ml import PipelineModel
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
-
-from ctlake import config as cfg
-from ctlake import featurize, patches, preprocess, tables
-from ctlake.errors import InputError
-from ctlake.metrics import aggregate_probabilities
 
 log = logging.getLogger("ctlake.score")
 

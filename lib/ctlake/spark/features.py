@@ -14,15 +14,14 @@ from typing import Iterator
 import cv2
 import numpy as np
 import pandas as pd
+from ctlake import config as cfg
+from ctlake.core.radiomics import FEATURE_NAMES, patch_features, pixel_names, pixel_vector
+from ctlake.spark import patches, tables
+from ctlake.spark.patches import PATCHES_SCHEMA
+from ctlake.spark.progress import StageProgress
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
-
-from ctlake import config as cfg
-from ctlake import patches, tables
-from ctlake.features import FEATURE_NAMES, patch_features, pixel_names, pixel_vector
-from ctlake.patches import PATCHES_SCHEMA
-from ctlake.progress import StageProgress
 
 log = logging.getLogger("ctlake.featurize")
 

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-
 from ctlake.errors import ConfigError, InputError
 
 # Normals of slices in one series may differ by DICOM rounding, not by more.

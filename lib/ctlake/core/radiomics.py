@@ -68,9 +68,8 @@ import numbers
 
 import cv2
 import numpy as np
-
+from ctlake.core.nodule3d import NAMES_3D, features_3d
 from ctlake.errors import ConfigError, InputError
-from ctlake.shape3d import NAMES_3D, features_3d
 
 FALLBACK_RADIUS_MM = 4.0
 """Radius of the central disc the first-order features use when no region is found, mm."""

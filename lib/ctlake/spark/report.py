@@ -17,14 +17,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from ctlake import config as cfg  # noqa: E402
+from ctlake.core.dicom_parse import hu_frame  # noqa: E402
+from ctlake.core.metrics import METRICS, roc_points  # noqa: E402
+from ctlake.core.slice_ops import WINDOW_PRESETS, hu_window  # noqa: E402
+from ctlake.spark import tables  # noqa: E402
 from pyspark.sql import SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
-
-from ctlake import config as cfg  # noqa: E402
-from ctlake import tables  # noqa: E402
-from ctlake.dicom import hu_frame  # noqa: E402
-from ctlake.imaging import WINDOW_PRESETS, hu_window  # noqa: E402
-from ctlake.metrics import METRICS, roc_points  # noqa: E402
 
 MODELS = ("random_forest", "svm_ensemble", "ensemble", "shuffled_label_control")
 LEVELS = ("patient", "nodule", "patch")

@@ -1,10 +1,9 @@
 """Pictures people would rather look at than read: patch grids (pure numpy/OpenCV)."""
 from __future__ import annotations
 
-import numpy as np
 import cv2
-
-from ctlake.imaging import WINDOW_PRESETS, hu_window
+import numpy as np
+from ctlake.core.slice_ops import WINDOW_PRESETS, hu_window
 
 _GREEN, _RED, _GREY = (60, 200, 60), (60, 60, 220), (160, 160, 160)
 

@@ -13,9 +13,8 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-
+from ctlake.core.patch_geometry import extract_patch_stack, resample_planes, sample_negatives, sliding_window_centers
 from ctlake.errors import InputError
-from ctlake.patchgeom import extract_patch_stack, resample_planes, sample_negatives, sliding_window_centers
 
 #: Hounsfield units of air: what a patch is padded with beyond the image.
 PAD_HU = -1000.0

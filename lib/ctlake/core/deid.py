@@ -14,11 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-from pathlib import Path
-
-from ctlake import config as cfg
-from ctlake.errors import ConfigError
 
 #: Public, fixed, and therefore worthless as a secret: only for the synthetic local cohort.
 DEV_KEY = b"ctlake-development-key-NOT-SECRET"
@@ -68,30 +63,3 @@ class Pseudonymizer:
         value = (patient_id or "").strip()
         material = f"id:{value}" if value else f"study:{fallback}"
         return "p-" + hmac.new(self.key, material.encode("utf-8"), hashlib.sha256).hexdigest()[:24]
-
-
-def load_key(config: dict) -> bytes:
-    """Find the pseudonymization key: environment variable, then secret file, then dev key.
-
-    The development key is accepted only where the configuration says
-    ``privacy.allow_dev_key: true`` (``conf/local.yaml``); a cluster
-    configuration without a key is refused before any data is read.
-    """
-    env_name = cfg.get(config, "privacy.key_env", str, "CTLAKE_PSEUDONYM_KEY")
-    if env_name and os.environ.get(env_name):
-        return os.environ[env_name].encode("utf-8")
-    key_file = cfg.get(config, "privacy.key_file", str, None)
-    if key_file:
-        path = Path(key_file)
-        if not path.is_file():
-            raise ConfigError(f"privacy.key_file {key_file} does not exist")
-        key = path.read_bytes().strip()
-        if len(key) < 16:
-            raise ConfigError(f"privacy.key_file {key_file} holds {len(key)} bytes; use at least 16")
-        return key
-    if cfg.get(config, "privacy.allow_dev_key", bool, False):
-        return DEV_KEY
-    raise ConfigError(
-        f"no pseudonymization key: set the environment variable {env_name} or privacy.key_file "
-        "(the development key is allowed only in local configuration)"
-    )

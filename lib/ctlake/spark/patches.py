@@ -17,25 +17,23 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict
-from typing import Iterator
-
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
 import pandas as pd
+from ctlake import config as cfg
+from ctlake.core.dicom_parse import hu_frame
+from ctlake.core.patch_geometry import SliceGeometry, world_to_voxel
+from ctlake.core.patch_tasks import PatchParams, cut_slice_task, patch_id
+from ctlake.core.pictures import patch_grid
+from ctlake.errors import ConfigError, InputError
+from ctlake.spark import tables
+from ctlake.spark.progress import StageProgress
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
-
-from ctlake import config as cfg
-from ctlake import tables
-from ctlake.dicom import hu_frame
-from ctlake.errors import ConfigError, InputError
-from ctlake.patchgeom import SliceGeometry, world_to_voxel
-from ctlake.patching import PatchParams, cut_slice_task, patch_id
-from ctlake.pictures import patch_grid
-from ctlake.progress import StageProgress
 
 log = logging.getLogger("ctlake.patches")
 

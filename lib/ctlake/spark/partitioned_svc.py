@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import sklearn
+from ctlake.errors import ConfigError, InputError
 from pyspark import keyword_only
 from pyspark.ml import Estimator, Model
 from pyspark.ml.evaluation import BinaryClassificationEvaluator
@@ -70,8 +71,6 @@ from pyspark.sql import types as T
 from scipy.special import expit
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.svm import SVC
-
-from ctlake.errors import ConfigError, InputError
 
 log = logging.getLogger("ctlake.svm_ensemble")
 

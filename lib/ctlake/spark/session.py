@@ -4,11 +4,10 @@ from __future__ import annotations
 import os
 import sys
 
-from pyspark.sql import SparkSession
-
 from ctlake import config as cfg
 from ctlake.errors import ConfigError
-from ctlake.jars import DELTA_COORDINATE, cached_jars
+from ctlake.spark.jars import DELTA_COORDINATE, cached_jars
+from pyspark.sql import SparkSession
 
 #: Settings every ctlake session gets unless the configuration overrides them.
 BASE_CONF = {
