@@ -10,14 +10,12 @@ CONF        ?= conf/local.yaml
 SET         ?=
 JARS_DIR    := .cache/delta-jars
 STAMP       := $(VENV)/.ctlake-installed
-SPARK_HOME   = $(shell $(PY) -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))' 2>/dev/null)
-DELTA_JARS   = $(shell ls $(JARS_DIR)/*.jar 2>/dev/null | paste -sd, -)
-# spark-submit launches the driver JVM before any Python runs, so the Delta jars go on its command line.
-SUBMIT       = SPARK_HOME=$(SPARK_HOME) SPARK_LOCAL_IP=127.0.0.1 PYSPARK_PYTHON=$(abspath $(PY)) \
-               $(VENV)/bin/spark-submit --master local[*] --driver-memory 4g --jars $(DELTA_JARS) \
-               --conf spark.ui.showConsoleProgress=false \
-               --driver-java-options -Dlog4j.configurationFile=conf/log4j2.properties
-SETFLAGS     = $(foreach s,$(SET),--set $(s))
+# Jobs run in local mode as plain Python: PySpark starts the driver JVM with the configuration's
+# spark.* settings (Delta jars from the cache included), and standard error stays standard error
+# (spark-submit's Python runner merges the job's stderr into stdout).
+JOB          = $(PY) jobs/$(1).py --conf $(CONF) --sets "$$SET"
+# Overrides reach the job whole, quotes and spaces included: make ingest SET="ingest.input=/scans"
+export SET
 
 .PHONY: help setup run test lint bench package clean cohort ingest preprocess patches features train score
 
@@ -39,26 +37,26 @@ $(JARS_DIR)/.done: $(STAMP)
 setup: $(STAMP) $(JARS_DIR)/.done ## create .venv, install ctlake, cache Delta Lake's jars (once)
 
 cohort: setup ## generate the sample cohort (DICOM + LUNA16-style CSVs) under data/cohort
-	$(SUBMIT) jobs/make_cohort.py --conf $(CONF) $(SETFLAGS)
+	$(call JOB,make_cohort)
 
 ingest: setup ## ingest DICOM files into the slices, series and quarantine Delta tables
-	$(SUBMIT) jobs/ingest.py --conf $(CONF) $(SETFLAGS)
+	$(call JOB,ingest)
 
 preprocess: setup ## OpenCV chain over new slices into the preprocessed table (+ montage PNG)
-	$(SUBMIT) jobs/preprocess.py --conf $(CONF) $(SETFLAGS)
+	$(call JOB,preprocess)
 
 patches: setup ## cut candidate and negative patches into the patches table (+ patch grid PNG)
-	$(SUBMIT) jobs/patches.py --conf $(CONF) $(SETFLAGS)
+	$(call JOB,patches)
 
 features: setup ## radiomics features and the pixel baseline for new patches into the features table
-	$(SUBMIT) jobs/features.py --conf $(CONF) $(SETFLAGS)
+	$(call JOB,features)
 
 train: setup ## split, train (forest, SVM ensemble, ensemble), evaluate, runs table, HTML report
-	$(SUBMIT) jobs/train.py --conf $(CONF) $(SETFLAGS)
+	$(call JOB,train)
 
-RUN_ID ?= $(shell ls -t data/warehouse/models 2>/dev/null | head -1)
-score: setup ## score series not yet scored by RUN_ID (default: the newest run) into predictions
-	$(SUBMIT) jobs/score.py --conf $(CONF) $(SETFLAGS) --run-id $(RUN_ID)
+RUN_ID ?= latest
+score: setup ## score series not yet scored by RUN_ID (default: the newest run of the warehouse) into predictions
+	$(call JOB,score) --run-id $(RUN_ID)
 
 NEW_PATIENT = data/new_patient
 run: setup ## everything: cohort, ingest, preprocess, patches, features, train, report, score a new patient
@@ -67,11 +65,11 @@ run: setup ## everything: cohort, ingest, preprocess, patches, features, train, 
 	$(MAKE) --no-print-directory preprocess
 	$(MAKE) --no-print-directory patches
 	$(MAKE) --no-print-directory features
-	@test -n "$$(ls data/warehouse/models 2>/dev/null)" || $(MAKE) --no-print-directory train
+	$(call JOB,train) --if-no-run
 	@# A patient the models never saw: another seed, ingested into the same tables, then scored.
-	@test -f $(NEW_PATIENT)/labels.csv || $(SUBMIT) jobs/make_cohort.py --conf $(CONF) $(SETFLAGS) \
+	@test -f $(NEW_PATIENT)/labels.csv || $(call JOB,make_cohort) \
 	    --output $(NEW_PATIENT) --set cohort.seed=20261125 --set cohort.patients=1 --set cohort.no_nodule_fraction=0
-	$(SUBMIT) jobs/ingest.py --conf $(CONF) $(SETFLAGS) --input $(NEW_PATIENT)/dicom
+	$(call JOB,ingest) --input $(NEW_PATIENT)/dicom
 	$(MAKE) --no-print-directory score
 	@echo "report: data/report/index.html"
 
@@ -82,9 +80,9 @@ lint: setup ## static checks
 	$(VENV)/bin/ruff check lib jobs tests bench
 
 bench: setup ## benchmarks: ingest, preprocess, patches vs single-process loops; MLlib vs scikit-learn models
-	$(PY) bench/bench_ingest.py --conf $(CONF) $(SETFLAGS)
-	$(PY) bench/bench_preprocess.py --conf $(CONF) $(SETFLAGS)
-	$(PY) bench/bench_models.py --conf $(CONF) $(SETFLAGS)
+	$(PY) bench/bench_ingest.py --conf $(CONF) --sets "$$SET"
+	$(PY) bench/bench_preprocess.py --conf $(CONF) --sets "$$SET"
+	$(PY) bench/bench_models.py --conf $(CONF) --sets "$$SET"
 
 package: setup ## build the ctlake wheel into dist/
 	$(VENV)/bin/pip wheel --quiet --no-deps -w dist .

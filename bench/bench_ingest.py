@@ -49,9 +49,9 @@ from common import (
     spark_cores,
     versions,
 )
-from ctlake import config as cfg
-from ctlake.cli import job_parser, setup_logging
-from ctlake.config import load_config, with_value
+
+from ctlake.cli import _overrides, job_parser, setup_logging
+from ctlake.config import Settings, load_settings
 from ctlake.errors import ConfigError, InputError
 
 TARGET_RATIO = 0.8
@@ -70,15 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def bench_config(args: argparse.Namespace) -> dict:
+def bench_config(args: argparse.Namespace) -> Settings:
     """The configuration file plus --set overrides, with the benchmark's cohort size and scratch paths."""
-    config = load_config(args.conf, args.overrides)
-    workdir = Path(args.workdir)
-    for key, value in (("cohort.patients", args.patients), ("cohort.slices", args.slices),
-                       ("cohort.matrix", args.matrix), ("ingest.progress_seconds", 0)):
-        config = with_value(config, key, value)
-    config = with_value(config, "warehouse", str(workdir / "warehouse"))
-    return config
+    return load_settings(args.conf, _overrides(args)).updated({
+        "cohort.patients": args.patients, "cohort.slices": args.slices, "cohort.matrix": args.matrix,
+        "ingest.progress_seconds": 0, "warehouse": str(Path(args.workdir) / "warehouse")})
 
 
 # --- stage timings --------------------------------------------------------------------------------
@@ -142,7 +138,7 @@ class StageClock:
 
 # --- the measured runs ----------------------------------------------------------------------------
 
-def timed_ingest(spark, config: dict, input_path: str) -> tuple[dict, float, dict, dict]:
+def timed_ingest(spark, config: Settings, input_path: str) -> tuple[dict, float, dict, dict]:
     from ctlake.spark import ingest
 
     with MemorySampler() as memory, StageClock() as clock:
@@ -191,10 +187,11 @@ def write_loop(files: list[Path], target: Path, max_batch_bytes: int) -> dict:
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from pyspark.sql.pandas.types import to_arrow_schema
+
     from ctlake.core.deid import DEV_KEY, Pseudonymizer
     from ctlake.core.dicom_parse import Rejection, parse_dicom
     from ctlake.spark import tables
-    from pyspark.sql.pandas.types import to_arrow_schema
 
     schema = to_arrow_schema(tables.SLICES_SCHEMA, timezone="UTC")
     pseudonymize = Pseudonymizer(DEV_KEY)
@@ -282,10 +279,9 @@ def main(argv=None) -> int:
     setup_logging()
     try:
         config = bench_config(args)
-        from ctlake.spark.cohort import db_path_from_config, settings_from_config
+        from ctlake.spark.cohort import lidc_db
 
-        settings_from_config(config)
-        db_path_from_config(config)
+        lidc_db(config.cohort)
     except (ConfigError, InputError) as exc:
         print(f"bench_ingest: error: {exc}", file=sys.stderr)
         return 2
@@ -296,7 +292,7 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     load_start = load_average()
-    spark = build_session(config)
+    spark = build_session(config.spark)
     try:
         cores = spark_cores(spark)
         files, generated, generate_seconds = ensure_cohort(spark, config, workdir / "cohort")
@@ -307,12 +303,12 @@ def main(argv=None) -> int:
         warm_input.mkdir(parents=True)
         for path in files[:WARMUP_FILES]:
             shutil.copy(path, warm_input / path.name)
-        warm_config = with_value(config, "warehouse", str(fresh(workdir / "warmup-warehouse")))
+        warm_config = config.updated({"warehouse": str(fresh(workdir / "warmup-warehouse"))})
         started = time.perf_counter()
         ingest.run(spark, warm_config, str(warm_input.resolve()))
         warmup_seconds = time.perf_counter() - started
 
-        bench_config_ = with_value(config, "warehouse", str(fresh(workdir / "warehouse")))
+        bench_config_ = config.updated({"warehouse": str(fresh(workdir / "warehouse"))})
         summary, ingest_seconds, stages, memory = timed_ingest(spark, bench_config_,
                                                                str((workdir / "cohort" / "dicom").resolve()))
         files_ingested = summary.get("files_ingested", 0) + sum(summary.get("quarantined", {}).values())
@@ -322,16 +318,15 @@ def main(argv=None) -> int:
         meta = {"machine": machine(), "versions": versions(spark, ("pyarrow",)),
                 "spark": {"master": spark.sparkContext.master, "cores": cores,
                           "default_parallelism": spark.sparkContext.defaultParallelism,
-                          "max_partition_bytes": cfg.get(config, "ingest.max_partition_bytes", (str, int), "64m"),
-                          "arrow_max_bytes_per_batch": cfg.get(config, "ingest.arrow_max_bytes_per_batch",
-                                                               (str, int), "32m")}}
+                          "max_partition_bytes": config.ingest.max_partition_bytes,
+                          "arrow_max_bytes_per_batch": config.ingest.arrow_max_bytes_per_batch}}
     finally:
         spark.stop()
 
     parse_seconds, parse_ok, parse_frames = parse_loop(files)
     dcmread_seconds, dcmread_frames = pydicom_loop(files)
     written = write_loop(files, workdir / "write-loop" / "slices.parquet",
-                         cfg.size_bytes(config, "ingest.arrow_max_bytes_per_batch", "32m"))
+                         config.ingest.arrow_max_bytes_per_batch)
 
     stamp = json.loads((workdir / "cohort" / STAMP_NAME).read_text())
     ctlake_fps = files_ingested / ingest_seconds

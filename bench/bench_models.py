@@ -47,9 +47,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from common import MemorySampler, load_average, machine, spark_cores, versions
-from ctlake import config as cfg
-from ctlake.cli import job_parser, setup_logging
-from ctlake.config import load_config
+
+from ctlake.cli import _overrides, job_parser, setup_logging
+from ctlake.config import Settings, load_settings
 from ctlake.errors import ConfigError, InputError
 
 TARGET_RF_RATIO = 1.5
@@ -100,21 +100,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # --- data -----------------------------------------------------------------------------------------
 
-def load_rows(spark, config: dict) -> tuple[list[str], pd.DataFrame, pd.DataFrame]:
+def load_rows(spark, config: Settings) -> tuple[list[str], pd.DataFrame, pd.DataFrame]:
     """Feature names, training rows (train split, trainable) and test rows, as train.py builds them."""
-    from ctlake.core.splits import split_patients
-    from ctlake.spark import tables
-    from ctlake.spark.features import FEATURES, feature_names, layout
-    from ctlake.spark.train import patient_labels, training_frame
     from pyspark.sql import functions as F
 
-    if not tables.exists(spark, config, FEATURES):
-        raise InputError(f"no features table in {cfg.table_path(config, FEATURES)}: run `make run` first")
-    names = feature_names(tables.read(spark, config, FEATURES), "radiomics")
-    if names != layout(cfg.positive_int(config, "features.pixel_size", 16))["radiomics"]:
+    from ctlake.core.radiomics import feature_layout
+    from ctlake.core.splits import split_patients
+    from ctlake.spark import tables
+    from ctlake.spark.train import patient_labels, training_frame
+
+    if not tables.exists(spark, config.warehouse, tables.FEATURES):
+        raise InputError(f"no features table in {tables.table_path(config.warehouse, tables.FEATURES)}: "
+                         "run `make run` first")
+    names = tables.feature_names(tables.read(spark, config.warehouse, tables.FEATURES), "radiomics")
+    if names != feature_layout(config.features.pixel_size)["radiomics"]:
         raise InputError("features table layout differs from this ctlake version: re-run jobs/features.py")
-    assignment = split_patients(patient_labels(spark, config), cfg.get(config, "train.split", dict),
-                                cfg.positive_int(config, "train.folds"), cfg.get(config, "train.seed", int, 7))
+    assignment = split_patients(patient_labels(spark, config), config.train.split, config.train.folds,
+                                config.train.seed)
     frame = training_frame(spark, config, names, assignment)
     columns = ["patch_id", "patient_pseudonym", "target", *names]
     train = (frame.filter((F.col("split") == "train") & F.col("trainable")).select(*columns).toPandas()
@@ -195,7 +197,7 @@ def partitioned_svc(k: int, rows: int, seed: int):
 
 
 def global_svc(seed: int):
-    from ctlake.spark.partitioned_svc import build_estimator
+    from ctlake.core.svm_partition import build_estimator
 
     return build_estimator(random_state=seed, **SVM_SETTINGS)
 
@@ -316,27 +318,25 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
     try:
-        config = load_config(args.conf, args.overrides)
-        from ctlake.spark.train import validate
-
-        validate(config)
-        seed = cfg.get(config, "train.seed", int, 7)
+        config = load_settings(args.conf, _overrides(args))
+        seed = config.train.seed
     except (ConfigError, InputError) as exc:
         print(f"bench_models: error: {exc}", file=sys.stderr)
         return 2
 
     import warnings
 
-    from ctlake.spark.partitioned_svc import PartitionSkippedWarning, ensemble_scores, min_rows_per_class
-    from ctlake.spark.session import build_session
     from pyspark.ml.functions import vector_to_array
+
+    from ctlake.core.svm_partition import PartitionSkippedWarning, ensemble_scores, min_rows_per_class
+    from ctlake.spark.session import build_session
 
     load_start = load_average()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     sizes = [1] + ([args.replicate] if args.replicate > 1 else [])
     need = min_rows_per_class(SVM_SETTINGS["calibration"], SVM_SETTINGS["aggregation"])
-    spark = build_session(config)
+    spark = build_session(config.spark)
     try:
         cores = spark_cores(spark)
         try:
@@ -433,7 +433,7 @@ def main(argv=None) -> int:
         "benchmark": "models",
         **meta,
         "load_average": {"start": load_start, "sklearn_start": load_sklearn, "end": load_average()},
-        "data": {"warehouse": cfg.get(config, "warehouse", str), "features": len(names),
+        "data": {"warehouse": config.warehouse, "features": len(names),
                  "train_rows": len(train), "train_positives": int(y_train.sum()),
                  "train_patients": int(train["patient_pseudonym"].nunique()),
                  "test_rows": len(test), "test_positives": int(y_test.sum()),

@@ -39,8 +39,9 @@ from common import (
     spark_cores,
     versions,
 )
-from ctlake.cli import job_parser, setup_logging
-from ctlake.config import load_config, with_value
+
+from ctlake.cli import _overrides, job_parser, setup_logging
+from ctlake.config import Settings, load_settings
 from ctlake.errors import ConfigError, InputError
 
 TARGET_RATIO = 0.8
@@ -63,56 +64,53 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def bench_config(args: argparse.Namespace) -> dict:
+def bench_config(args: argparse.Namespace) -> Settings:
     """The configuration file plus --set overrides, with the benchmark's cohort, scratch paths and no progress logs."""
-    config = load_config(args.conf, args.overrides)
     workdir = Path(args.workdir)
     cohort = workdir / "cohort"
-    for key, value in (("cohort.patients", args.patients), ("cohort.slices", args.slices),
-                       ("cohort.matrix", args.matrix), ("ingest.progress_seconds", 0),
-                       ("preprocess.progress_seconds", 0), ("patches.progress_seconds", 0),
-                       ("warehouse", str(workdir / "pp-warehouse")),
-                       ("patches.candidates", str(cohort / "candidates.csv")),
-                       ("patches.annotations", str(cohort / "annotations.csv")),
-                       ("report.folder", str(workdir / "report"))):
-        config = with_value(config, key, value)
-    return config
+    return load_settings(args.conf, _overrides(args)).updated({
+        "cohort.patients": args.patients, "cohort.slices": args.slices, "cohort.matrix": args.matrix,
+        "ingest.progress_seconds": 0, "preprocess.progress_seconds": 0, "patches.progress_seconds": 0,
+        "warehouse": str(workdir / "pp-warehouse"), "patches.candidates": str(cohort / "candidates.csv"),
+        "patches.annotations": str(cohort / "annotations.csv"), "report.folder": str(workdir / "report")})
 
 
 # --- inputs ---------------------------------------------------------------------------------------
 
-def ensure_slices(spark, config: dict, cohort: Path, files: list[Path]) -> tuple[int, bool, float]:
+def ensure_slices(spark, config: Settings, cohort: Path, files: list[Path]) -> tuple[int, bool, float]:
     """The ``slices`` table of the scratch warehouse: rows, whether it was ingested now, ingest seconds.
 
     Reused when the warehouse's stamp records the cohort's stamp and the table holds one row per file.
     """
     from ctlake.spark import ingest, tables
 
-    warehouse = Path(config["warehouse"])
+    warehouse = Path(config.warehouse)
     cohort_stamp = json.loads((cohort / STAMP_NAME).read_text())
     stamp = warehouse / WAREHOUSE_STAMP
-    if stamp.is_file() and json.loads(stamp.read_text()) == cohort_stamp and tables.exists(spark, config, tables.SLICES):
-        rows = tables.read(spark, config, tables.SLICES).count()
+    if (stamp.is_file() and json.loads(stamp.read_text()) == cohort_stamp
+            and tables.exists(spark, config.warehouse, tables.SLICES)):
+        rows = tables.read(spark, config.warehouse, tables.SLICES).count()
         if rows == len(files):
             return rows, False, 0.0
     fresh(warehouse)
     started = time.perf_counter()
     ingest.run(spark, config, str((cohort / "dicom").resolve()))
     seconds = time.perf_counter() - started
-    rows = tables.read(spark, config, tables.SLICES).count()
+    rows = tables.read(spark, config.warehouse, tables.SLICES).count()
     stamp.write_text(json.dumps(cohort_stamp, indent=1) + "\n")
     return rows, True, seconds
 
 
-def warm_up(spark, config: dict, warehouse: Path) -> float:
+def warm_up(spark, config: Settings, warehouse: Path) -> float:
     """Preprocess and both patch modes over the first few slices of one series, in another warehouse."""
-    from ctlake.spark import patches, preprocess, tables
     from pyspark.sql import functions as F
 
+    from ctlake.spark import patches, preprocess, tables
+
     started = time.perf_counter()
-    warm = with_value(config, "warehouse", str(fresh(warehouse)))
-    first = tables.read(spark, config, tables.SLICES).agg(F.min("series_uid")).first()[0]
-    (tables.read(spark, config, tables.SLICES).filter(F.col("series_uid") == first)
+    warm = config.updated({"warehouse": str(fresh(warehouse))})
+    first = tables.read(spark, config.warehouse, tables.SLICES).agg(F.min("series_uid")).first()[0]
+    (tables.read(spark, config.warehouse, tables.SLICES).filter(F.col("series_uid") == first)
      .orderBy("z_position").limit(WARMUP_SLICES).write.format("delta").save(str(warehouse / tables.SLICES)))
     preprocess.run(spark, warm)
     patches.run(spark, warm, "candidates")
@@ -168,45 +166,45 @@ def timed(run, targets: list[tuple[object, str, str]]) -> tuple[dict, float, dic
 
 # --- loop inputs and loops ------------------------------------------------------------------------
 
-def slice_task_frame(spark, config: dict, mode: str, series: list[str] | None):
+def slice_task_frame(spark, config: Settings, mode: str, series: list[str] | None):
     """The rows ``patches.run`` cuts (without its skip of done slices), as a list of dicts.
 
     Streamed one partition at a time: series volumes collected in one Arrow batch overflow the heap.
     """
     from ctlake.spark import patches
 
-    params = patches.params_from_config(config)
-    meta = patches.slice_metadata(spark, config).cache()
+    params = config.patches.params()
+    meta = patches.slice_metadata(spark, config.warehouse).cache()
     if mode == "candidates":
-        tasks, _ = patches.candidate_tasks(spark, config, meta, params)
+        tasks, _ = patches.candidate_tasks(spark, config, meta)
     else:
-        tasks = patches.window_tasks(spark, config, meta, series)
-    frame = [row.asDict(recursive=True) for row in patches.job_frame(spark, config, meta, tasks, params)
+        tasks = patches.window_tasks(spark, config.warehouse, meta, series)
+    frame = [row.asDict(recursive=True) for row in patches.job_frame(spark, config.warehouse, meta, tasks, params)
              .toLocalIterator()]
     meta.unpersist()
     return frame
 
 
-def preprocess_loop(config: dict, slices) -> tuple[float, float, int]:
+def preprocess_loop(config: Settings, slices) -> tuple[float, float, int]:
     """Single process: ``hu_frame`` + chain + ``slice_quality`` (+ packing) per slice; seconds, CPU seconds, slices."""
     from ctlake.core.dicom_parse import hu_frame
-    from ctlake.spark.preprocess import chain_from_config, process_slice
+    from ctlake.spark.preprocess import process_slice
 
-    chain = chain_from_config(config)
+    chain = config.preprocess.chain()
     started, cpu_started = time.perf_counter(), time.process_time()
     for pixels, shape in zip(slices["pixels"], slices["pixel_shape"]):
         process_slice(chain, hu_frame(pixels, shape))
     return time.perf_counter() - started, time.process_time() - cpu_started, len(slices)
 
 
-def cut_loop(config: dict, rows: list[dict]) -> tuple[float, float, int]:
+def cut_loop(config: Settings, rows: list[dict]) -> tuple[float, float, int]:
     """Single process: unpack each slice task (``hu_frame``) and ``cut_slice_task``; seconds, CPU seconds, patches.
 
     The unpacking is ``ctlake.spark.patches.cut_udf``'s own; the output rows (patch ids, bytes) are not built.
     """
-    from ctlake.spark.patches import params_from_config, row_tasks, task_patches
+    from ctlake.core.patch_tasks import row_tasks, task_patches
 
-    params = params_from_config(config)
+    params = config.patches.params()
     count = 0
     started, cpu_started = time.perf_counter(), time.process_time()
     for row in rows:
@@ -261,27 +259,23 @@ def main(argv=None) -> int:
     setup_logging()
     try:
         config = bench_config(args)
-        from ctlake.spark.cohort import db_path_from_config, settings_from_config
-        from ctlake.spark.patches import params_from_config
-        from ctlake.spark.preprocess import chain_from_config
+        from ctlake.spark.cohort import lidc_db
 
-        settings_from_config(config)
-        db_path_from_config(config)
-        chain_from_config(config)
-        params_from_config(config)
+        lidc_db(config.cohort)
     except (ConfigError, InputError) as exc:
         print(f"bench_preprocess: error: {exc}", file=sys.stderr)
         return 2
 
+    from pyspark.sql import functions as F
+
     from ctlake.spark import patches, preprocess, tables
     from ctlake.spark.session import build_session
-    from pyspark.sql import functions as F
 
     load_start = load_average()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    warehouse = Path(config["warehouse"])
-    spark = build_session(config)
+    warehouse = Path(config.warehouse)
+    spark = build_session(config.spark)
     try:
         cores = spark_cores(spark)
         files, generated, generate_seconds = ensure_cohort(spark, config, workdir / "cohort")
@@ -303,8 +297,8 @@ def main(argv=None) -> int:
         cand_summary, cand_seconds, cand_stages, cand_memory = timed(
             lambda: patches.run(spark, config, "candidates"), patch_targets)
 
-        series = [r["series_uid"] for r in tables.read(spark, config, tables.PREPROCESSED)
-                  .join(tables.read(spark, config, tables.SLICES).select("sop_uid", "frame", "series_uid"),
+        series = [r["series_uid"] for r in tables.read(spark, config.warehouse, tables.PREPROCESSED)
+                  .join(tables.read(spark, config.warehouse, tables.SLICES).select("sop_uid", "frame", "series_uid"),
                         ["sop_uid", "frame", "series_uid"])
                   .filter(F.col("mask_valid")).select("series_uid").distinct()
                   .orderBy("series_uid").limit(args.window_series).collect()]
@@ -319,7 +313,7 @@ def main(argv=None) -> int:
                           "default_parallelism": spark.sparkContext.defaultParallelism,
                           "slices_table_files": len(list((warehouse / tables.SLICES).glob("*.parquet")))}}
         # Loop inputs, read into the driver once and not timed.
-        slices = tables.read(spark, config, tables.SLICES).select("pixels", "pixel_shape").toPandas()
+        slices = tables.read(spark, config.warehouse, tables.SLICES).select("pixels", "pixel_shape").toPandas()
         cand_frame = slice_task_frame(spark, config, "candidates", None)
         win_frame = slice_task_frame(spark, config, "window", series)
     finally:

@@ -79,15 +79,14 @@ def spark_cores(spark) -> int:
 
 # --- cohort ---------------------------------------------------------------------------------------
 
-def ensure_cohort(spark, config: dict, folder: Path) -> tuple[list[Path], bool, float]:
+def ensure_cohort(spark, config, folder: Path) -> tuple[list[Path], bool, float]:
     """The cohort's DICOM files, whether they were generated now, and the generation seconds.
 
     Reused when ``<folder>/bench-settings.json`` records the same settings and file count.
     """
     from ctlake.spark.cohort import run as make_cohort
-    from ctlake.spark.cohort import settings_from_config
 
-    settings = settings_from_config(config)
+    settings = config.cohort.plan()
     wanted = {key: getattr(settings, key) for key in STAMP_KEYS}
     stamp = folder / STAMP_NAME
     if stamp.is_file():

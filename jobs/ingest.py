@@ -15,8 +15,8 @@ def main(argv=None) -> int:
     parser.add_argument("--input", metavar="PATH",
                         help="folder, glob or Hadoop URI of DICOM files (default: ingest.input)")
     return run_job(parser,
-                   lambda spark, config, args: ingest.run(spark, config, args.input),
-                   argv, validate=lambda config, args: ingest.validate(config, args.input))
+                   lambda spark, settings, args: ingest.run(spark, settings, args.input),
+                   argv, validate=lambda settings, args: ingest.validate(settings, args.input))
 
 
 if __name__ == "__main__":

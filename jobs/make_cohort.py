@@ -16,8 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = job_parser("make_cohort", __doc__)
     parser.add_argument("--output", default=None, metavar="PATH",
                         help="folder to write dicom/ and the CSVs into (default: cohort.output)")
-    return run_job(parser, lambda spark, config, args: cohort.run(spark, config, args.output), argv,
-                   validate=lambda config, args: cohort.validate(config, args.output))
+    return run_job(parser, lambda spark, settings, args: cohort.run(spark, settings, args.output), argv,
+                   validate=lambda settings, args: cohort.validate(settings, args.output))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,7 @@ from ctlake.spark import preprocess
 
 def main(argv=None) -> int:
     parser = job_parser("preprocess", __doc__)
-    return run_job(parser, lambda spark, config, args: preprocess.run(spark, config),
-                   argv, validate=lambda config, args: preprocess.chain_from_config(config))
+    return run_job(parser, lambda spark, settings, args: preprocess.run(spark, settings), argv)
 
 
 if __name__ == "__main__":

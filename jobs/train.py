@@ -15,8 +15,10 @@ from ctlake.spark import train
 
 def main(argv=None) -> int:
     parser = job_parser("train", __doc__)
-    return run_job(parser, lambda spark, config, args: train.run_and_report(spark, config), argv,
-                   validate=lambda config, args: train.validate(config))
+    parser.add_argument("--if-no-run", action="store_true",
+                        help="train only when the warehouse has no training run yet (what `make run` does)")
+    return run_job(parser, lambda spark, settings, args: train.run_and_report(spark, settings, args.if_no_run),
+                   argv)
 
 
 if __name__ == "__main__":

@@ -2,24 +2,26 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
-from ctlake.config import load_config, with_value
+
+from ctlake.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def base_config() -> dict:
+def base_config() -> Settings:
     """conf/local.yaml with test-sized Spark settings."""
-    config = load_config(ROOT / "conf" / "local.yaml")
-    config = with_value(config, "spark.master", "local[2]")
-    config = with_value(config, "spark.delta_jars_dir", str(ROOT / ".cache" / "delta-jars"))
-    config = with_value(config, "spark.conf.spark.sql.shuffle.partitions", 2)
-    config = with_value(config, "spark.conf.spark.default.parallelism", 2)
-    config = with_value(config, "ingest.progress_seconds", 0)
-    return config
+    return load_settings(ROOT / "conf" / "local.yaml").updated({
+        "spark.master": "local[2]",
+        "spark.delta_jars_dir": str(ROOT / ".cache" / "delta-jars"),
+        "spark.conf.spark.sql.shuffle.partitions": 2,
+        "spark.conf.spark.default.parallelism": 2,
+        "ingest.progress_seconds": 0,
+    })
 
 
 @pytest.fixture(scope="session")
@@ -27,48 +29,42 @@ def spark(base_config):
     from ctlake.spark.session import build_session
 
     os.environ.pop("CTLAKE_PSEUDONYM_KEY", None)
-    session = build_session(base_config)
+    session = build_session(base_config.spark)
     yield session
     session.stop()
 
 
 @pytest.fixture
-def config(base_config, tmp_path) -> dict:
+def config(base_config, tmp_path) -> Settings:
     """The base configuration with a fresh warehouse folder for this test."""
-    return with_value(base_config, "warehouse", str(tmp_path / "warehouse"))
+    return base_config.updated({"warehouse": str(tmp_path / "warehouse")})
 
 
-def tiny_cohort_config(base_config: dict, root: Path) -> dict:
+def tiny_cohort_config(base_config: Settings, root: Path) -> Settings:
     """A four-patient, eight-slice, 96-pixel cohort: real geometry and nodules, seconds to build."""
-    config = base_config
-    for key, value in (("cohort.patients", 4), ("cohort.slices", 8), ("cohort.matrix", 96),
-                       ("cohort.no_nodule_fraction", 0.25), ("cohort.rle_fraction", 0.25),
-                       ("cohort.output", str(root / "cohort")), ("warehouse", str(root / "warehouse")),
-                       ("patches.candidates", str(root / "cohort" / "candidates.csv")),
-                       ("patches.annotations", str(root / "cohort" / "annotations.csv")),
-                       ("report.folder", str(root / "report"))):
-        config = with_value(config, key, value)
-    return config
+    return base_config.updated({
+        "cohort.patients": 4, "cohort.slices": 8, "cohort.matrix": 96, "cohort.no_nodule_fraction": 0.25,
+        "cohort.rle_fraction": 0.25, "cohort.output": str(root / "cohort"), "warehouse": str(root / "warehouse"),
+        "patches.candidates": str(root / "cohort" / "candidates.csv"),
+        "patches.annotations": str(root / "cohort" / "annotations.csv"),
+        "report.folder": str(root / "report"),
+    })
 
 
 @pytest.fixture(scope="session")
-def ingested_cohort(spark, base_config, tmp_path_factory) -> dict:
+def ingested_cohort(spark, base_config, tmp_path_factory) -> Settings:
     """A tiny generated cohort, ingested once per test session (read-only for tests)."""
-    from ctlake.spark import ingest
-    from ctlake.spark.cohort import run as make_cohort
+    from ctlake.spark import cohort, ingest
 
     config = tiny_cohort_config(base_config, tmp_path_factory.mktemp("tiny"))
-    make_cohort(spark, config, config["cohort"]["output"])
-    ingest.run(spark, config, config["cohort"]["output"] + "/dicom")
+    cohort.run(spark, config)
+    ingest.run(spark, config, config.cohort.output + "/dicom")
     return config
 
 
 @pytest.fixture
-def cohort_config(ingested_cohort, tmp_path) -> dict:
+def cohort_config(ingested_cohort, tmp_path) -> Settings:
     """The tiny cohort's configuration with a private copy of its warehouse to write into."""
-    import shutil
-
     warehouse = tmp_path / "warehouse"
-    shutil.copytree(ingested_cohort["warehouse"], warehouse)
-    config = with_value(ingested_cohort, "warehouse", str(warehouse))
-    return with_value(config, "report.folder", str(tmp_path / "report"))
+    shutil.copytree(ingested_cohort.warehouse, warehouse)
+    return ingested_cohort.updated({"warehouse": str(warehouse), "report.folder": str(tmp_path / "report")})

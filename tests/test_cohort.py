@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from ctlake.cohort import dicom_writer, lidc, nodule, render
-from ctlake.cohort.plan import CohortSettings, PatientSpec, choose_slab, plan_cohort
-from ctlake.config import with_value
-from ctlake.errors import ConfigError
-from ctlake.spark.cohort import generate_patient, run, settings_from_config
 from sklearn.metrics import roc_auc_score
+
+from ctlake.cohort import dicom_writer, lidc, nodule, render
+from ctlake.cohort.output import generate_patient
+from ctlake.cohort.plan import CohortSettings, PatientSpec, choose_slab, plan_cohort
+from ctlake.errors import ConfigError
+from ctlake.spark.cohort import run
 
 # ---------------------------------------------------------------- helpers
 
@@ -297,18 +298,16 @@ def test_trivial_pixel_statistics_do_not_give_the_label_away(db_path):
 # ---------------------------------------------------------------- configuration and Spark
 
 def test_settings_reject_bad_values(base_config):
-    assert settings_from_config(base_config).matrix == 256
+    assert base_config.cohort.plan().matrix == 256
     for key, value in (("cohort.matrix", 8), ("cohort.patients", 0), ("cohort.no_nodule_fraction", 1.5),
                        ("cohort.slices", "many")):
         with pytest.raises(ConfigError, match=key):
-            settings_from_config(with_value(base_config, key, value))
+            base_config.updated({key: value})
 
 
 def test_run_writes_series_and_consistent_tables(spark, base_config, tmp_path):
-    config = base_config
-    for key, value in (("cohort.patients", 4), ("cohort.slices", 8), ("cohort.matrix", 64),
-                       ("cohort.no_nodule_fraction", 0.25), ("cohort.rle_fraction", 0.5)):
-        config = with_value(config, key, value)
+    config = base_config.updated({"cohort.patients": 4, "cohort.slices": 8, "cohort.matrix": 64,
+                                  "cohort.no_nodule_fraction": 0.25, "cohort.rle_fraction": 0.5})
     summary = run(spark, config, tmp_path)
     assert summary["patients"] == 4 and summary["files"] == 32
     assert summary["patients_without_nodules"] == 1

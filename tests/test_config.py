@@ -1,32 +1,96 @@
-"""Configuration loading and the one-line errors jobs give for bad arguments or settings."""
+"""Configuration: layered files, typed settings, and the one-line errors jobs give for bad arguments."""
+import json
+import os
 import subprocess
 import sys
 
 import pytest
+import yaml
 from conftest import ROOT
-from ctlake.config import get, load_config, positive_int, with_value
+
+from ctlake.config import load_config, load_settings, merged, parse_settings
 from ctlake.errors import ConfigError
 
+JOBS = ("make_cohort", "ingest", "preprocess", "patches", "features", "train", "score")
+SHIPPED = ("local.yaml", "cluster.yaml")
 
-def test_overrides_are_parsed_as_yaml_scalars(tmp_path):
+
+def run_job(job, *args, env=None):
+    return subprocess.run([sys.executable, f"jobs/{job}.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("cohort:\n  patients: 4\nwarehouse: w\n")
-    config = load_config(path, ["cohort.patients=8", "ingest.input=null", "spark.conf.spark.sql.shuffle.partitions=3"])
-    assert config["cohort"]["patients"] == 8
-    assert config["ingest"]["input"] is None
-    assert config["spark"]["conf"] == {"spark.sql.shuffle.partitions": 3}
+    config = load_config(path, ["cohort.patients=8", "ingest.input=null", "spark.conf.spark.sql.shuffle.partitions=3",
+                                "train.svm.c=[0.3, 1.0]"])
+    assert config == {"cohort": {"patients": 8}, "warehouse": "w", "ingest": {"input": None},
+                      "spark": {"conf": {"spark.sql.shuffle.partitions": 3}}, "train": {"svm": {"c": [0.3, 1.0]}}}
 
 
-def test_type_errors_name_the_key_and_the_value():
-    config = {"cohort": {"patients": "many", "matrix": True}}
-    with pytest.raises(ConfigError, match=r"cohort.patients must be int, found 'many'"):
-        get(config, "cohort.patients", int)
-    with pytest.raises(ConfigError, match="cohort.matrix must be int"):
-        get(config, "cohort.matrix", int)
-    with pytest.raises(ConfigError, match="missing configuration key cohort.seed"):
-        get(config, "cohort.seed", int)
-    with pytest.raises(ConfigError, match="positive integer"):
-        positive_int(with_value(config, "cohort.patients", 0), "cohort.patients")
+def test_an_environment_file_overlays_the_shared_file_it_extends(tmp_path):
+    (tmp_path / "base.yaml").write_text("a: 1\ns: {x: 1, y: [1, 2], z: {k: 1}}\n")
+    (tmp_path / "env.yaml").write_text("extends: base.yaml\nb: 2\ns: {y: [3], z: {j: 2}}\n")
+    assert load_config(tmp_path / "env.yaml") == {"a": 1, "b": 2, "s": {"x": 1, "y": [3], "z": {"k": 1, "j": 2}}}
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "loop.yaml")
+    assert merged({"a": {"b": 1}}, {"a": 2}) == {"a": 2}
+
+
+def test_shipped_environment_files_hold_only_what_differs_from_base():
+    base = load_config(ROOT / "conf" / "base.yaml")
+    for name in SHIPPED:
+        overlay = load_config(ROOT / "conf" / name)
+        own = yaml.safe_load((ROOT / "conf" / name).read_text())
+        own.pop("extends")
+
+        def same(a, b, path=""):
+            for key, value in a.items():
+                if isinstance(value, dict) and isinstance(b.get(key), dict):
+                    yield from same(value, b[key], f"{path}{key}.")
+                elif key in b and b[key] == value:
+                    yield f"{path}{key}"
+        assert list(same(own, base)) == [], f"{name} repeats base.yaml"
+        assert parse_settings(overlay).env == name.removesuffix(".yaml")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("warehouse", None, "configuration key warehouse must be str, found None"),
+    ("cohort.patients", "many", "configuration key cohort.patients must be int, found 'many'"),
+    ("cohort.matrix", True, "configuration key cohort.matrix must be int, found True"),
+    ("cohort.patients", 0, "configuration key cohort.patients must be at least 1, found 0"),
+    ("cohort.no_nodule_fraction", 1.5, "configuration key cohort.no_nodule_fraction must be from 0.0 to 1.0"),
+    ("ingest.max_partition_bytes", "lots", "configuration key ingest.max_partition_bytes must be a size"),
+    ("train.aggregate", "median", "configuration key train.aggregate must be one of max, mean, top3"),
+    ("train.rf.num_trees", [], "configuration key train.rf.num_trees must be a non-empty list"),
+    ("train.split", {"train": 0.8, "test": 0.2}, "train.split must give train, validation, test"),
+    ("patches", None, "configuration key patches must be a section, found None"),
+])
+def test_bad_values_name_the_key_what_was_expected_and_what_was_found(base_config, key, value, message):
+    with pytest.raises(ConfigError, match="^" + message.replace("[", r"\[").replace("(", r"\(")):
+        base_config.updated({key: value})
+
+
+def test_unknown_and_missing_keys_are_errors_that_name_the_nearest_key(base_config):
+    with pytest.raises(ConfigError, match=r"^unknown configuration key ingest.inptu; did you mean ingest.input\?$"):
+        base_config.updated({"ingest.inptu": "/scans"})
+    with pytest.raises(ConfigError, match=r"^unknown configuration key wherehouse; did you mean warehouse\?$"):
+        base_config.updated({"wherehouse": "/tmp/w"})
+    raw = dict(base_config.source)
+    raw.pop("report")
+    with pytest.raises(ConfigError, match="^missing configuration key report$"):
+        parse_settings(raw)
+
+
+def test_settings_carry_units_and_derived_parameters(base_config):
+    assert base_config.ingest.max_partition_bytes == 64 * 1024**2
+    assert base_config.patches.params().size_mm == 32.0 and isinstance(base_config.patches.params().size_mm, float)
+    assert [s["step"] for s in base_config.preprocess.chain().steps] == ["window", "equalize", "denoise",
+                                                                           "threshold", "lung_mask"]
+    assert base_config.updated({"cohort.patients": 3}).cohort.plan().patients == 3
+    assert base_config.cohort.patients == 200  # updated() returns new settings; these are frozen
 
 
 def test_bad_override_syntax_and_missing_file(tmp_path):
@@ -39,11 +103,41 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["--conf", "conf/absent.yaml"], "ingest: error: configuration file not found: conf/absent.yaml"),
     (["--set", "ingest.max_partition_bytes=lots"], "ingest: error: configuration key ingest.max_partition_bytes must be a size"),
+    (["--set", "warehouse=null"], "ingest: error: configuration key warehouse must be str, found None"),
+    (["--set", "ingest.inptu=/scans"], "ingest: error: unknown configuration key ingest.inptu; did you mean ingest.input?"),
+    (["--sets", "'ingest.input=/a b"], "ingest: error: --sets is not a shell-quoted list"),
     (["--bogus"], "ingest: error: unrecognized arguments: --bogus"),
 ])
 def test_job_reports_bad_arguments_in_one_line_with_exit_code_2(args, expected):
-    result = subprocess.run([sys.executable, "jobs/ingest.py", *args], cwd=ROOT, capture_output=True, text=True)
+    result = run_job("ingest", *args)
     assert result.returncode == 2
     assert result.stderr.startswith(expected)
     assert len(result.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("conf", SHIPPED)
+@pytest.mark.parametrize("job", JOBS)
+def test_every_job_validates_with_every_shipped_configuration(job, conf):
+    result = run_job(job, "--conf", f"conf/{conf}", "--check", env={"CTLAKE_PSEUDONYM_KEY": "k" * 32})
+    assert result.returncode == 0, result.stderr
+    checked = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (checked["job"], checked["status"]) == (job, "valid")
+    assert checked["settings"] == load_config(ROOT / "conf" / conf)
+
+
+def test_a_value_with_spaces_reaches_the_job_whole_through_sets():
+    steps = "preprocess.steps=[{step: window, preset: lung}, {step: denoise, method: median, ksize: 3}]"
+    result = run_job("preprocess", "--check", "--sets", f"'{steps}' cohort.patients=3")
+    assert result.returncode == 0, result.stderr
+    settings = json.loads(result.stdout.strip().splitlines()[-1])["settings"]
+    assert settings["preprocess"]["steps"] == [{"step": "window", "preset": "lung"},
+                                               {"step": "denoise", "method": "median", "ksize": 3}]
+    assert settings["cohort"]["patients"] == 3
+
+
+def test_the_cluster_configuration_refuses_to_run_without_a_key():
+    result = run_job("ingest", "--conf", "conf/cluster.yaml", "--check", env={"CTLAKE_PSEUDONYM_KEY": ""})
+    assert result.returncode == 2 and "no pseudonymization key" in result.stderr
+    assert load_settings(ROOT / "conf" / "cluster.yaml").privacy.allow_dev_key is False
+

@@ -2,9 +2,10 @@
 import numpy as np
 import pydicom
 import pytest
-from ctlake.core.deid import DEV_KEY, Pseudonymizer
-from ctlake.core.dicom_parse import Rejection, hu_frame, parse_dicom
 from dicom_files import build_mixed_folder, real
+
+from ctlake.core.deid import DEV_KEY, Pseudonymizer
+from ctlake.core.dicom_parse import Rejection, _rescale_integral, hu_frame, parse_dicom
 
 pseudonymize = Pseudonymizer(DEV_KEY)
 
@@ -61,3 +62,26 @@ def test_patient_id_is_replaced_by_a_keyed_pseudonym():
 def test_missing_patient_ids_are_kept_apart_by_study():
     assert pseudonymize(None, "1.2.3") != pseudonymize(None, "1.2.4")
     assert pseudonymize("", "1.2.3") == pseudonymize(None, "1.2.3")
+
+
+@pytest.mark.parametrize("dtype, intercept", [(np.uint16, -1024.0), (np.int16, -1024.0), (np.int16, 0.0),
+                                              (np.uint8, 7.0), (np.uint16, 1000.0)])
+def test_integer_rescale_equals_the_float_path(dtype, intercept):
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(7)
+    stored = rng.integers(max(info.min, -30000), min(info.max, 30000), size=(64, 64), endpoint=True).astype(dtype)
+    stored.flat[:2] = max(info.min, -30000), min(info.max, 30000)
+    by_float = np.clip(np.rint(stored.astype(np.float32) * 1.0 + intercept), -32768, 32767).astype(np.int16)
+    out = np.empty(stored.shape, np.int16)
+    assert _rescale_integral(stored, 1.0, intercept, out)
+    np.testing.assert_array_equal(out, by_float)
+
+
+@pytest.mark.parametrize("stored, slope, intercept", [
+    (np.array([[0, 40000]], np.uint16), 1.0, -1024.0),   # beyond int16 before the shift
+    (np.array([[0, 32000]], np.int16), 1.0, 1024.0),     # the sum overflows int16: clipped by the float path
+    (np.array([[0, 100]], np.int16), 1.0, -1024.5),      # fractional intercept
+    (np.array([[0, 100]], np.int16), 0.5, -1024.0),      # slope other than 1
+])
+def test_integer_rescale_declines_what_only_the_float_path_gets_right(stored, slope, intercept):
+    assert not _rescale_integral(stored, slope, intercept, np.empty(stored.shape, np.int16))

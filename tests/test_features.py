@@ -6,6 +6,7 @@ import math
 import cv2
 import numpy as np
 import pytest
+
 from ctlake.core.nodule3d import NAMES_3D
 from ctlake.core.radiomics import (
     FEATURE_NAMES,
@@ -328,10 +329,16 @@ def test_border_patch_with_padded_air_segments_the_nodule_only():
     assert features["shape_area_mm2"] == _disc(4).sum()
 
 
-def test_deterministic():
-    patch = _with(_lung(3, noise_hu=20.0), _star(10.0, 4.0), 40.0, noise_hu=10.0)
-    np.testing.assert_array_equal(patch_features(patch, 0.8, 1.25), patch_features(patch, 0.8, 1.25))
-    np.testing.assert_array_equal(pixel_vector(patch), pixel_vector(patch))
+def test_memory_layout_and_dtype_do_not_change_the_features():
+    """The UDF hands over read-only int16 views of Arrow bytes: the figures must not depend on that."""
+    patch = _with(_lung(3, noise_hu=20.0), _star(10.0, 4.0), 40.0, noise_hu=10.0).astype(np.int16)
+    reference = patch_features(patch, 0.8, 1.25)
+    as_bytes = np.frombuffer(patch.astype("<i2").tobytes(), "<i2").reshape(patch.shape)  # read-only
+    fortran = np.asfortranarray(patch)
+    for other in (as_bytes, fortran, patch.astype(np.float64)):
+        np.testing.assert_allclose(patch_features(other, 0.8, 1.25), reference, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(pixel_vector(other), pixel_vector(patch), rtol=0, atol=1e-7)
+    assert patch_features(patch, 0.8, 1.25).shape == (len(FEATURE_NAMES),)
 
 
 # ---------------------------------------------------------------------------

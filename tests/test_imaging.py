@@ -6,6 +6,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from ctlake.config import load_config
 from ctlake.core.slice_ops import (
     WINDOW_PRESETS,

@@ -98,3 +98,10 @@ def test_the_checks_catch_what_they_guard_against():
                 "    for i in range(3):\n        pass\n    return run_job(parser, f, argv)\n\n"
                 "def helper():\n    return 1\n")
     assert job_logic(busy_job) == ["line 5: for i in range(3):\n    pass", "line 9: def helper():\n    return 1"]
+
+
+@pytest.mark.parametrize("path", modules("spark"), ids=lambda p: str(p.relative_to(LIB)))
+def test_no_orchestration_function_is_longer_than_a_screen(path):
+    long = [f"{node.name}: {node.end_lineno - node.lineno + 1} lines" for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 60]
+    assert long == []

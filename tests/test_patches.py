@@ -4,13 +4,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ctlake.config import with_value
+from pyspark.sql import functions as F
+
 from ctlake.core.dicom_parse import hu_frame
 from ctlake.core.patch_geometry import SliceGeometry, extract_patch_stack, resample_planes, world_to_voxel
 from ctlake.core.patch_tasks import PAD_HU, plane_offsets_mm
 from ctlake.errors import ConfigError
 from ctlake.spark import patches, preprocess, tables
-from pyspark.sql import functions as F
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def preprocessed(spark, cohort_config):
 
 
 def slices_by_series(spark, config):
-    rows = (tables.read(spark, config, tables.SLICES).orderBy("series_uid", "z_position", "sop_uid", "frame")
+    rows = (tables.read(spark, config.warehouse, tables.SLICES).orderBy("series_uid", "z_position", "sop_uid", "frame")
             .collect())
     series = {}
     for row in rows:
@@ -30,13 +30,13 @@ def slices_by_series(spark, config):
 
 @pytest.mark.parametrize("depth_mm", [0, 32])
 def test_candidate_patches_match_the_pure_cut_with_full_lineage(spark, preprocessed, depth_mm):
-    config = with_value(preprocessed, "patches.depth_mm", depth_mm)
+    config = preprocessed.updated({"patches.depth_mm": depth_mm})
     summary = patches.run(spark, config)
-    params = patches.params_from_config(config)
+    params = config.patches.params()
     series = slices_by_series(spark, config)
-    with open(config["patches"]["candidates"]) as handle:
+    with open(config.patches.candidates) as handle:
         candidates = list(csv.DictReader(handle))
-    table = tables.read(spark, config, tables.PATCHES).filter(F.col("params_hash") == summary["params_hash"])
+    table = tables.read(spark, config.warehouse, tables.PATCHES).filter(F.col("params_hash") == summary["params_hash"])
     cand_rows = table.filter(F.col("mode") == "candidate").collect()
     assert len(cand_rows) == summary["candidates_located"] - summary["candidates_off_slab"]
     assert len(cand_rows) == len(candidates) - summary["candidates_off_slab"]
@@ -84,12 +84,12 @@ def test_candidate_patches_match_the_pure_cut_with_full_lineage(spark, preproces
 def test_negatives_stay_inside_the_lung_and_away_from_nodules(spark, preprocessed):
     config = preprocessed
     patches.run(spark, config)
-    params = patches.params_from_config(config)
-    negatives = tables.read(spark, config, tables.PATCHES).filter(F.col("mode") == "negative").collect()
+    params = config.patches.params()
+    negatives = tables.read(spark, config.warehouse, tables.PATCHES).filter(F.col("mode") == "negative").collect()
     assert negatives and all(r["label"] == 0 for r in negatives)
     series = slices_by_series(spark, config)
-    masks = {(r["sop_uid"], r["frame"]): r for r in tables.read(spark, config, tables.PREPROCESSED).collect()}
-    with open(config["patches"]["annotations"]) as handle:
+    masks = {(r["sop_uid"], r["frame"]): r for r in tables.read(spark, config.warehouse, tables.PREPROCESSED).collect()}
+    with open(config.patches.annotations) as handle:
         nodules = list(csv.DictReader(handle))
     for neg in negatives:
         slice_row = series[neg["series_uid"]][neg["slice_index"]]
@@ -112,10 +112,10 @@ def test_rerun_adds_nothing(spark, preprocessed):
 
 
 def test_window_mode_covers_only_the_lung(spark, preprocessed):
-    config = with_value(preprocessed, "patches.window.stride_mm", 24)
-    uid = tables.read(spark, config, tables.SLICES).select("series_uid").first()["series_uid"]
+    config = preprocessed.updated({"patches.window.stride_mm": 24})
+    uid = tables.read(spark, config.warehouse, tables.SLICES).select("series_uid").first()["series_uid"]
     summary = patches.run(spark, config, mode="window", series=[uid])
-    rows = tables.read(spark, config, tables.PATCHES).filter(F.col("mode") == "window").collect()
+    rows = tables.read(spark, config.warehouse, tables.PATCHES).filter(F.col("mode") == "window").collect()
     assert rows and summary["patches_total"] == len(rows)
     assert {r["series_uid"] for r in rows} == {uid}
     assert all(r["label"] is None and r["candidate_id"] is None for r in rows)
@@ -123,8 +123,8 @@ def test_window_mode_covers_only_the_lung(spark, preprocessed):
 
 def test_bad_patch_settings_are_configuration_errors(base_config):
     with pytest.raises(ConfigError, match="patches.neighbours"):
-        patches.params_from_config(with_value(base_config, "patches.neighbours", 9))
+        base_config.updated({"patches.neighbours": 9})
     with pytest.raises(ConfigError, match="patches.size_mm"):
-        patches.params_from_config(with_value(base_config, "patches.size_mm", -4))
+        base_config.updated({"patches.size_mm": -4})
     with pytest.raises(ConfigError, match="patches.depth_mm"):
-        patches.params_from_config(with_value(base_config, "patches.depth_mm", -1))
+        base_config.updated({"patches.depth_mm": -1})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from ctlake.core.patch_geometry import (
     SliceGeometry,
     extract_patch,

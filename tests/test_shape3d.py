@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+
 from ctlake.core.nodule3d import NAMES_3D, features_3d, segment_nodule_3d
 from ctlake.errors import ConfigError, InputError
 

@@ -2,10 +2,11 @@
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
+
 from ctlake.core.metrics import bootstrap_metrics, confusion, point_metrics, threshold_youden
 from ctlake.core.splits import split_patients, split_sizes
 from ctlake.errors import ConfigError
-from sklearn.metrics import roc_auc_score
 
 FRACTIONS = {"train": 0.6, "validation": 0.2, "test": 0.2}
 

@@ -5,19 +5,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import sklearn
-from ctlake.errors import ConfigError, InputError
-from ctlake.spark.partitioned_svc import (
-    PARTITION_COL,
-    RANK_COL,
-    PartitionedSVC,
-    PartitionedSVCModel,
-    PartitionSkippedWarning,
-    assign_partitions,
-    build_estimator,
-    stratified_caps,
-    train_partition,
-    tune_partitioned_svc,
-)
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.evaluation import BinaryClassificationEvaluator
 from pyspark.ml.feature import StandardScaler, VectorAssembler
@@ -25,6 +12,24 @@ from pyspark.ml.functions import array_to_vector, vector_to_array
 from pyspark.ml.linalg import DenseVector
 from pyspark.sql import functions as F
 from scipy.special import expit
+from sklearn.metrics import roc_auc_score
+
+from ctlake.core.svm_partition import (
+    PartitionSkippedWarning,
+    build_estimator,
+    stratified_caps,
+    svm_grid,
+    train_partition,
+)
+from ctlake.errors import ConfigError, InputError
+from ctlake.spark.partitioned_svc import (
+    PARTITION_COL,
+    RANK_COL,
+    PartitionedSVC,
+    PartitionedSVCModel,
+    assign_partitions,
+    tune_partitioned_svc,
+)
 
 FEATURES = [f"f{i}" for i in range(5)]
 
@@ -346,13 +351,39 @@ def test_model_saves_skipped_partitions_and_overwrites(spark, tmp_path):
 
 # ------------------------------------------------------------------ tuning
 
-def test_tuning_picks_the_best_validation_auc(train, test):
+def test_tuning_picks_the_candidate_that_separates_and_reports_true_aucs(train, test):
+    """A model scored on its negated features ranks the classes backwards: tuning must not pick it."""
+    flipped = test.withColumn("features", array_to_vector(F.transform(vector_to_array("features"), lambda x: -x)))
     grid = [{"kernel": "linear", "C": 0.1}, {"kernel": "rbf", "C": 1.0, "gamma": "0.01"}]
+    best, results = tune_partitioned_svc(train, flipped, grid[:1], numPartitions=2, seed=3)
+    assert results[0]["areaUnderROC"] < 0.1  # the shifted Gaussians, mirrored
     best, results = tune_partitioned_svc(train, test, grid, numPartitions=2, seed=3)
-    assert [{k: r[k] for k in ("kernel", "C")} for r in results] == [{"kernel": "linear", "C": 0.1},
-                                                                     {"kernel": "rbf", "C": 1.0}]
-    assert all(0.9 < r["areaUnderROC"] <= 1.0 and r["n_partitions_trained"] == 2 for r in results)
-    winner = max(range(2), key=lambda i: (results[i]["areaUnderROC"], -i))
-    assert best == {"numPartitions": 2, "seed": 3, **grid[winner]}
+    for candidate, result in zip(grid, results):
+        model = PartitionedSVC(numPartitions=2, seed=3, **candidate).fit(train)
+        rows = model.transform(test).select("label", "rawPrediction").collect()
+        independent = roc_auc_score([r["label"] for r in rows], [r["rawPrediction"][1] for r in rows])
+        assert result["areaUnderROC"] == pytest.approx(independent, abs=1e-9)
+        assert result["n_partitions_trained"] == 2
+    truth = max(range(2), key=lambda i: results[i]["areaUnderROC"])
+    assert best == {"numPartitions": 2, "seed": 3, **grid[truth]}
     with pytest.raises(ConfigError, match="non-empty grid"):
         tune_partitioned_svc(train, test, [])
+
+
+def test_tuning_with_a_weighted_evaluator_scores_with_it(train, test):
+    weighted = test.withColumn("w", F.when(F.col("label") == 1.0, 3.0).otherwise(1.0))
+    evaluator = BinaryClassificationEvaluator(labelCol="label", rawPredictionCol="probability", weightCol="w")
+    grid = [{"kernel": "linear", "C": 1.0}]
+    _, results = tune_partitioned_svc(train, weighted, grid, evaluator=evaluator, numPartitions=2, seed=3)
+    model = PartitionedSVC(numPartitions=2, seed=3, **grid[0]).fit(train)
+    rows = model.transform(weighted).select("label", "probability", "w").collect()
+    expected = roc_auc_score([r["label"] for r in rows], [r["probability"][1] for r in rows],
+                             sample_weight=[r["w"] for r in rows])
+    assert results[0]["areaUnderROC"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_svm_grid_tries_gamma_only_for_the_rbf_kernel():
+    assert svm_grid(["rbf", "linear"], [0.3, 1], ["scale", "0.01"]) == [
+        {"kernel": "rbf", "C": 0.3, "gamma": "scale"}, {"kernel": "rbf", "C": 0.3, "gamma": "0.01"},
+        {"kernel": "rbf", "C": 1.0, "gamma": "scale"}, {"kernel": "rbf", "C": 1.0, "gamma": "0.01"},
+        {"kernel": "linear", "C": 0.3, "gamma": "scale"}, {"kernel": "linear", "C": 1.0, "gamma": "scale"}]

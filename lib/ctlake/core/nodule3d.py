@@ -54,9 +54,10 @@ import math
 
 import cv2
 import numpy as np
-from ctlake.errors import ConfigError, InputError
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
+
+from ctlake.errors import ConfigError, InputError
 
 THRESHOLD_HU = -500.0
 """Foreground of the 3D segmentation.  Chosen by the grouped cross-validation in the module

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
 from ctlake.errors import ConfigError, InputError
 
 # Normals of slices in one series may differ by DICOM rounding, not by more.

@@ -10,10 +10,22 @@ more than one slice stack at a time.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 
 import numpy as np
-from ctlake.core.patch_geometry import extract_patch_stack, resample_planes, sample_negatives, sliding_window_centers
+import pandas as pd
+
+from ctlake.core.dicom_parse import hu_frame
+from ctlake.core.patch_geometry import (
+    SliceGeometry,
+    extract_patch_stack,
+    resample_planes,
+    sample_negatives,
+    sliding_window_centers,
+    world_to_voxel,
+)
 from ctlake.errors import InputError
 
 #: Hounsfield units of air: what a patch is padded with beyond the image.
@@ -109,3 +121,104 @@ def cut_slice_task(stack: list[np.ndarray | None], spacing_rc: tuple[float, floa
             patch = np.rint(resample_planes(patch, z_positions, centre_z + plane_offsets_mm(params), PAD_HU))
         patches.append({**task, "patch": patch.astype(np.int16)})
     return patches
+
+
+def locate_candidates(candidates: pd.DataFrame, slices: pd.DataFrame) -> list[dict]:
+    """One series' candidates (patient mm) on their nearest slices: slice index, (row, col) and distance.
+
+    Parameters
+    ----------
+    candidates : DataFrame
+        ``series_uid``, ``coordX/Y/Z`` (mm), ``radius_mm``, ``mode``, ``label``, ``candidate_id``.
+    slices : DataFrame
+        The series' slices: ``slice_index``, ``z_position`` (mm along the normal),
+        ``image_position``, ``image_orientation``, ``pixel_spacing_row/col``.
+
+    Returns
+    -------
+    list of dict
+        Per candidate: ``slice_index``, ``distance_mm`` (from that slice along
+        the normal), ``z_mm``, ``row``/``col`` (pixels) and the candidate's own fields.
+    """
+    if candidates.empty or slices.empty:
+        return []
+    slices = slices.sort_values("slice_index")
+    geometries = [SliceGeometry(tuple(p), tuple(o), float(sr), float(sc)) for p, o, sr, sc in
+                  zip(slices["image_position"], slices["image_orientation"], slices["pixel_spacing_row"],
+                      slices["pixel_spacing_col"])]
+    indices = slices["slice_index"].to_numpy()
+    z_positions = slices["z_position"].to_numpy()
+    rows = []
+    for cand in candidates.itertuples(index=False):
+        xyz = (cand.coordX, cand.coordY, cand.coordZ)
+        position, row, col = world_to_voxel(xyz, geometries)
+        z_mm = float(np.dot(np.asarray(xyz), geometries[position].normal))
+        rows.append({"series_uid": cand.series_uid, "slice_index": int(indices[position]),
+                     "distance_mm": abs(z_mm - float(z_positions[position])), "radius_mm": cand.radius_mm,
+                     "z_mm": z_mm, "row": row, "col": col, "mode": cand.mode, "label": cand.label,
+                     "candidate_id": cand.candidate_id, "coord_x": cand.coordX, "coord_y": cand.coordY,
+                     "coord_z": cand.coordZ})
+    return rows
+
+
+def patch_geometry(params: PatchParams) -> dict:
+    """What a patch looks like (not how many are cut): a model is only valid on patches of its geometry."""
+    return {"size_mm": params.size_mm, "out_px": params.out_px, "neighbours": params.neighbours,
+            "depth_mm": params.depth_mm}
+
+
+def params_hash(params: PatchParams) -> str:
+    """Short hash of every cutting parameter: it keys the ``patches`` rows cut under them."""
+    return hashlib.sha256(json.dumps(asdict(params), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def task_patches(task: dict, params: PatchParams) -> list[dict]:
+    """One slice task (a row of ``ctlake.spark.patches.slice_stacks`` joined with its task) -> its patches.
+
+    For volume patches ``task["stack"]`` holds the slices around the task's slice
+    (``offset`` from it), as :func:`volume_tasks` builds them.
+    """
+    by_offset = {s["offset"]: s for s in task["stack"]}
+    shape = tuple(by_offset[0]["pixel_shape"])
+    if params.depth_mm > 0:
+        present = []
+        for offset in sorted(by_offset):
+            # Planes must rise strictly in z: a second frame at a slice's position adds nothing.
+            if by_offset[offset]["pixels"] is not None and (
+                    not present or by_offset[offset]["z_position"] > present[-1]["z_position"]):
+                present.append(by_offset[offset])
+        stack = [hu_frame(s["pixels"], s["pixel_shape"]) for s in present]
+        z_positions, centre_z = [s["z_position"] for s in present], by_offset[0]["z_position"]
+    else:
+        stack = [hu_frame(by_offset[o]["pixels"], by_offset[o]["pixel_shape"])
+                 if o in by_offset and by_offset[o]["pixels"] is not None else None
+                 for o in range(-params.neighbours, params.neighbours + 1)]
+        z_positions = centre_z = None
+    mask = np.frombuffer(task["mask"], np.uint8).reshape(shape) if task["mask"] is not None else None
+    requests = [dict(r) for r in (task["requests"] if task["requests"] is not None else [])]
+    exclusions = [dict(e) for e in (task["exclusions"] if task["exclusions"] is not None else [])]
+    return cut_slice_task(stack, (task["pixel_spacing_row"], task["pixel_spacing_col"]), params, requests, mask,
+                          int(task["n_negatives"] or 0), exclusions, bool(task["window"]), int(task["seed"]),
+                          z_positions, centre_z)
+
+
+def volume_tasks(series_row: dict, params: PatchParams) -> Iterator[dict]:
+    """The slice tasks of one ``ctlake.spark.patches.series_volumes`` row, each with the stack :func:`task_patches` expects."""
+    slices = sorted(series_row["slices"], key=lambda s: s["slice_index"])
+    positions = np.array([s["z_position"] for s in slices], dtype=float)
+    index_of = {s["slice_index"]: i for i, s in enumerate(slices)}
+    half = params.depth_mm / 2
+    for task in series_row["tasks"]:
+        task = {**task, "series_uid": series_row["series_uid"]}
+        centre = index_of[task["slice_index"]]
+        # The planes reach depth_mm / 2 each side: take every slice up to one beyond that.
+        low = max(0, int(np.searchsorted(positions, positions[centre] - half, side="left")) - 1)
+        high = min(len(slices), int(np.searchsorted(positions, positions[centre] + half, side="right")) + 1)
+        task["stack"] = [{**slices[i], "offset": slices[i]["slice_index"] - task["slice_index"]}
+                         for i in range(low, high)]
+        yield task
+
+
+def row_tasks(row: dict, params: PatchParams) -> Iterator[dict]:
+    """The slice tasks of one ``ctlake.spark.patches.job_frame`` row, ready for :func:`task_patches`."""
+    return volume_tasks(row, params) if params.depth_mm > 0 else iter([row])

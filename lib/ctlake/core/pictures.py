@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+
 from ctlake.core.slice_ops import WINDOW_PRESETS, hu_window
 
 _GREEN, _RED, _GREY = (60, 200, 60), (60, 60, 220), (160, 160, 160)

@@ -63,11 +63,13 @@ The feature vector
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import numbers
 
 import cv2
 import numpy as np
+
 from ctlake.core.nodule3d import NAMES_3D, features_3d
 from ctlake.errors import ConfigError, InputError
 
@@ -535,3 +537,10 @@ def pixel_vector(patch_hu: np.ndarray, size: int = 16, hu_min: float = -1000.0, 
     resized = cv2.resize(scaled, (size, size), interpolation=cv2.INTER_AREA)
     # Area averaging in float32 can overshoot 1 by a rounding step.
     return np.clip(resized, 0.0, 1.0).ravel()
+
+
+def feature_layout(pixel_size: int) -> dict:
+    """Names of both feature vectors and a short hash of them (the layout a model depends on)."""
+    names = {"radiomics": list(FEATURE_NAMES), "pixels": pixel_names(pixel_size)}
+    digest = hashlib.sha256(repr(names).encode()).hexdigest()[:12]
+    return {**names, "hash": digest}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 
 def summarize_series(z_positions, tolerance_mm: float = 0.05, tolerance_fraction: float = 0.02) -> dict:
@@ -43,3 +44,29 @@ def summarize_series(z_positions, tolerance_mm: float = 0.05, tolerance_fraction
         result["gaps"] = int(np.sum(distinct_steps >= 1.5 * spacing - tolerance))
     result["complete"] = result["duplicate_positions"] == 0 and result["gaps"] == 0
     return result
+
+
+#: Columns whose values must be one per series for its geometry to be consistent.
+GEOMETRY_COLUMNS = ("rows", "columns", "pixel_spacing_row", "pixel_spacing_col", "orientation")
+
+
+def series_row(slices: pd.DataFrame) -> dict:
+    """One series' ``series`` row from the metadata of its slices (no pixels).
+
+    ``slices`` has one row per slice with the series' identity columns,
+    ``z_position`` (mm), the matrix size, pixel spacing (mm), slice thickness
+    and ``orientation`` (the six cosines as one string, so equal orientations
+    compare equal). The first slice gives identity and matrix;
+    :func:`summarize_series` the layout along the normal.
+    """
+    first = slices.iloc[0]
+    return {
+        "series_uid": first["series_uid"], "study_uid": first["study_uid"],
+        "patient_pseudonym": first["patient_pseudonym"], "modality": first["modality"],
+        "manufacturer": first["manufacturer"], **summarize_series(slices["z_position"].to_numpy()),
+        "consistent_geometry": bool(slices[list(GEOMETRY_COLUMNS)].drop_duplicates().shape[0] == 1),
+        "rows": int(first["rows"]), "columns": int(first["columns"]),
+        "pixel_spacing_row": float(first["pixel_spacing_row"]),
+        "pixel_spacing_col": float(first["pixel_spacing_col"]),
+        "slice_thickness": None if pd.isna(first["slice_thickness"]) else float(first["slice_thickness"]),
+    }

@@ -25,6 +25,7 @@ import numbers
 
 import cv2
 import numpy as np
+
 from ctlake.errors import ConfigError
 
 WINDOW_PRESETS = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 
 import pandas as pd
+
 from ctlake.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")

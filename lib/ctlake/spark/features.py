@@ -1,53 +1,30 @@
 """Feature job: ``patches`` -> ``features`` (radiomics-style figures and the pixel baseline).
 
-The maths is in :mod:`ctlake.features`; this module moves patch bytes through
+The maths is in :mod:`ctlake.core.radiomics` and :mod:`ctlake.core.nodule3d`; this module moves patch bytes through
 an iterator pandas UDF and records the feature names in the column metadata,
 so a model's explanation can name every input and a scoring run can check
 that its feature layout matches the one the model was trained on.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Iterator
 
 import cv2
 import numpy as np
 import pandas as pd
-from ctlake import config as cfg
-from ctlake.core.radiomics import FEATURE_NAMES, patch_features, pixel_names, pixel_vector
-from ctlake.spark import patches, tables
-from ctlake.spark.patches import PATCHES_SCHEMA
-from ctlake.spark.progress import StageProgress
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-log = logging.getLogger("ctlake.featurize")
+from ctlake.config import Settings
+from ctlake.core.patch_tasks import params_hash
+from ctlake.core.radiomics import FEATURE_NAMES, feature_layout, patch_features, pixel_vector
+from ctlake.spark import tables
+from ctlake.spark.progress import StageProgress
+from ctlake.spark.session import session_conf
 
-FEATURES = "features"
-
-
-def layout(pixel_size: int) -> dict:
-    """Names of both feature vectors and a short hash of them (the layout a model depends on)."""
-    names = {"radiomics": list(FEATURE_NAMES), "pixels": pixel_names(pixel_size)}
-    digest = hashlib.sha256(repr(names).encode()).hexdigest()[:12]
-    return {**names, "hash": digest}
-
-
-def features_schema(pixel_size: int) -> T.StructType:
-    names = layout(pixel_size)
-    keep = [f for f in PATCHES_SCHEMA.fields if f.name not in ("pixels", "patch_shape", "pixel_dtype",
-                                                               "created_at")]
-    return T.StructType(keep + [
-        T.StructField("radiomics", T.ArrayType(T.DoubleType()),
-                      metadata={"ctlake.feature_names": names["radiomics"]}),
-        T.StructField("pixel_vector", T.ArrayType(T.FloatType()),
-                      metadata={"ctlake.feature_names": names["pixels"]}),
-        T.StructField("layout_hash", T.StringType()),
-        T.StructField("error", T.StringType()),
-        T.StructField("computed_at", T.TimestampType()),
-    ])
+log = logging.getLogger("ctlake.features")
 
 
 def feature_udf(pixel_size: int):
@@ -81,55 +58,49 @@ def transform(patch_rows: DataFrame, series: DataFrame, pixel_size: int) -> Data
           .withColumn("pixel_mm", F.col("size_mm") / F.element_at("patch_shape", -1))
           .withColumn("slice_mm", F.coalesce("channel_spacing_mm", "series_mm")))
     out = feature_udf(pixel_size)(F.col("pixels"), F.col("patch_shape"), F.col("pixel_mm"), F.col("slice_mm"))
-    schema = features_schema(pixel_size)
+    schema = tables.features_schema(pixel_size)
     keep = [f.name for f in schema.fields if f.name not in ("radiomics", "pixel_vector", "layout_hash", "error",
                                                             "computed_at")]
     frame = (px.select(*keep, out.alias("f")).select(*keep, "f.*")
-             .withColumn("layout_hash", F.lit(layout(pixel_size)["hash"]))
+             .withColumn("layout_hash", F.lit(feature_layout(pixel_size)["hash"]))
              .withColumn("computed_at", F.current_timestamp()))
     # Re-apply the declared schema so the feature names travel in the column metadata.
     return frame.select([F.col(f.name).alias(f.name, metadata=f.metadata) for f in schema.fields])
 
 
-def run(spark: SparkSession, config: dict) -> dict:
-    pixel_size = cfg.positive_int(config, "features.pixel_size", 16)
-    tables.SCHEMAS[FEATURES] = features_schema(pixel_size)
-    current = layout(pixel_size)
+def run(spark: SparkSession, settings: Settings) -> dict:
+    """Features for every patch of the configured cut without them under the current layout."""
+    warehouse, pixel_size = settings.warehouse, settings.features.pixel_size
+    current = feature_layout(pixel_size)
     digest = current["hash"]
-    existing = tables.read(spark, config, FEATURES)
+    existing = tables.read(spark, warehouse, tables.FEATURES)
     # Names live in the column metadata, which a MERGE cannot change: a new layout rewrites the table
     # (the old one stays reachable by time travel) instead of mixing layouts in one column.
-    relayout = tables.exists(spark, config, FEATURES) and (
-        feature_names(existing, "radiomics") != current["radiomics"]
-        or feature_names(existing, "pixel_vector") != list(current["pixels"]))
+    relayout = tables.exists(spark, warehouse, tables.FEATURES) and (
+        tables.feature_names(existing, "radiomics") != current["radiomics"]
+        or tables.feature_names(existing, "pixel_vector") != list(current["pixels"]))
     done = (spark.createDataFrame([], "patch_id string") if relayout
             else existing.filter(F.col("layout_hash") == digest).select("patch_id"))
     # Only patches cut under the configured parameters: a table may also hold older cuts.
-    p_hash = patches.params_hash(patches.params_from_config(config))
-    todo = (tables.read(spark, config, tables.PATCHES).filter(F.col("params_hash") == p_hash)
+    p_hash = params_hash(settings.patches.params())
+    todo = (tables.read(spark, warehouse, tables.PATCHES).filter(F.col("params_hash") == p_hash)
             .join(done, "patch_id", "left_anti").cache())
     pending = todo.count()
     if pending or relayout:
         if relayout:
             log.info("feature layout changed to %s: recomputing every patch and rewriting the table", digest)
-        spark.conf.set("spark.sql.execution.arrow.maxBytesPerBatch",
-                       str(cfg.size_bytes(config, "features.arrow_max_bytes_per_batch", "8m")))
-        with StageProgress(spark.sparkContext, "features", cfg.get(config, "features.progress_seconds",
-                                                                  (int, float), 10)):
-            rows = transform(todo, tables.read(spark, config, tables.SERIES), pixel_size)
+        with session_conf(spark, {"spark.sql.execution.arrow.maxBytesPerBatch":
+                                  settings.features.arrow_max_bytes_per_batch}), \
+                StageProgress(spark.sparkContext, "features", settings.features.progress_seconds):
+            rows = transform(todo, tables.read(spark, warehouse, tables.SERIES), pixel_size)
             if relayout:
-                tables.replace(spark, config, FEATURES, rows)
+                tables.replace(spark, warehouse, tables.FEATURES, rows)
             else:
-                tables.merge_upsert(spark, config, FEATURES, rows, ["patch_id"])
+                tables.merge_upsert(spark, warehouse, tables.FEATURES, rows, ["patch_id"])
     todo.unpersist()
-    table = tables.read(spark, config, FEATURES).filter((F.col("layout_hash") == digest)
-                                                        & (F.col("params_hash") == p_hash))
+    table = tables.read(spark, warehouse, tables.FEATURES).filter((F.col("layout_hash") == digest)
+                                                                   & (F.col("params_hash") == p_hash))
     stats = table.agg(F.count("*").alias("rows"), F.sum(F.col("error").isNotNull().cast("int")).alias("errors")).first()
     return {"layout_hash": digest, "patch_params_hash": p_hash, "radiomics_features": len(FEATURE_NAMES),
             "pixel_features": pixel_size ** 2, "table_rewritten_for_new_layout": relayout,
             "patches_featurized": pending, "table_rows": stats["rows"], "errors": stats["errors"] or 0}
-
-
-def feature_names(df: DataFrame, column: str) -> list[str]:
-    """The names recorded in a features column's metadata."""
-    return list(df.schema[column].metadata.get("ctlake.feature_names", []))

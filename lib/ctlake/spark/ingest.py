@@ -24,22 +24,22 @@ import re
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import NamedTuple
 
 import pandas as pd
-from ctlake import config as cfg
-from ctlake.config import load_key
-from ctlake.core.deid import Pseudonymizer
-from ctlake.core.dicom_parse import Rejection, parse_dicom
-from ctlake.core.series_layout import summarize_series
-from ctlake.errors import ConfigError, InputError
-from ctlake.spark import tables
-from ctlake.spark.progress import StageProgress
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+
+from ctlake.config import IngestSettings, Settings
+from ctlake.core.deid import Pseudonymizer
+from ctlake.core.dicom_parse import Rejection, parse_dicom
+from ctlake.core.series_layout import series_row
+from ctlake.errors import ConfigError, InputError
+from ctlake.spark import tables
+from ctlake.spark.progress import StageProgress
+from ctlake.spark.session import session_conf
 
 log = logging.getLogger("ctlake.ingest")
 
@@ -47,14 +47,11 @@ log = logging.getLogger("ctlake.ingest")
 MAX_FILE_BYTES = 2**31 - 1 - 1024
 
 
-def validate(config: dict, input_path: str | None) -> None:
+def validate(settings: Settings, input_path: str | None) -> None:
     """Check everything ingestion needs before any Spark work: fail in milliseconds, not minutes."""
-    if not (input_path or cfg.get(config, "ingest.input", str, None)):
+    if not (input_path or settings.ingest.input):
         raise ConfigError("no input: pass --input PATH or set ingest.input")
-    cfg.get(config, "warehouse", str)
-    cfg.size_bytes(config, "ingest.max_partition_bytes", "64m")
-    cfg.size_bytes(config, "ingest.arrow_max_bytes_per_batch", "32m")
-    load_key(config)
+    settings.privacy.key()
 
 
 #: Characters that make a Hadoop path a glob pattern.
@@ -226,18 +223,6 @@ PARSED_STORAGE = StorageLevel.DISK_ONLY
 SLICES_CODEC = "lz4_raw"
 
 
-@contextmanager
-def _parquet_codec(spark: SparkSession, codec: str) -> Iterator[None]:
-    """Session Parquet codec for the writes inside the block (Delta's writer honours it; MERGE too)."""
-    key = "spark.sql.parquet.compression.codec"
-    before = spark.conf.get(key)
-    spark.conf.set(key, codec)
-    try:
-        yield
-    finally:
-        spark.conf.set(key, before)
-
-
 #: Columns of the parsed rows the driver needs (one small row per frame or rejected file).
 _OUTCOME_COLUMNS = ["source_path", "frame", "sop_uid", "series_uid", "modality", "transfer_syntax",
                     "reason", "message"]
@@ -245,109 +230,133 @@ _QUARANTINE_ROW = ("source_path string, source_size long, source_mtime timestamp
                    " sop_uid string, series_uid string, modality string, transfer_syntax string")
 
 
-def run(spark: SparkSession, config: dict, input_path: str | None = None) -> dict:
+def run(spark: SparkSession, settings: Settings, input_path: str | None = None) -> dict:
     """Ingest every new file under the input; return the run summary (counts that add up)."""
-    input_path = input_path or cfg.get(config, "ingest.input", str)
-    validate(config, input_path)
-    key = load_key(config)
+    input_path = input_path or settings.ingest.input
+    validate(settings, input_path)
+    warehouse = settings.warehouse
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    max_batch_bytes = cfg.size_bytes(config, "ingest.arrow_max_bytes_per_batch", "32m")
-    max_partition_bytes = cfg.size_bytes(config, "ingest.max_partition_bytes", "64m")
-    spark.conf.set("spark.sql.files.maxPartitionBytes", str(max_partition_bytes))
-    # Input batches to Python carry whole files: bound them by bytes as well as rows.
-    spark.conf.set("spark.sql.execution.arrow.maxBytesPerBatch", str(max_batch_bytes))
-    # binaryFile is loaded with one path per new file; past 32 paths Spark lists them in a job of
-    # one task per path (up to 10000): 4-6 s of task overhead for 1024 files on 2 cores. Listing
-    # stays distributed, with one task per core instead.
-    spark.conf.set("spark.sql.sources.parallelPartitionDiscovery.parallelism",
-                   str(spark.sparkContext.defaultParallelism))
-    progress_seconds = cfg.get(config, "ingest.progress_seconds", (int, float), 10)
-
     listing = list_files(spark, input_path)
-    known = _ingested_paths(spark, config, listing)
+    known = _ingested_paths(spark, warehouse, listing)
     new_files = [f for f in listing if f.path not in known]
     log.info("%d files under %s, %d not ingested yet", len(listing), input_path, len(new_files))
 
     summary = {"run_id": run_id, "input": input_path, "files_seen": len(listing),
                "already_ingested": len(listing) - len(new_files), "new_files": len(new_files),
                "files_ingested": 0, "slices_written": 0, "series_updated": 0, "quarantined": {}}
-    if not new_files:
-        summary.update(_totals(spark, config))
-        return summary
+    if not listing:
+        summary["warning"] = f"no files under {input_path}"
+    if new_files:
+        with session_conf(spark, _read_conf(spark, settings.ingest)):
+            outcome = _ingest_new(spark, settings, new_files, run_id)
+        summary.update(outcome, series_updated=update_series(spark, warehouse))
+        accounted = summary["files_ingested"] + sum(summary["quarantined"].values())
+        if accounted != len(new_files):
+            # A file deleted between listing and reading is in neither table; say so rather than hide it.
+            log.warning("%d new files but %d accounted for in this run", len(new_files), accounted)
+    for table in (tables.SLICES, tables.SERIES, tables.QUARANTINE):
+        tables.create_if_missing(spark, warehouse, table)
+    summary.update(_totals(spark, warehouse))
+    if new_files:
+        summary["accounted_for"] = accounted == len(new_files)
+    return summary
 
+
+def _read_conf(spark: SparkSession, ingest: IngestSettings) -> dict:
+    """Session settings while new files are read, parsed and written."""
+    return {
+        "spark.sql.files.maxPartitionBytes": ingest.max_partition_bytes,
+        # Input batches to Python carry whole files: bound them by bytes as well as rows.
+        "spark.sql.execution.arrow.maxBytesPerBatch": ingest.arrow_max_bytes_per_batch,
+        # binaryFile is loaded with one path per new file; past 32 paths Spark lists them in a job of
+        # one task per path (up to 10000): 4-6 s of task overhead for 1024 files on 2 cores. Listing
+        # stays distributed, with one task per core instead.
+        "spark.sql.sources.parallelPartitionDiscovery.parallelism": spark.sparkContext.defaultParallelism,
+        "spark.sql.parquet.compression.codec": SLICES_CODEC,
+    }
+
+
+def _ingest_new(spark: SparkSession, settings: Settings, new_files: list[ListedFile], run_id: str) -> dict:
+    """Parse the new files once, write the accepted frames to ``slices`` and the rest to ``quarantine``."""
+    warehouse = settings.warehouse
     readable, quarantine_rows = [], []
     for listed in new_files:
         reason = _skip_reason(listed.path, listed.length)
         if reason is None:
             readable.append(listed)
         else:
-            quarantine_rows.append((listed.path, listed.length, listed.modificationTime, *reason,
-                                    None, None, None, None))
-
-    parsed = None
+            quarantine_rows.append(_quarantine_row(listed, *reason))
     accepted_paths, slices_written = set(), 0
-    try:
-        if readable:
-            parsed = _parse(spark, readable, key, max_batch_bytes).persist(PARSED_STORAGE)
+    if readable:
+        parsed = _parse(spark, readable, settings.privacy.key(),
+                        settings.ingest.arrow_max_bytes_per_batch).persist(PARSED_STORAGE)
+        try:
             # The one pass over the files: parses them, fills the cache the slices are written from,
             # and brings back the small part of each row that decides where the file goes.
-            with StageProgress(spark.sparkContext, "ingest: parsing DICOM", progress_seconds):
+            with StageProgress(spark.sparkContext, "ingest: parsing DICOM", settings.ingest.progress_seconds):
                 outcomes = parsed.select(*_OUTCOME_COLUMNS).collect()
-            listed_by_path = {f.path: f for f in readable}
-            frames = [o for o in outcomes if o["reason"] is None]
-            duplicates = _find_duplicates(spark, config, frames)
-            for o in outcomes:
-                if o["reason"] is not None or o["source_path"] in duplicates:
-                    if o["reason"] is None and o["frame"] != 1:
-                        continue  # one quarantine row per duplicate file, not per frame
-                    listed = listed_by_path[o["source_path"]]
-                    reason, message = ((o["reason"], o["message"]) if o["reason"] is not None
-                                       else ("duplicate", duplicates[o["source_path"]]))
-                    quarantine_rows.append((listed.path, listed.length, listed.modificationTime, reason, message,
-                                            o["sop_uid"], o["series_uid"], o["modality"], o["transfer_syntax"]))
-                else:
-                    accepted_paths.add(o["source_path"])
-                    slices_written += 1
+            duplicates = _find_duplicates(spark, warehouse, [o for o in outcomes if o["reason"] is None])
+            rejected, accepted_paths, slices_written = route_outcomes(outcomes, duplicates,
+                                                                      {f.path: f for f in readable})
+            quarantine_rows += rejected
             if accepted_paths:
-                accepted = parsed.filter(F.col("reason").isNull())
-                if duplicates:
-                    # At most one small row per file: broadcast it, so the pixels are not shuffled.
-                    duplicate_paths = spark.createDataFrame([(p,) for p in duplicates], "source_path string")
-                    accepted = accepted.join(F.broadcast(duplicate_paths), "source_path", "left_anti")
-                slices_new = (accepted.withColumn("ingested_at", F.current_timestamp())
-                              .withColumn("ingest_run", F.lit(run_id)))
-                with StageProgress(spark.sparkContext, "ingest: writing slices", progress_seconds), \
-                        _parquet_codec(spark, SLICES_CODEC):
-                    tables.merge_insert(spark, config, tables.SLICES, slices_new, ["sop_uid", "frame"])
-        if quarantine_rows:
-            quarantine = (spark.createDataFrame(quarantine_rows, _QUARANTINE_ROW)
-                          .withColumn("quarantined_at", F.current_timestamp()).withColumn("ingest_run", F.lit(run_id)))
-            tables.merge_insert(spark, config, tables.QUARANTINE, quarantine, ["source_path"])
-    finally:
-        if parsed is not None:
+                with StageProgress(spark.sparkContext, "ingest: writing slices", settings.ingest.progress_seconds):
+                    _write_slices(spark, warehouse, parsed, duplicates, run_id)
+        finally:
             parsed.unpersist()
-
-    series_updated = update_series(spark, config)
-
+    if quarantine_rows:
+        quarantine = (spark.createDataFrame(quarantine_rows, _QUARANTINE_ROW)
+                      .withColumn("quarantined_at", F.current_timestamp()).withColumn("ingest_run", F.lit(run_id)))
+        tables.merge_insert(spark, warehouse, tables.QUARANTINE, quarantine, ["source_path"])
     # Counted from this run's own rows, not re-read from the tables: exact for one writer at a time.
     # Rows a concurrent run inserted first are skipped by the MERGEs but still counted here.
     by_reason = Counter(row[3] for row in quarantine_rows)
-    summary.update({
-        "files_ingested": len(accepted_paths),
-        "slices_written": slices_written,
-        "series_updated": series_updated,
-        "quarantined": dict(sorted(by_reason.items())),
-    })
-    summary.update(_totals(spark, config))
-    accounted = summary["files_ingested"] + sum(by_reason.values())
-    if accounted != len(new_files):
-        # A file deleted between listing and reading is in neither table; say so rather than hide it.
-        log.warning("%d new files but %d accounted for in this run", len(new_files), accounted)
-    summary["accounted_for"] = accounted == len(new_files)
-    return summary
+    return {"files_ingested": len(accepted_paths), "slices_written": slices_written,
+            "quarantined": dict(sorted(by_reason.items()))}
 
 
-def _ingested_paths(spark: SparkSession, config: dict, listing: list[ListedFile]) -> set[str]:
+def _quarantine_row(listed: ListedFile, reason: str, message: str | None, sop_uid: str | None = None,
+                    series_uid: str | None = None, modality: str | None = None,
+                    transfer_syntax: str | None = None) -> tuple:
+    """One ``_QUARANTINE_ROW`` for a listed file."""
+    return (listed.path, listed.length, listed.modificationTime, reason, message, sop_uid, series_uid, modality,
+            transfer_syntax)
+
+
+def route_outcomes(outcomes: list, duplicates: dict[str, str],
+                   listed_by_path: dict[str, ListedFile]) -> tuple[list[tuple], set[str], int]:
+    """Where each parsed file goes: (quarantine rows, accepted paths, accepted frames).
+
+    A rejected file and a duplicate file each give one quarantine row (a
+    duplicate multi-frame file once, not once per frame); every other frame is
+    accepted.
+    """
+    quarantine_rows, accepted_paths, frames = [], set(), 0
+    for o in outcomes:
+        if o["reason"] is None and o["source_path"] not in duplicates:
+            accepted_paths.add(o["source_path"])
+            frames += 1
+        elif o["reason"] is not None or o["frame"] == 1:
+            reason, message = ((o["reason"], o["message"]) if o["reason"] is not None
+                               else ("duplicate", duplicates[o["source_path"]]))
+            quarantine_rows.append(_quarantine_row(listed_by_path[o["source_path"]], reason, message, o["sop_uid"],
+                                                   o["series_uid"], o["modality"], o["transfer_syntax"]))
+    return quarantine_rows, accepted_paths, frames
+
+
+def _write_slices(spark: SparkSession, warehouse: str, parsed: DataFrame, duplicates: dict[str, str],
+                  run_id: str) -> None:
+    accepted = parsed.filter(F.col("reason").isNull())
+    if duplicates:
+        # At most one small row per file: broadcast it, so the pixels are not shuffled.
+        duplicate_paths = spark.createDataFrame([(p,) for p in duplicates], "source_path string")
+        accepted = accepted.join(F.broadcast(duplicate_paths), "source_path", "left_anti")
+    slices_new = (accepted.withColumn("ingested_at", F.current_timestamp())
+                  .withColumn("ingest_run", F.lit(run_id)))
+    tables.merge_insert(spark, warehouse, tables.SLICES, slices_new, ["sop_uid", "frame"])
+
+
+def _ingested_paths(spark: SparkSession, warehouse: str, listing: list[ListedFile]) -> set[str]:
     """Paths under the listing's common prefix already recorded in ``slices`` or ``quarantine``.
 
     Only the ``source_path`` column is read (Parquet column pruning), and only
@@ -356,8 +365,8 @@ def _ingested_paths(spark: SparkSession, config: dict, listing: list[ListedFile]
     if not listing:
         return set()
     prefix = os.path.commonprefix([listing[0].path, listing[-1].path])  # the listing is sorted
-    known = (tables.read(spark, config, tables.SLICES).select("source_path")
-             .union(tables.read(spark, config, tables.QUARANTINE).select("source_path"))
+    known = (tables.read(spark, warehouse, tables.SLICES).select("source_path")
+             .union(tables.read(spark, warehouse, tables.QUARANTINE).select("source_path"))
              .filter(F.col("source_path").startswith(prefix)).distinct())
     return {row[0] for row in known.collect()}
 
@@ -374,7 +383,7 @@ def _parse(spark: SparkSession, files: list[ListedFile], key: bytes, max_batch_b
     return source.mapInPandas(parse_partition(key, max_batch_bytes), tables.PARSED_SCHEMA)
 
 
-def _find_duplicates(spark: SparkSession, config: dict, frames: list) -> dict[str, str]:
+def _find_duplicates(spark: SparkSession, warehouse: str, frames: list) -> dict[str, str]:
     """``{source_path: quarantine message}`` for each new file whose SOP instance is already claimed.
 
     A file is the unit: it is a duplicate if its SOP instance is in ``slices``
@@ -386,10 +395,10 @@ def _find_duplicates(spark: SparkSession, config: dict, frames: list) -> dict[st
     for path in sorted(sop_of):
         first_claim.setdefault(sop_of[path], path)
     claimed_by = {}
-    if first_claim and tables.exists(spark, config, tables.SLICES):
+    if first_claim and tables.exists(spark, warehouse, tables.SLICES):
         run_uids = spark.createDataFrame([(u,) for u in first_claim], "sop_uid string")
         claimed_by = {r["sop_uid"]: r["source_path"] for r in (
-            tables.read(spark, config, tables.SLICES).filter(F.col("frame") == 1)
+            tables.read(spark, warehouse, tables.SLICES).filter(F.col("frame") == 1)
             .select("sop_uid", "source_path").join(F.broadcast(run_uids), "sop_uid", "left_semi").collect())}
     duplicates = {}
     for path, sop_uid in sop_of.items():
@@ -400,11 +409,11 @@ def _find_duplicates(spark: SparkSession, config: dict, frames: list) -> dict[st
     return duplicates
 
 
-def update_series(spark: SparkSession, config: dict) -> int:
+def update_series(spark: SparkSession, warehouse: str) -> int:
     """Recompute ``series`` rows for series that changed since they were last summarized."""
-    slices = tables.read(spark, config, tables.SLICES).drop("pixels")
+    slices = tables.read(spark, warehouse, tables.SLICES).drop("pixels")
     latest = slices.groupBy("series_uid").agg(F.max("ingested_at").alias("last_ingest"))
-    current = tables.read(spark, config, tables.SERIES).select("series_uid", "updated_at")
+    current = tables.read(spark, warehouse, tables.SERIES).select("series_uid", "updated_at")
     stale = (latest.join(current, "series_uid", "left")
              .filter(F.col("updated_at").isNull() | (F.col("updated_at") < F.col("last_ingest")))
              .select("series_uid"))
@@ -417,37 +426,20 @@ def update_series(spark: SparkSession, config: dict) -> int:
     rows = metadata.toPandas()
     if rows.empty:
         return 0
-    summaries = [_series_row(group) for _, group in rows.groupby("series_uid", sort=False)]
-    (tables.merge_upsert(spark, config, tables.SERIES,
+    names = tables.SERIES_SCHEMA.fieldNames()
+    summaries = [tuple({**series_row(group), "updated_at": None}[n] for n in names)
+                 for _, group in rows.groupby("series_uid", sort=False)]
+    (tables.merge_upsert(spark, warehouse, tables.SERIES,
                          spark.createDataFrame(summaries, tables.SERIES_SCHEMA)
                          .withColumn("updated_at", F.current_timestamp()), ["series_uid"]))
     return len(summaries)
 
 
-def _series_row(group: pd.DataFrame) -> tuple:
-    """One series' metadata rows (no pixels) -> its ``series`` row (Python values, ``SERIES_SCHEMA`` order)."""
-    layout = summarize_series(group["z_position"].to_numpy())
-    geometry_columns = ["rows", "columns", "pixel_spacing_row", "pixel_spacing_col", "orientation"]
-    first = group.iloc[0]
-    row = {
-        "series_uid": first["series_uid"], "study_uid": first["study_uid"],
-        "patient_pseudonym": first["patient_pseudonym"], "modality": first["modality"],
-        "manufacturer": first["manufacturer"], **layout,
-        "consistent_geometry": bool(group[geometry_columns].drop_duplicates().shape[0] == 1),
-        "rows": int(first["rows"]), "columns": int(first["columns"]),
-        "pixel_spacing_row": float(first["pixel_spacing_row"]),
-        "pixel_spacing_col": float(first["pixel_spacing_col"]),
-        "slice_thickness": None if pd.isna(first["slice_thickness"]) else float(first["slice_thickness"]),
-        "updated_at": None,
-    }
-    return tuple(row[name] for name in tables.SERIES_SCHEMA.fieldNames())
-
-
-def _totals(spark: SparkSession, config: dict) -> dict:
+def _totals(spark: SparkSession, warehouse: str) -> dict:
     return {
         "table_totals": {
-            tables.SLICES: tables.read(spark, config, tables.SLICES).count(),
-            tables.SERIES: tables.read(spark, config, tables.SERIES).count(),
-            tables.QUARANTINE: tables.read(spark, config, tables.QUARANTINE).count(),
+            tables.SLICES: tables.read(spark, warehouse, tables.SLICES).count(),
+            tables.SERIES: tables.read(spark, warehouse, tables.SERIES).count(),
+            tables.QUARANTINE: tables.read(spark, warehouse, tables.QUARANTINE).count(),
         }
     }

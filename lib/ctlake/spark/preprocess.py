@@ -12,27 +12,23 @@ hash, so the whole table is reprocessed (rows are replaced, not duplicated).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Iterator
 
 import cv2
 import numpy as np
 import pandas as pd
-from ctlake import config as cfg
-from ctlake.core.dicom_parse import hu_frame
-from ctlake.core.slice_ops import PreprocessChain, montage, slice_quality
-from ctlake.spark import tables
-from ctlake.spark.progress import StageProgress
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from ctlake.config import Settings
+from ctlake.core.dicom_parse import hu_frame
+from ctlake.core.slice_ops import PreprocessChain, montage, slice_quality
+from ctlake.spark import tables
+from ctlake.spark.progress import StageProgress
+from ctlake.spark.session import session_conf
+
 log = logging.getLogger("ctlake.preprocess")
-
-
-def chain_from_config(config: dict) -> PreprocessChain:
-    """The configured chain, validated (a ConfigError names the bad step) before any Spark work."""
-    return PreprocessChain.from_config(cfg.get(config, "preprocess.steps", list))
 
 
 def process_slice(chain: PreprocessChain, hu: np.ndarray) -> dict:
@@ -86,11 +82,11 @@ PARTITION_OUTPUT = T.StructType([f for f in tables.PREPROCESSED_SCHEMA.fields
                                  if f.name not in ("chain_hash", "processed_at")])
 
 
-def pending_slices(spark: SparkSession, config: dict, chain_hash: str) -> DataFrame:
+def pending_slices(spark: SparkSession, warehouse: str, chain_hash: str) -> DataFrame:
     """Slices with no ``preprocessed`` row under this chain hash."""
-    done = (tables.read(spark, config, tables.PREPROCESSED)
+    done = (tables.read(spark, warehouse, tables.PREPROCESSED)
             .filter(F.col("chain_hash") == chain_hash).select("sop_uid", "frame"))
-    return tables.read(spark, config, tables.SLICES).join(done, ["sop_uid", "frame"], "left_anti")
+    return tables.read(spark, warehouse, tables.SLICES).join(done, ["sop_uid", "frame"], "left_anti")
 
 
 def transform(slices: DataFrame, chain: PreprocessChain) -> DataFrame:
@@ -101,26 +97,26 @@ def transform(slices: DataFrame, chain: PreprocessChain) -> DataFrame:
             .withColumn("processed_at", F.current_timestamp()))
 
 
-def run(spark: SparkSession, config: dict) -> dict:
-    chain = chain_from_config(config)
+def run(spark: SparkSession, settings: Settings) -> dict:
+    """Run the configured chain over every slice it has not processed yet; summary with the table's figures."""
+    warehouse, chain = settings.warehouse, settings.preprocess.chain()
     chain_hash = chain.config_hash()
-    todo = pending_slices(spark, config, chain_hash)
+    todo = pending_slices(spark, warehouse, chain_hash)
     # Count keys only: caching the pixels just to count them cost more than processing them.
     pending = todo.select("sop_uid", "frame").count()
-    total = tables.read(spark, config, tables.SLICES).count()
+    total = tables.read(spark, warehouse, tables.SLICES).count()
     log.info("%d of %d slices need chain %s", pending, total, chain_hash)
     summary = {"chain_hash": chain_hash, "steps": [s["step"] for s in chain.steps],
                "slices_total": total, "slices_processed": 0}
     if pending:
         # Slices travel to Python in Arrow batches bounded by bytes, not by a row count.
-        spark.conf.set("spark.sql.execution.arrow.maxBytesPerBatch",
-                       str(cfg.size_bytes(config, "preprocess.arrow_max_bytes_per_batch", "16m")))
-        with StageProgress(spark.sparkContext, "preprocess", cfg.get(config, "preprocess.progress_seconds",
-                                                                     (int, float), 10)):
-            tables.merge_upsert(spark, config, tables.PREPROCESSED, todo.transform(lambda df: transform(df, chain)),
+        with session_conf(spark, {"spark.sql.execution.arrow.maxBytesPerBatch":
+                                  settings.preprocess.arrow_max_bytes_per_batch}), \
+                StageProgress(spark.sparkContext, "preprocess", settings.preprocess.progress_seconds):
+            tables.merge_upsert(spark, warehouse, tables.PREPROCESSED, todo.transform(lambda df: transform(df, chain)),
                                 ["sop_uid", "frame"])
         summary["slices_processed"] = pending
-    pre = tables.read(spark, config, tables.PREPROCESSED).filter(F.col("chain_hash") == chain_hash)
+    pre = tables.read(spark, warehouse, tables.PREPROCESSED).filter(F.col("chain_hash") == chain_hash)
     stats = pre.agg(F.count("*").alias("rows"),
                     F.sum(F.col("error").isNotNull().cast("int")).alias("errors"),
                     F.sum(F.coalesce(F.col("mask_valid"), F.lit(False)).cast("int")).alias("valid_masks"),
@@ -128,13 +124,13 @@ def run(spark: SparkSession, config: dict) -> dict:
     summary.update({"table_rows": stats["rows"], "errors": stats["errors"] or 0,
                     "valid_lung_masks": stats["valid_masks"] or 0,
                     "mean_lung_fraction": round(stats["mean_lung_fraction"] or 0.0, 4)})
-    picture = write_montage(spark, config, chain, pre)
+    picture = write_montage(spark, settings, chain, pre)
     if picture:
         summary["montage"] = picture
     return summary
 
 
-def write_montage(spark: SparkSession, config: dict, chain: PreprocessChain, pre: DataFrame) -> str | None:
+def write_montage(spark: SparkSession, settings: Settings, chain: PreprocessChain, pre: DataFrame) -> str | None:
     """PNG of the slice with the most lung through every stage of the chain.
 
     One slice is brought to the driver and run through the same pure chain,
@@ -144,12 +140,10 @@ def write_montage(spark: SparkSession, config: dict, chain: PreprocessChain, pre
             .select("sop_uid", "frame").limit(1).collect())
     if not best:
         return None
-    row = (tables.read(spark, config, tables.SLICES)
+    row = (tables.read(spark, settings.warehouse, tables.SLICES)
            .filter((F.col("sop_uid") == best[0]["sop_uid"]) & (F.col("frame") == best[0]["frame"]))
            .select("pixels", "pixel_shape").first())
     result = chain.apply(hu_frame(row["pixels"], row["pixel_shape"]))
-    folder = Path(cfg.get(config, "report.folder", str, "data/report"))
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "preprocess_montage.png"
+    path = tables.report_file(settings.report.folder, tables.MONTAGE_PNG)
     cv2.imwrite(str(path), montage(result["stages"], result["mask"]))
     return str(path)

@@ -17,13 +17,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from ctlake import config as cfg  # noqa: E402
+from pyspark.sql import SparkSession  # noqa: E402
+from pyspark.sql import functions as F  # noqa: E402
+
+from ctlake.config import Settings  # noqa: E402
 from ctlake.core.dicom_parse import hu_frame  # noqa: E402
 from ctlake.core.metrics import METRICS, roc_points  # noqa: E402
 from ctlake.core.slice_ops import WINDOW_PRESETS, hu_window  # noqa: E402
 from ctlake.spark import tables  # noqa: E402
-from pyspark.sql import SparkSession  # noqa: E402
-from pyspark.sql import functions as F  # noqa: E402
 
 MODELS = ("random_forest", "svm_ensemble", "ensemble", "shuffled_label_control")
 LEVELS = ("patient", "nodule", "patch")
@@ -75,12 +76,12 @@ def importance_figure(importances: list, path: Path, top: int = 20) -> None:
     plt.close(fig)
 
 
-def evidence_picture(spark: SparkSession, config: dict, evidence: list[dict], size_mm: float, path: Path) -> bool:
+def evidence_picture(spark: SparkSession, warehouse: str, evidence: list[dict], size_mm: float, path: Path) -> bool:
     """The top patches of one patient drawn as boxes on their slices (lung window), side by side."""
     if not evidence:
         return False
     wanted = {(e["sop_uid"]) for e in evidence}
-    rows = (tables.read(spark, config, tables.SLICES).filter(F.col("sop_uid").isin(list(wanted)))
+    rows = (tables.read(spark, warehouse, tables.SLICES).filter(F.col("sop_uid").isin(list(wanted)))
             .select("sop_uid", "pixels", "pixel_shape", "pixel_spacing_row", "pixel_spacing_col").collect())
     by_sop = {r["sop_uid"]: r for r in rows}
     panels = []
@@ -107,41 +108,46 @@ def evidence_picture(spark: SparkSession, config: dict, evidence: list[dict], si
     return True
 
 
-def write_report(spark: SparkSession, config: dict, summary: dict, meta: dict, scores: dict,
+def write_report(spark: SparkSession, settings: Settings, summary: dict, meta: dict, scores: dict,
                  aggregate_fn) -> str:
     """Write ``<report.folder>/index.html`` and its pictures; return the HTML path."""
-    folder = Path(cfg.get(config, "report.folder", str, "data/report"))
-    folder.mkdir(parents=True, exist_ok=True)
-    results = meta["results"]
+    folder = tables.report_file(settings.report.folder, tables.REPORT_HTML).parent
     for level in ("patient", "patch"):
         roc_figure(scores, level, folder / f"roc_{level}.png", aggregate_fn)
     importance_figure(meta["importances"], folder / "importances.png")
-    size_mm = float(cfg.get(config, "patches.size_mm", (int, float), 32))
     evidence_rows = []
-    ensemble_evidence = meta["evidence"].get("ensemble", {})
     patient_scores = aggregate_fn(scores["ensemble"])
-    for index, (patient, items) in enumerate(sorted(ensemble_evidence.items())[:4]):
+    for index, (patient, items) in enumerate(sorted(meta["evidence"].get("ensemble", {}).items())[:4]):
         name = f"evidence_{index}.png"
-        if evidence_picture(spark, config, items, size_mm, folder / name):
+        if evidence_picture(spark, settings.warehouse, items, settings.patches.size_mm, folder / name):
             info = patient_scores[patient_scores["patient_pseudonym"] == patient].iloc[0]
             evidence_rows.append((patient, int(info["label"]), float(info["p"]), name))
+    path = folder / tables.REPORT_HTML
+    path.write_text(page(settings, summary, meta, evidence_rows, folder))
+    return str(path)
 
-    def metrics_table(level: str) -> str:
-        head = "".join(f"<th>{m}</th>" for m in METRICS)
-        body = []
-        for name in MODELS:
-            r = results.get(name, {}).get(level)
-            if r is None:
-                continue
-            c = r["confusion"]
-            cells = "".join(f"<td>{_fmt(r[m])}</td>" for m in METRICS)
-            body.append(f"<tr><th>{name.replace('_', ' ')}</th>{cells}<td>{r['threshold']:.3f}</td>"
-                        f"<td><table class=cm><tr><td>TP {c['tp']}</td><td>FN {c['fn']}</td></tr>"
-                        f"<tr><td>FP {c['fp']}</td><td>TN {c['tn']}</td></tr></table></td>"
-                        f"<td>{r['n']} / {r['n_groups']}</td></tr>")
-        return (f"<table class=metrics><tr><th>model</th>{head}<th>threshold</th><th>confusion</th>"
-                f"<th>rows / patients</th></tr>{''.join(body)}</table>")
 
+def metrics_table(results: dict, level: str) -> str:
+    """One HTML table: every model's metrics at ``level``, with intervals, threshold and confusion matrix."""
+    head = "".join(f"<th>{m}</th>" for m in METRICS)
+    body = []
+    for name in MODELS:
+        r = results.get(name, {}).get(level)
+        if r is None:
+            continue
+        c = r["confusion"]
+        cells = "".join(f"<td>{_fmt(r[m])}</td>" for m in METRICS)
+        body.append(f"<tr><th>{name.replace('_', ' ')}</th>{cells}<td>{r['threshold']:.3f}</td>"
+                    f"<td><table class=cm><tr><td>TP {c['tp']}</td><td>FN {c['fn']}</td></tr>"
+                    f"<tr><td>FP {c['fp']}</td><td>TN {c['tn']}</td></tr></table></td>"
+                    f"<td>{r['n']} / {r['n_groups']}</td></tr>")
+    return (f"<table class=metrics><tr><th>model</th>{head}<th>threshold</th><th>confusion</th>"
+            f"<th>rows / patients</th></tr>{''.join(body)}</table>")
+
+
+def page(settings: Settings, summary: dict, meta: dict, evidence_rows: list[tuple], folder: Path) -> str:
+    """The report's HTML, pictures referenced by name from the same folder."""
+    results = meta["results"]
     sizes = meta["split_sizes"]
     split_rows = "".join(f"<tr><th>{s}</th><td>{v['patients']}</td><td>{v['positive']}</td><td>{v['negative']}</td>"
                          f"<td>{sizes['patches'].get(s, 0)}</td></tr>" for s, v in sizes.items() if s != "patches")
@@ -155,7 +161,7 @@ def write_report(spark: SparkSession, config: dict, summary: dict, meta: dict, s
         f"</figcaption></figure>" for p, lab, pr, n in evidence_rows)
     control_text = "; ".join(f"{level} mean {np.mean(v):.2f} (range {min(v):.2f}-{max(v):.2f})"
                              for level, v in meta["control_aucs"].items())
-    page = f"""<!doctype html><html><head><meta charset=utf-8><title>ctlake run {summary['run_id']}</title>
+    page_html = f"""<!doctype html><html><head><meta charset=utf-8><title>ctlake run {summary['run_id']}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}}
 table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border:1px solid #ddd;padding:4px 8px;text-align:left;font-size:13px}}
 .ci{{color:#888;font-size:11px}}table.cm td{{border:none;padding:0 4px;font-size:11px}}
@@ -168,20 +174,18 @@ forest trained on permuted labels: it should score near 0.5, showing that nothin
 Over {len(meta['control_aucs'].get('patient', []))} permutations its test AUC was {control_text}.</p>
 <h2>Cohort and split</h2><table><tr><th>split</th><th>patients</th><th>with cancer</th><th>without</th><th>patches</th></tr>
 {split_rows}</table>
-<p>Random forest: best of {len(meta['rf_cv_auc'])} settings by {cfg.get(config, 'train.folds', int)}-fold
+<p>Random forest: best of {len(meta['rf_cv_auc'])} settings by {settings.train.folds}-fold
 patient-grouped cross-validation: {html.escape(str(meta['rf_best']))}. SVM ensemble
-({cfg.get(config, 'train.svm.partitions', int)} per-partition SVCs): {html.escape(str(meta['svm_best']))},
+({settings.train.svm.partitions} per-partition SVCs): {html.escape(str(meta['svm_best']))},
 chosen on validation patients. Training seconds: {html.escape(str(meta['timings_s']))}.</p>
-<h2>Patient level (test)</h2>{metrics_table('patient')}
-<h2>Nodule level (test nodules rated malignant or benign)</h2>{metrics_table('nodule')}
-<h2>Patch level (test)</h2>{metrics_table('patch')}
+<h2>Patient level (test)</h2>{metrics_table(results, 'patient')}
+<h2>Nodule level (test nodules rated malignant or benign)</h2>{metrics_table(results, 'nodule')}
+<h2>Patch level (test)</h2>{metrics_table(results, 'patch')}
 <h2>ROC curves</h2><figure><img src='roc_patient.png'></figure><figure><img src='roc_patch.png'></figure>
 <h2>What the forest looks at</h2><figure><img src='importances.png'></figure>
 <h2>Evidence for test patients</h2><p>The patches that drove each patient's ensemble score, boxed on their slices.</p>
 {evidence_html}
 <h2>Preprocessing and patches</h2>{''.join(pictures)}
 </body></html>"""
-    path = folder / "index.html"
-    path.write_text(page)
-    return str(path)
+    return page_html
 

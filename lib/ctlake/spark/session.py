@@ -1,13 +1,16 @@
-"""Build the SparkSession every job and test uses, from configuration alone."""
+"""Build the SparkSession every job and test uses, from the ``spark`` settings alone."""
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from ctlake import config as cfg
+from pyspark.sql import SparkSession
+
+from ctlake.config import SparkSettings
 from ctlake.errors import ConfigError
 from ctlake.spark.jars import DELTA_COORDINATE, cached_jars
-from pyspark.sql import SparkSession
 
 #: Settings every ctlake session gets unless the configuration overrides them.
 BASE_CONF = {
@@ -20,35 +23,33 @@ BASE_CONF = {
 }
 
 
-def build_session(config: dict) -> SparkSession:
-    """Create (or reuse) the session described by the ``spark`` section of ``config``.
+def build_session(settings: SparkSettings) -> SparkSession:
+    """Create (or reuse) the session the settings describe.
 
     In local mode the Delta jars come from the cache ``make setup`` filled, and
     the Python workers run the same interpreter as the driver, so the venv's
     pydicom and OpenCV are what the executors import.
     """
-    master = cfg.get(config, "spark.master", str, "local[*]")
     conf = dict(BASE_CONF)
-    if master.startswith("local"):
+    if settings.master.startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     # PySpark tells executors which Python to start from the driver's PYSPARK_PYTHON. Default:
     # this interpreter (right for local mode and a cluster on shared disks); a cluster shipping
     # a venv-pack archive sets spark.executor_python to ./environment/bin/python.
-    os.environ.setdefault("PYSPARK_PYTHON", cfg.get(config, "spark.executor_python", str, None) or sys.executable)
-    extra = cfg.get(config, "spark.conf", dict, {}) or {}
-    if "spark.jars.packages" not in extra:
+    os.environ.setdefault("PYSPARK_PYTHON", settings.executor_python or sys.executable)
+    if "spark.jars.packages" not in settings.conf and settings.delta_jars_dir:
         # The driver ships spark.jars to every executor, so the cache serves clusters too.
-        jars = cached_jars(cfg.get(config, "spark.delta_jars_dir", str, ".cache/delta-jars"))
+        jars = cached_jars(settings.delta_jars_dir)
         if jars:
             conf["spark.jars"] = ",".join(jars)
-    conf.update({k: _as_conf_value(v) for k, v in extra.items()})
+    conf.update({k: _as_conf_value(v) for k, v in settings.conf.items()})
 
-    builder = SparkSession.builder.master(master).appName(cfg.get(config, "spark.app_name", str, "ctlake"))
+    builder = SparkSession.builder.master(settings.master).appName(settings.app_name)
     for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(cfg.get(config, "spark.log_level", str, "WARN"))
-    _require_delta(spark, config)
+    spark.sparkContext.setLogLevel(settings.log_level)
+    _require_delta(spark, settings)
     return spark
 
 
@@ -58,16 +59,36 @@ def _as_conf_value(value) -> str:
     return str(value)
 
 
-def _require_delta(spark: SparkSession, config: dict) -> None:
+@contextmanager
+def session_conf(spark: SparkSession, values: dict[str, object]) -> Iterator[None]:
+    """Session SQL settings for the block only: a stage's tuning never leaks into the next stage.
+
+    Jobs that run in one session one after another (``score`` runs preprocess,
+    patches and features) each get the settings they asked for, and the
+    session is as it was afterwards.
+    """
+    before = {key: spark.conf.get(key, None) for key in values}
+    for key, value in values.items():
+        spark.conf.set(key, _as_conf_value(value))
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
+
+
+def _require_delta(spark: SparkSession, settings: SparkSettings) -> None:
     """Fail with directions, not a ClassNotFoundException deep in the first write."""
     try:
         spark._jvm.java.lang.Class.forName(
             "io.delta.tables.DeltaTable", True, spark._jvm.Thread.currentThread().getContextClassLoader()
         )
     except Exception as exc:  # py4j raises a generic Py4JJavaError here
-        jars_dir = cfg.get(config, "spark.delta_jars_dir", str, ".cache/delta-jars")
         raise ConfigError(
             "Delta Lake is not on Spark's classpath: run `make setup` (it caches the jars in "
-            f"{jars_dir}); under spark-submit pass them with --jars (see `make ingest`), "
+            f"{settings.delta_jars_dir}); under spark-submit pass them with --jars (see `make ingest`), "
             f"or on a cluster use --packages {DELTA_COORDINATE}"
         ) from exc

@@ -1,18 +1,32 @@
-"""Schemas of ctlake's Delta tables, declared once, and the one layer that reads and writes them."""
+"""The storage and contract layer: every table, schema, path and input file ctlake reads or writes.
+
+Table names and schemas are declared here once; transforms take and return
+DataFrames, and only this module turns a name into a path (tables under the
+warehouse, a run's models, the report's pictures) or reads an input CSV.
+Functions take the warehouse root (any Hadoop URI) rather than the
+configuration, so nothing here can read a setting it was not given.
+"""
 from __future__ import annotations
 
-from ctlake import config as cfg
-from ctlake.errors import InputError
-from pyspark.sql import DataFrame, SparkSession
+from pathlib import Path
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
+
+from ctlake.core.radiomics import FEATURE_NAMES, pixel_names
+from ctlake.errors import InputError
 
 SLICES = "slices"
 SERIES = "series"
 QUARANTINE = "quarantine"
 PREPROCESSED = "preprocessed"
 PATCHES = "patches"
+FEATURES = "features"
+RUNS = "runs"
+PREDICTIONS = "predictions"
 
-#: Columns of one image frame that come from parsing (pure ``ctlake.dicom`` output).
+#: Columns of one image frame that come from parsing (pure ``ctlake.core.dicom_parse`` output).
 FRAME_FIELDS = [
     T.StructField("patient_pseudonym", T.StringType()),
     T.StructField("study_uid", T.StringType()),
@@ -125,75 +139,253 @@ PREPROCESSED_SCHEMA = T.StructType(LINEAGE_FIELDS + [
     T.StructField("processed_at", T.TimestampType()),
 ])
 
+#: ``patches``: one row per patch with full lineage; pixels are HU int16, shape (channels, px, px).
+PATCHES_SCHEMA = T.StructType([T.StructField("patch_id", T.StringType())] + LINEAGE_FIELDS + [
+    T.StructField("slice_index", T.IntegerType()),
+    T.StructField("mode", T.StringType()),
+    T.StructField("candidate_id", T.StringType()),
+    T.StructField("label", T.IntegerType()),
+    T.StructField("center_row", T.DoubleType()),
+    T.StructField("center_col", T.DoubleType()),
+    T.StructField("coord_x", T.DoubleType()),
+    T.StructField("coord_y", T.DoubleType()),
+    T.StructField("coord_z", T.DoubleType()),
+    T.StructField("size_mm", T.DoubleType()),
+    # mm between channels for volume patches; null for 2D/2.5D (the series' slice spacing).
+    T.StructField("channel_spacing_mm", T.DoubleType()),
+    T.StructField("pixels", T.BinaryType()),
+    T.StructField("patch_shape", T.ArrayType(T.IntegerType())),
+    T.StructField("pixel_dtype", T.StringType()),
+    T.StructField("params_hash", T.StringType()),
+    T.StructField("created_at", T.TimestampType()),
+])
+
+#: ``features``: the ``patches`` lineage (no pixels) and the two feature vectors; the names of their
+#: elements travel in the columns' metadata (:func:`features_schema`), the layout hash in a column.
+FEATURES_SCHEMA = T.StructType(
+    [f for f in PATCHES_SCHEMA.fields if f.name not in ("pixels", "patch_shape", "pixel_dtype", "created_at")] + [
+        T.StructField("radiomics", T.ArrayType(T.DoubleType())),
+        T.StructField("pixel_vector", T.ArrayType(T.FloatType())),
+        T.StructField("layout_hash", T.StringType()),
+        T.StructField("error", T.StringType()),
+        T.StructField("computed_at", T.TimestampType()),
+    ])
+
+#: ``runs``: one row per training run, with the Delta versions of its inputs for time travel.
+RUNS_SCHEMA = T.StructType([
+    T.StructField("run_id", T.StringType()),
+    T.StructField("started_at", T.TimestampType()),
+    T.StructField("git_commit", T.StringType()),
+    T.StructField("config", T.StringType()),
+    T.StructField("input_versions", T.MapType(T.StringType(), T.LongType())),
+    T.StructField("split_sizes", T.StringType()),
+    T.StructField("metrics", T.StringType()),
+    T.StructField("models_path", T.StringType()),
+    T.StructField("seconds", T.DoubleType()),
+])
+
+#: ``predictions``: one row per scored series and run, with the patches that drove the score.
+EVIDENCE = T.StructType([
+    T.StructField("patch_id", T.StringType()),
+    T.StructField("sop_uid", T.StringType()),
+    T.StructField("slice_index", T.IntegerType()),
+    T.StructField("center_row", T.DoubleType()),
+    T.StructField("center_col", T.DoubleType()),
+    T.StructField("p", T.DoubleType()),
+])
+PREDICTIONS_SCHEMA = T.StructType([
+    T.StructField("run_id", T.StringType()),
+    T.StructField("patient_pseudonym", T.StringType()),
+    T.StructField("series_uid", T.StringType()),
+    T.StructField("patches_scored", T.IntegerType()),
+    T.StructField("p_random_forest", T.DoubleType()),
+    T.StructField("p_svm_ensemble", T.DoubleType()),
+    T.StructField("p_ensemble", T.DoubleType()),
+    T.StructField("threshold", T.DoubleType()),
+    T.StructField("cancer_predicted", T.BooleanType()),
+    T.StructField("evidence", T.ArrayType(EVIDENCE)),
+    T.StructField("scored_at", T.TimestampType()),
+])
+
 SCHEMAS = {SLICES: SLICES_SCHEMA, SERIES: SERIES_SCHEMA, QUARANTINE: QUARANTINE_SCHEMA,
-           PREPROCESSED: PREPROCESSED_SCHEMA}
+           PREPROCESSED: PREPROCESSED_SCHEMA, PATCHES: PATCHES_SCHEMA, FEATURES: FEATURES_SCHEMA,
+           RUNS: RUNS_SCHEMA, PREDICTIONS: PREDICTIONS_SCHEMA}
+
+#: The names of the feature vectors' elements live in this metadata key of their columns.
+FEATURE_NAMES_KEY = "ctlake.feature_names"
 
 
-def exists(spark: SparkSession, config: dict, table: str) -> bool:
+def features_schema(pixel_size: int) -> T.StructType:
+    """``FEATURES_SCHEMA`` with the element names of both vectors in the columns' metadata."""
+    names = {"radiomics": list(FEATURE_NAMES), "pixel_vector": list(pixel_names(pixel_size))}
+    return T.StructType([T.StructField(f.name, f.dataType, f.nullable,
+                                       {FEATURE_NAMES_KEY: names[f.name]} if f.name in names else f.metadata)
+                         for f in FEATURES_SCHEMA.fields])
+
+
+def feature_names(df: DataFrame, column: str) -> list[str]:
+    """The names recorded in a features column's metadata."""
+    return list(df.schema[column].metadata.get(FEATURE_NAMES_KEY, []))
+
+
+# --------------------------------------------------------------------------- paths
+
+def table_path(warehouse: str, table: str) -> str:
+    """Where a Delta table lives: ``<warehouse>/<table>``, on any Hadoop filesystem."""
+    return f"{warehouse.rstrip('/')}/{table}"
+
+
+def models_path(warehouse: str, run_id: str) -> str:
+    """Where a training run keeps its fitted models and ``run.json``: ``<warehouse>/models/<run_id>``."""
+    return f"{warehouse.rstrip('/')}/models/{run_id}"
+
+
+#: The pictures the jobs write into the report folder, by what they show.
+MONTAGE_PNG = "preprocess_montage.png"
+REPORT_HTML = "index.html"
+
+
+def patch_grid_png(mode: str) -> str:
+    return f"patch_grid_{mode}.png"
+
+
+def report_file(folder: str, name: str) -> Path:
+    """A file in the (local) report folder, which is created on first use."""
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    return path / name
+
+
+# --------------------------------------------------------------------------- Delta tables
+
+def exists(spark: SparkSession, warehouse: str, table: str) -> bool:
     from delta.tables import DeltaTable
 
-    return DeltaTable.isDeltaTable(spark, cfg.table_path(config, table))
+    return DeltaTable.isDeltaTable(spark, table_path(warehouse, table))
 
 
-def read(spark: SparkSession, config: dict, table: str) -> DataFrame:
+def read(spark: SparkSession, warehouse: str, table: str) -> DataFrame:
     """The table as a DataFrame; an empty one with the declared schema when it does not exist yet."""
-    if not exists(spark, config, table):
+    if not exists(spark, warehouse, table):
         return spark.createDataFrame([], SCHEMAS[table])
-    return spark.read.format("delta").load(cfg.table_path(config, table))
+    return spark.read.format("delta").load(table_path(warehouse, table))
 
 
-def merge_insert(spark: SparkSession, config: dict, table: str, rows: DataFrame, keys: list[str]) -> None:
+def create_if_missing(spark: SparkSession, warehouse: str, table: str) -> None:
+    """An empty table with the declared schema, so readers never meet a missing table."""
+    if not exists(spark, warehouse, table):
+        spark.createDataFrame([], SCHEMAS[table]).write.format("delta").mode("ignore").save(
+            table_path(warehouse, table))
+
+
+def merge_insert(spark: SparkSession, warehouse: str, table: str, rows: DataFrame, keys: list[str]) -> None:
     """Insert ``rows`` whose ``keys`` are not in ``table`` yet (creating it on first use).
 
     A MERGE keyed on the natural key makes a retried or repeated run a no-op
     instead of a source of duplicates.  A column the declared schema gained
     since the table was created is added (older rows read it as null).
     """
-    from delta.tables import DeltaTable
-
-    path = cfg.table_path(config, table)
-    rows = rows.select(*SCHEMAS[table].fieldNames())
-    if not exists(spark, config, table):
-        rows.write.format("delta").mode("errorifexists").save(path)
-        return
-    condition = " AND ".join(f"t.{k} <=> n.{k}" for k in keys)
-    (DeltaTable.forPath(spark, path).alias("t").merge(rows.alias("n"), condition)
-     .whenNotMatchedInsertAll().withSchemaEvolution().execute())
+    _merge(spark, warehouse, table, rows, keys, update=False)
 
 
-def merge_upsert(spark: SparkSession, config: dict, table: str, rows: DataFrame, keys: list[str]) -> None:
+def merge_upsert(spark: SparkSession, warehouse: str, table: str, rows: DataFrame, keys: list[str]) -> None:
     """Insert new keys and replace the rows of existing ones (derived tables such as ``series``); evolves like
     :func:`merge_insert`."""
+    _merge(spark, warehouse, table, rows, keys, update=True)
+
+
+def _merge(spark: SparkSession, warehouse: str, table: str, rows: DataFrame, keys: list[str], update: bool) -> None:
     from delta.tables import DeltaTable
 
-    path = cfg.table_path(config, table)
+    path = table_path(warehouse, table)
     rows = rows.select(*SCHEMAS[table].fieldNames())
-    if not exists(spark, config, table):
+    if not exists(spark, warehouse, table):
         rows.write.format("delta").mode("errorifexists").save(path)
         return
     condition = " AND ".join(f"t.{k} <=> n.{k}" for k in keys)
-    (DeltaTable.forPath(spark, path).alias("t").merge(rows.alias("n"), condition)
-     .whenMatchedUpdateAll().whenNotMatchedInsertAll().withSchemaEvolution().execute())
+    merge = DeltaTable.forPath(spark, path).alias("t").merge(rows.alias("n"), condition)
+    if update:
+        merge = merge.whenMatchedUpdateAll()
+    merge.whenNotMatchedInsertAll().withSchemaEvolution().execute()
 
 
-def replace(spark: SparkSession, config: dict, table: str, rows: DataFrame) -> None:
+def replace(spark: SparkSession, warehouse: str, table: str, rows: DataFrame) -> None:
     """Overwrite ``table`` with ``rows`` and their declared schema, column metadata included.
 
     For a derived table whose layout changed; the previous version stays
     readable by Delta time travel.
     """
     (rows.select(*SCHEMAS[table].fieldNames()).write.format("delta").mode("overwrite")
-     .option("overwriteSchema", "true").save(cfg.table_path(config, table)))
+     .option("overwriteSchema", "true").save(table_path(warehouse, table)))
 
 
-def version(spark: SparkSession, config: dict, table: str) -> int | None:
+def version(spark: SparkSession, warehouse: str, table: str) -> int | None:
     """The table's latest Delta version (what a run records to time-travel back to its inputs)."""
     from delta.tables import DeltaTable
 
-    if not exists(spark, config, table):
+    if not exists(spark, warehouse, table):
         return None
-    return int(DeltaTable.forPath(spark, cfg.table_path(config, table)).history(1).first()["version"])
+    return int(DeltaTable.forPath(spark, table_path(warehouse, table)).history(1).first()["version"])
 
+
+def latest_run_id(spark: SparkSession, warehouse: str) -> str:
+    """The newest training run of this warehouse (``runs.started_at``); InputError when there is none."""
+    newest = read(spark, warehouse, RUNS).orderBy(F.desc("started_at"), F.desc("run_id")).select("run_id").first()
+    if newest is None:
+        raise InputError(f"no training run in {table_path(warehouse, RUNS)}: run jobs/train.py first")
+    return newest["run_id"]
+
+
+# --------------------------------------------------------------------------- input CSVs
+
+CANDIDATES_CSV = "seriesuid string, coordX double, coordY double, coordZ double, `class` int"
+ANNOTATIONS_CSV = "seriesuid string, coordX double, coordY double, coordZ double, diameter_mm double"
+
+
+def candidate_id(series_uid: Column, x: Column, y: Column, z: Column) -> Column:
+    """The key that joins a candidate's patches to its row in ``nodules.csv``: series and centre (mm)."""
+    return F.substring(F.sha2(F.concat_ws("|", series_uid, x, y, z), 256), 1, 16)
+
+
+def _read_csv(spark: SparkSession, path: str, what: str, **options) -> DataFrame:
+    try:
+        frame = spark.read.csv(path, header=True, **options)
+        frame.schema
+    except Exception as exc:
+        if "PATH_NOT_FOUND" in str(exc) or "does not exist" in str(exc):
+            raise InputError(f"{what} file not found: {path}") from exc
+        raise
+    return frame
+
+
+def read_candidates(spark: SparkSession, path: str) -> DataFrame:
+    """LUNA16 ``candidates.csv`` (patient mm) with ``series_uid`` and ``candidate_id``; malformed rows dropped."""
+    frame = _read_csv(spark, path, "candidates", schema=CANDIDATES_CSV, enforceSchema=False, mode="DROPMALFORMED")
+    frame = frame.withColumnRenamed("seriesuid", "series_uid")
+    return frame.withColumn("candidate_id", candidate_id(F.col("series_uid"), F.col("coordX"), F.col("coordY"),
+                                                         F.col("coordZ")))
+
+
+def read_annotations(spark: SparkSession, path: str) -> DataFrame:
+    """LUNA16 ``annotations.csv``: the true nodules (patient mm, diameter) with ``series_uid``."""
+    frame = _read_csv(spark, path, "annotations", schema=ANNOTATIONS_CSV, enforceSchema=False, mode="DROPMALFORMED")
+    return frame.withColumnRenamed("seriesuid", "series_uid")
+
+
+def read_nodules(spark: SparkSession, path: str) -> DataFrame:
+    """``nodules.csv`` -> ``candidate_id`` (the key of the candidate at the nodule) and its malignancy label."""
+    nodules = _read_csv(spark, path, "nodules", inferSchema=False)
+    coords = [F.col(c).cast("double") for c in ("coordX", "coordY", "coordZ")]
+    return nodules.select(candidate_id(F.col("seriesuid"), *coords).alias("candidate_id"),
+                          F.col("label").alias("nodule_label"))
+
+
+def read_labels(spark: SparkSession, path: str) -> DataFrame:
+    """``labels.csv``: one row per series with its cancer label."""
+    return _read_csv(spark, path, "labels", inferSchema=True)
+
+
+# --------------------------------------------------------------------------- small text files
 
 def write_text(spark: SparkSession, path: str, text: str) -> None:
     """Write a small text file on any Hadoop filesystem (models live beside the tables)."""

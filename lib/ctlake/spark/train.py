@@ -14,19 +14,12 @@ import logging
 import subprocess
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 
 import numpy as np
 import pandas as pd
-from ctlake import config as cfg
-from ctlake.core.metrics import AGGREGATES, aggregate_probabilities, bootstrap_metrics, threshold_youden
-from ctlake.core.splits import SPLITS, split_patients, split_sizes
-from ctlake.errors import ConfigError, InputError
-from ctlake.spark import patches, tables
-from ctlake.spark.features import FEATURES, feature_names, layout
-from ctlake.spark.partitioned_svc import PartitionedSVC
-from ctlake.spark.report import write_report
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.classification import RandomForestClassifier
 from pyspark.ml.evaluation import BinaryClassificationEvaluator
@@ -35,47 +28,32 @@ from pyspark.ml.functions import vector_to_array
 from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
+
+from ctlake.config import Settings, TrainSettings
+from ctlake.core.evaluation import aggregate, evaluate, top_patches
+from ctlake.core.patch_tasks import params_hash, patch_geometry
+from ctlake.core.radiomics import feature_layout
+from ctlake.core.splits import split_patients, split_sizes
+from ctlake.core.svm_partition import svm_grid
+from ctlake.errors import InputError
+from ctlake.spark import tables
+from ctlake.spark.partitioned_svc import PartitionedSVC, tune_partitioned_svc
+from ctlake.spark.report import write_report
 
 log = logging.getLogger("ctlake.train")
 
-RUNS = "runs"
-WEIGHTINGS = ("groups", "none")
-RUNS_SCHEMA = T.StructType([
-    T.StructField("run_id", T.StringType()),
-    T.StructField("started_at", T.TimestampType()),
-    T.StructField("git_commit", T.StringType()),
-    T.StructField("config", T.StringType()),
-    T.StructField("input_versions", T.MapType(T.StringType(), T.LongType())),
-    T.StructField("split_sizes", T.StringType()),
-    T.StructField("metrics", T.StringType()),
-    T.StructField("models_path", T.StringType()),
-    T.StructField("seconds", T.DoubleType()),
-])
-tables.SCHEMAS[RUNS] = RUNS_SCHEMA
 
+@dataclass
+class TrainingData:
+    """The rows a run trains and evaluates on, split by patient."""
 
-def validate(config: dict) -> None:
-    """Everything training needs from configuration, checked before Spark starts."""
-    fractions = cfg.get(config, "train.split", dict)
-    folds = cfg.positive_int(config, "train.folds")
-    if set(fractions) != set(SPLITS):
-        raise ConfigError(f"train.split must give {', '.join(SPLITS)}, found {sorted(fractions)}")
-    if folds < 2:
-        raise ConfigError("train.folds must be at least 2")
-    if cfg.get(config, "train.aggregate", str, "max") not in AGGREGATES:
-        raise ConfigError(f"train.aggregate must be one of {', '.join(AGGREGATES)}")
-    for key in ("train.rf.num_trees", "train.rf.max_depth", "train.rf.max_bins"):
-        values = cfg.get(config, key, list)
-        if not values or not all(isinstance(v, int) and v > 0 for v in values):
-            raise ConfigError(f"{key} must be a non-empty list of positive integers, found {values!r}")
-    cfg.get(config, "train.rf.feature_subset", list)
-    cfg.positive_int(config, "train.svm.partitions")
-    if cfg.get(config, "train.weighting", str, "groups") not in WEIGHTINGS:
-        raise ConfigError(f"train.weighting must be one of {', '.join(WEIGHTINGS)}")
-    for key in ("train.svm.kernel", "train.svm.c", "train.svm.gamma"):
-        if not cfg.get(config, key, list):
-            raise ConfigError(f"{key} must be a non-empty list")
+    names: list[str]
+    assignment: pd.DataFrame
+    sizes: dict
+    frame: DataFrame
+    train: DataFrame
+    validation: DataFrame
+    evaluation: DataFrame
 
 
 def with_weights(frame: DataFrame, how: str) -> DataFrame:
@@ -109,34 +87,21 @@ def git_commit() -> str | None:
         return None
 
 
-def read_nodules(spark: SparkSession, path: str) -> DataFrame:
-    """nodules.csv -> candidate_id (same key as the patches job) and the malignancy label."""
-    try:
-        nodules = spark.read.csv(path, header=True, inferSchema=False)
-        nodules.schema
-    except Exception as exc:
-        raise InputError(f"nodules file not found: {path}") from exc
-    coords = [F.col(c).cast("double") for c in ("coordX", "coordY", "coordZ")]
-    return nodules.select(
-        F.substring(F.sha2(F.concat_ws("|", F.col("seriesuid"), *coords), 256), 1, 16).alias("candidate_id"),
-        F.col("label").alias("nodule_label"))
-
-
-def patient_labels(spark: SparkSession, config: dict) -> pd.DataFrame:
+def patient_labels(spark: SparkSession, settings: Settings) -> pd.DataFrame:
     """One row per patient: pseudonym and cancer label (any labelled series positive)."""
-    labels = spark.read.csv(cfg.get(config, "train.labels", str), header=True, inferSchema=True)
-    series = tables.read(spark, config, tables.SERIES).select("series_uid", "patient_pseudonym")
+    labels = tables.read_labels(spark, settings.train.labels)
+    series = tables.read(spark, settings.warehouse, tables.SERIES).select("series_uid", "patient_pseudonym")
     joined = labels.join(series, labels["seriesuid"] == series["series_uid"])
     frame = joined.groupBy("patient_pseudonym").agg(F.max("label").alias("label")).toPandas()
     return frame.rename(columns={"patient_pseudonym": "patient"})
 
 
-def training_frame(spark: SparkSession, config: dict, names: list[str], assignment: pd.DataFrame) -> DataFrame:
+def training_frame(spark: SparkSession, settings: Settings, names: list[str], assignment: pd.DataFrame) -> DataFrame:
     """Feature rows with split, fold, patch target and one named column per radiomics feature."""
-    current = patches.params_hash(patches.params_from_config(config))
-    features = (tables.read(spark, config, FEATURES).filter(F.col("error").isNull())
+    current = params_hash(settings.patches.params())
+    features = (tables.read(spark, settings.warehouse, tables.FEATURES).filter(F.col("error").isNull())
                 .filter(F.col("mode").isin("candidate", "negative") & (F.col("params_hash") == current)))
-    nodules = read_nodules(spark, cfg.get(config, "train.nodules", str))
+    nodules = tables.read_nodules(spark, settings.train.nodules)
     split = spark.createDataFrame(assignment.rename(columns={"patient": "patient_pseudonym",
                                                              "label": "patient_label"}))
     frame = (features.join(F.broadcast(nodules), "candidate_id", "left")
@@ -146,6 +111,30 @@ def training_frame(spark: SparkSession, config: dict, names: list[str], assignme
     return frame.select("*", *[F.col("radiomics")[i].alias(name) for i, name in enumerate(names)])
 
 
+def load_training_data(spark: SparkSession, settings: Settings) -> TrainingData:
+    """Split the patients, and lay their feature rows out the same way on every run (cached)."""
+    if not tables.exists(spark, settings.warehouse, tables.FEATURES):
+        raise InputError("no features table: run jobs/features.py first")
+    names = tables.feature_names(tables.read(spark, settings.warehouse, tables.FEATURES), "radiomics")
+    if names != feature_layout(settings.features.pixel_size)["radiomics"]:
+        raise InputError("features table layout differs from this ctlake version: re-run jobs/features.py")
+    train = settings.train
+    assignment = split_patients(patient_labels(spark, settings), train.split, train.folds, train.seed)
+    sizes = split_sizes(assignment)
+    log.info("split (patients): %s", sizes)
+    # A fixed layout of rows over partitions: the forest's bootstrap is drawn per partition, and the
+    # scaler's sums (whose last bits decide the SVM's partition hash) follow partition order. Without it
+    # two runs on the same tables differed by 0.09 in SVM nodule AUC.
+    frame = (training_frame(spark, settings, names, assignment)
+             .repartition(train.partitions, "patch_id").sortWithinPartitions("patch_id").cache())
+    return TrainingData(
+        names=names, assignment=assignment, sizes=sizes, frame=frame,
+        train=with_weights(frame.filter((F.col("split") == "train") & F.col("trainable")), train.weighting),
+        validation=with_weights(frame.filter((F.col("split") == "validation") & F.col("trainable")),
+                                train.weighting),
+        evaluation=frame.filter(F.col("split").isin("validation", "test")))
+
+
 def rf_pipeline(names: list[str], seed: int) -> tuple[Pipeline, RandomForestClassifier]:
     assembler = VectorAssembler(inputCols=names, outputCol="features", handleInvalid="keep")
     forest = RandomForestClassifier(featuresCol="features", labelCol="target", seed=seed, weightCol="weight",
@@ -153,13 +142,24 @@ def rf_pipeline(names: list[str], seed: int) -> tuple[Pipeline, RandomForestClas
     return Pipeline(stages=[assembler, forest]), forest
 
 
-def svm_pipeline(names: list[str], seed: int, partitions: int, max_rows: int, **params) -> Pipeline:
+def svm_features(names: list[str]) -> Pipeline:
+    """Assembled and standardized features: SVMs are not scale-invariant."""
     assembler = VectorAssembler(inputCols=names, outputCol="raw_features", handleInvalid="keep")
     scaler = StandardScaler(inputCol="raw_features", outputCol="features", withMean=True, withStd=True)
+    return Pipeline(stages=[assembler, scaler])
+
+
+def svm_params(train: TrainSettings) -> dict:
+    """The PartitionedSVC Params every candidate shares."""
     # The weight column already balances the classes: no class_weight on top of it.
-    svm = PartitionedSVC(featuresCol="features", labelCol="target", seed=seed, numPartitions=partitions,
-                         maxRowsPerPartition=max_rows, weightCol="weight", classWeight="none", **params)
-    return Pipeline(stages=[assembler, scaler, svm])
+    return {"featuresCol": "features", "labelCol": "target", "seed": train.seed, "numPartitions": train.svm.partitions,
+            "maxRowsPerPartition": train.svm.max_rows_per_partition, "weightCol": "weight", "classWeight": "none"}
+
+
+def evaluator() -> BinaryClassificationEvaluator:
+    """Weighted ROC AUC of the positive-class probability: what both models are tuned on."""
+    return BinaryClassificationEvaluator(labelCol="target", rawPredictionCol="probability",
+                                         weightCol="weight", metricName="areaUnderROC")
 
 
 def scores(model: PipelineModel, frame: DataFrame) -> pd.DataFrame:
@@ -171,180 +171,135 @@ def scores(model: PipelineModel, frame: DataFrame) -> pd.DataFrame:
     return out.toPandas()
 
 
-def aggregate(patch_scores: pd.DataFrame, how: str) -> pd.DataFrame:
-    """Patient probability from patch probabilities: max, mean or mean of the top three."""
-    grouped = patch_scores.groupby("patient_pseudonym")
-    return pd.DataFrame({"p": grouped["p"].apply(lambda p: aggregate_probabilities(p, how)),
-                         "label": grouped["patient_label"].first(),
-                         "split": grouped["split"].first()}).reset_index()
+def fit_forest(data: TrainingData, train: TrainSettings) -> tuple[PipelineModel, dict]:
+    """The forest tuned by cross-validation over the training patients' folds; its tuning record."""
+    rf, forest = rf_pipeline(data.names, train.seed)
+    grid = (ParamGridBuilder()
+            .addGrid(forest.numTrees, train.rf.num_trees)
+            .addGrid(forest.maxDepth, train.rf.max_depth)
+            .addGrid(forest.featureSubsetStrategy, [str(v) for v in train.rf.feature_subset])
+            .addGrid(forest.maxBins, train.rf.max_bins).build())
+    cv = CrossValidator(estimator=rf, estimatorParamMaps=grid, evaluator=evaluator(), foldCol="fold",
+                        numFolds=train.folds, parallelism=train.parallelism, seed=train.seed)
+    cv_model = cv.fit(data.train)
+    best_index = int(np.argmax(cv_model.avgMetrics))
+    return cv_model.bestModel, {"rf_best": {p.name: v for p, v in grid[best_index].items()},
+                                "rf_cv_auc": [float(a) for a in cv_model.avgMetrics]}
 
 
-def evaluate(patch_scores: pd.DataFrame, how: str, n_boot: int, seed: int) -> dict:
-    """Patch-, nodule- and patient-level metrics on test, thresholds chosen on validation."""
-    patients = aggregate(patch_scores, how)
-    val_p, test_p = patients[patients["split"] == "validation"], patients[patients["split"] == "test"]
-    val_x = patch_scores[(patch_scores["split"] == "validation")]
-    test_x = patch_scores[(patch_scores["split"] == "test")]
-    nodules = test_x[test_x["nodule_label"].isin(["malignant", "benign"])]
-    val_nodules = val_x[val_x["nodule_label"].isin(["malignant", "benign"])]
-    result = {
-        "patient": bootstrap_metrics(test_p["label"].to_numpy(), test_p["p"].to_numpy(),
-                                     test_p["patient_pseudonym"].to_numpy(),
-                                     threshold_youden(val_p["label"], val_p["p"]), n_boot, seed),
-        "patch": bootstrap_metrics(test_x["target"].to_numpy(), test_x["p"].to_numpy(),
-                                   test_x["patient_pseudonym"].to_numpy(),
-                                   threshold_youden(val_x["target"], val_x["p"]), n_boot, seed),
-    }
-    if len(nodules) and nodules["target"].nunique() == 2:
-        result["nodule"] = bootstrap_metrics(nodules["target"].to_numpy(), nodules["p"].to_numpy(),
-                                             nodules["patient_pseudonym"].to_numpy(),
-                                             threshold_youden(val_nodules["target"], val_nodules["p"]), n_boot, seed)
-    return result
+def fit_svm(data: TrainingData, train: TrainSettings) -> tuple[PipelineModel, dict]:
+    """The SVM ensemble tuned on the validation patients (weighted AUC), refitted on the training patients."""
+    prepare = svm_features(data.names).fit(data.train)
+    grid = svm_grid(train.svm.kernel, train.svm.c, train.svm.gamma)
+    best, results = tune_partitioned_svc(prepare.transform(data.train), prepare.transform(data.validation), grid,
+                                         evaluator=evaluator(), **svm_params(train))
+    tuning = [{**candidate, "validation_auc": result["areaUnderROC"]} for candidate, result in zip(grid, results)]
+    chosen = {k: best[k] for k in ("kernel", "C", "gamma")}
+    model = Pipeline(stages=[*svm_features(data.names).getStages(),
+                             PartitionedSVC(**svm_params(train), **chosen)]).fit(data.train)
+    return model, {"svm_best": chosen, "svm_tuning": tuning}
 
 
-def top_patches(patch_scores: pd.DataFrame, k: int) -> dict:
-    """For each test patient: the k patches that drove the score, with their location."""
-    test = patch_scores[patch_scores["split"] == "test"].sort_values("p", ascending=False)
-    evidence = {}
-    for patient, group in test.groupby("patient_pseudonym", sort=True):
-        evidence[patient] = group.head(k)[["patch_id", "series_uid", "sop_uid", "slice_index", "center_row",
-                                           "center_col", "mode", "p"]].to_dict("records")
-    return evidence
+def shuffled_control(spark: SparkSession, data: TrainingData, train: TrainSettings, rf_best: dict
+                     ) -> tuple[pd.DataFrame, dict, dict[str, list[float]]]:
+    """The forest trained on permuted (target, weight) pairs: first scores and metrics, and every AUC.
+
+    One permutation is one draw of a noisy AUC (+-0.1 with 40 test patients),
+    so it is repeated and its spread reported.
+    """
+    control_aucs: dict[str, list[float]] = {}
+    for repeat in range(train.control_repeats):
+        control, control_forest = rf_pipeline(data.names, train.seed)
+        control_forest.setNumTrees(rf_best["numTrees"]).setMaxDepth(rf_best["maxDepth"])
+        scored = scores(control.fit(_shuffled(spark, data.train, train.seed + repeat)), data.evaluation)
+        result = evaluate(scored, train.aggregate, min(train.bootstrap, 200) if repeat == 0 else 20, train.seed)
+        if repeat == 0:
+            first_scores, first_result = scored, result
+        for level, metrics in result.items():
+            control_aucs.setdefault(level, []).append(round(metrics["auc"]["value"], 4))
+    return first_scores, first_result, control_aucs
 
 
-def run_and_report(spark: SparkSession, config: dict) -> dict:
-    """The train job: :func:`run`, then the HTML report of the run; the summary names the report."""
-    summary = run(spark, config)
+def run_and_report(spark: SparkSession, settings: Settings, if_no_run: bool = False) -> dict:
+    """The train job: :func:`run`, then the HTML report of the run; the summary names the report.
+
+    With ``if_no_run``, a warehouse that already has a run keeps it (``make run`` trains once).
+    """
+    if if_no_run and tables.read(spark, settings.warehouse, tables.RUNS).limit(1).count():
+        return {"skipped": "the warehouse has a training run already", "run_id": tables.latest_run_id(
+            spark, settings.warehouse)}
+    summary = run(spark, settings)
     meta, patch_scores = summary.pop("_meta"), summary.pop("_scores")
-    summary["report"] = write_report(spark, config, summary, meta, patch_scores,
+    summary["report"] = write_report(spark, settings, summary, meta, patch_scores,
                                      partial(aggregate, how=meta["aggregate"]))
     return summary
 
 
-def run(spark: SparkSession, config: dict) -> dict:
-    validate(config)
+def run(spark: SparkSession, settings: Settings) -> dict:
+    """Train, evaluate and record one run; the summary carries ``_meta`` and ``_scores`` for the report."""
     started, clock = datetime.now(timezone.utc), time.monotonic()
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    seed = cfg.get(config, "train.seed", int, 7)
-    pixel_size = cfg.positive_int(config, "features.pixel_size", 16)
-    if not tables.exists(spark, config, FEATURES):
-        raise InputError("no features table: run jobs/features.py first")
-    features_df = tables.read(spark, config, FEATURES)
-    names = feature_names(features_df, "radiomics")
-    if names != layout(pixel_size)["radiomics"]:
-        raise InputError("features table layout differs from this ctlake version: re-run jobs/features.py")
-
-    assignment = split_patients(patient_labels(spark, config), cfg.get(config, "train.split", dict),
-                                cfg.positive_int(config, "train.folds"), seed)
-    sizes = split_sizes(assignment)
-    log.info("split (patients): %s", sizes)
-    # A fixed layout of rows over partitions: the forest's bootstrap is drawn per partition, and the
-    # scaler's sums (whose last bits decide the SVM's partition hash) follow partition order. Without it
-    # two runs on the same tables differed by 0.09 in SVM nodule AUC.
-    frame = (training_frame(spark, config, names, assignment)
-             .repartition(cfg.positive_int(config, "train.partitions", 4), "patch_id")
-             .sortWithinPartitions("patch_id").cache())
-    weighting = cfg.get(config, "train.weighting", str, "groups")
-    train = with_weights(frame.filter((F.col("split") == "train") & F.col("trainable")), weighting)
-    validation_train = with_weights(frame.filter((F.col("split") == "validation") & F.col("trainable")), weighting)
-    evaluation = frame.filter(F.col("split").isin("validation", "test"))
-    counts = {r["split"]: r["count"] for r in frame.groupBy("split").count().collect()}
-    sizes["patches"] = counts
-    how = cfg.get(config, "train.aggregate", str, "max")
-    n_boot = cfg.positive_int(config, "train.bootstrap", 1000)
-    models_path = f"{cfg.get(config, 'warehouse', str).rstrip('/')}/models/{run_id}"
-    results, all_scores, timings = {}, {}, {}
-
-    # Random forest, tuned by cross-validation over patient folds.
-    t = time.monotonic()
-    rf, forest = rf_pipeline(names, seed)
-    grid = (ParamGridBuilder()
-            .addGrid(forest.numTrees, cfg.get(config, "train.rf.num_trees", list))
-            .addGrid(forest.maxDepth, cfg.get(config, "train.rf.max_depth", list))
-            .addGrid(forest.featureSubsetStrategy, [str(v) for v in cfg.get(config, "train.rf.feature_subset", list)])
-            .addGrid(forest.maxBins, cfg.get(config, "train.rf.max_bins", list)).build())
-    evaluator = BinaryClassificationEvaluator(labelCol="target", rawPredictionCol="probability",
-                                              weightCol="weight", metricName="areaUnderROC")
-    cv = CrossValidator(estimator=rf, estimatorParamMaps=grid, evaluator=evaluator, foldCol="fold",
-                        numFolds=cfg.positive_int(config, "train.folds"),
-                        parallelism=cfg.positive_int(config, "train.parallelism", 2), seed=seed)
-    cv_model = cv.fit(train)
-    rf_model = cv_model.bestModel
-    best_index = int(np.argmax(cv_model.avgMetrics))
-    rf_best = {p.name: v for p, v in grid[best_index].items()}
-    rf_model.write().overwrite().save(f"{models_path}/random_forest")
-    timings["random_forest"] = round(time.monotonic() - t, 1)
-    all_scores["random_forest"] = scores(rf_model, evaluation)
-    importances = sorted(zip(names, rf_model.stages[-1].featureImportances.toArray().tolist()),
-                         key=lambda kv: -kv[1])
-
-    # Per-partition SVM ensemble, C/gamma/kernel tuned on the validation patients.
-    t = time.monotonic()
-    partitions = cfg.positive_int(config, "train.svm.partitions")
-    max_rows = cfg.positive_int(config, "train.svm.max_rows_per_partition", 20000)
-    tuning = []
-    for kernel in cfg.get(config, "train.svm.kernel", list):
-        for c in cfg.get(config, "train.svm.c", list):
-            for gamma in (cfg.get(config, "train.svm.gamma", list) if kernel == "rbf" else ["scale"]):
-                params = {"kernel": kernel, "C": float(c), "gamma": str(gamma)}
-                model = svm_pipeline(names, seed, partitions, max_rows, **params).fit(train)
-                auc = evaluator.evaluate(model.transform(validation_train))
-                tuning.append({**params, "validation_auc": auc})
-    svm_best = max(tuning, key=lambda r: r["validation_auc"])
-    svm_params = {k: svm_best[k] for k in ("kernel", "C", "gamma")}
-    svm_model = svm_pipeline(names, seed, partitions, max_rows, **svm_params).fit(train)
-    svm_model.write().overwrite().save(f"{models_path}/svm_ensemble")
-    timings["svm_ensemble"] = round(time.monotonic() - t, 1)
-    all_scores["svm_ensemble"] = scores(svm_model, evaluation)
-
+    train, models_path = settings.train, tables.models_path(settings.warehouse, run_id)
+    data = load_training_data(spark, settings)
+    counts = {r["split"]: r["count"] for r in data.frame.groupBy("split").count().collect()}
+    data.sizes["patches"] = counts
+    all_scores, timings, tuning = {}, {}, {}
+    for name, fit in (("random_forest", fit_forest), ("svm_ensemble", fit_svm)):
+        t = time.monotonic()
+        model, record = fit(data, train)
+        model.write().overwrite().save(f"{models_path}/{name}")
+        timings[name] = round(time.monotonic() - t, 1)
+        all_scores[name], tuning[name] = scores(model, data.evaluation), record
+        if name == "random_forest":
+            importances = sorted(zip(data.names, model.stages[-1].featureImportances.toArray().tolist()),
+                                 key=lambda kv: -kv[1])
     # Ensemble of the two: average of their probabilities, aggregated the same way.
     merged = all_scores["random_forest"].merge(all_scores["svm_ensemble"][["patch_id", "p"]], on="patch_id",
                                                suffixes=("_rf", "_svm"))
     merged["p"] = (merged["p_rf"] + merged["p_svm"]) / 2
     all_scores["ensemble"] = merged.drop(columns=["p_rf", "p_svm"])
-    for name, frame_scores in all_scores.items():
-        results[name] = evaluate(frame_scores, how, n_boot, seed)
-
-    # Shuffled-label control: same forest, training targets permuted; must score near 0.5. One permutation
-    # is one draw of a noisy AUC (+-0.1 with 40 test patients), so it is repeated and its spread reported.
-    control_aucs: dict[str, list[float]] = {}
-    for repeat in range(cfg.positive_int(config, "train.control_repeats", 5)):
-        control, control_forest = rf_pipeline(names, seed)
-        control_forest.setNumTrees(rf_best["numTrees"]).setMaxDepth(rf_best["maxDepth"])
-        scored = scores(control.fit(_shuffled(spark, train, seed + repeat)), evaluation)
-        result = evaluate(scored, how, min(n_boot, 200) if repeat == 0 else 20, seed)
-        if repeat == 0:
-            control_scores, results["shuffled_label_control"] = scored, result
-        for level, metrics in result.items():
-            control_aucs.setdefault(level, []).append(round(metrics["auc"]["value"], 4))
-
-    summary_metrics = {name: {level: {m: r[level][m]["value"] for m in ("auc", "sensitivity", "specificity")}
-                              for level in r} for name, r in results.items()}
-    meta = {"run_id": run_id, "feature_names": names, "layout_hash": layout(pixel_size)["hash"],
-            "patch_geometry": patches.geometry(patches.params_from_config(config)),
-            "aggregate": how, "weighting": weighting,
+    results = {name: evaluate(s, train.aggregate, train.bootstrap, train.seed) for name, s in all_scores.items()}
+    rf_best = tuning["random_forest"]["rf_best"]
+    control_scores, results["shuffled_label_control"], control_aucs = shuffled_control(spark, data, train, rf_best)
+    meta = {"run_id": run_id, "feature_names": data.names,
+            "layout_hash": feature_layout(settings.features.pixel_size)["hash"],
+            "patch_geometry": patch_geometry(settings.patches.params()),
+            "aggregate": train.aggregate, "weighting": train.weighting,
             "thresholds": {name: r["patient"]["threshold"] for name, r in results.items()},
-            "rf_best": rf_best, "svm_best": svm_params, "svm_tuning": tuning, "control_aucs": control_aucs,
-            "rf_cv_auc": [float(a) for a in cv_model.avgMetrics], "importances": importances,
-            "evidence": {name: top_patches(s, cfg.positive_int(config, "train.evidence_k", 3))
-                         for name, s in all_scores.items() if name != "shuffled_label_control"},
-            "results": results, "split_sizes": sizes, "timings_s": timings,
-            "patients": sorted(assignment["patient"])}
-    tables.write_text(spark, f"{models_path}/run.json", json.dumps(meta, default=_json_default, indent=1))
-    versions = {t: tables.version(spark, config, t) for t in (tables.SLICES, tables.PATCHES, FEATURES)}
-    row = [(run_id, started.replace(tzinfo=None), git_commit(), json.dumps(config, default=str), versions,
-            json.dumps(sizes), json.dumps(results, default=_json_default), models_path,
-            round(time.monotonic() - clock, 1))]
-    tables.merge_insert(spark, config, RUNS, spark.createDataFrame(row, RUNS_SCHEMA), ["run_id"])
-    frame.unpersist()
+            "rf_best": rf_best, "svm_best": tuning["svm_ensemble"]["svm_best"],
+            "svm_tuning": tuning["svm_ensemble"]["svm_tuning"], "control_aucs": control_aucs,
+            "rf_cv_auc": tuning["random_forest"]["rf_cv_auc"], "importances": importances,
+            "evidence": {name: top_patches(s, train.evidence_k) for name, s in all_scores.items()},
+            "results": results, "split_sizes": data.sizes, "timings_s": timings,
+            "patients": sorted(data.assignment["patient"])}
+    record_run(spark, settings, meta, started, round(time.monotonic() - clock, 1))
+    data.frame.unpersist()
     all_scores["shuffled_label_control"] = control_scores
-    return {"run_id": run_id, "models_path": models_path, "split_patients": {k: v["patients"] for k, v in
-                                                                           sizes.items() if k != "patches"},
-            "split_patches": counts, "metrics": summary_metrics,
+    return {"run_id": run_id, "models_path": models_path,
+            "split_patients": {k: v["patients"] for k, v in data.sizes.items() if k != "patches"},
+            "split_patches": counts, "metrics": _headline(results),
             "shuffled_label_control_auc": {level: {"mean": round(float(np.mean(v)), 3), "min": min(v), "max": max(v),
                                                    "permutations": len(v)} for level, v in control_aucs.items()},
-            "rf_best": rf_best, "svm_best": svm_params,
+            "rf_best": rf_best, "svm_best": meta["svm_best"],
             "train_seconds": timings, "_meta": meta, "_scores": all_scores}
+
+
+def _headline(results: dict) -> dict:
+    """AUC, sensitivity and specificity per model and level: what the summary shows."""
+    return {name: {level: {m: r[level][m]["value"] for m in ("auc", "sensitivity", "specificity")} for level in r}
+            for name, r in results.items()}
+
+
+def record_run(spark: SparkSession, settings: Settings, meta: dict, started: datetime, seconds: float) -> None:
+    """``run.json`` beside the models, and the run's row in ``runs`` with its inputs' Delta versions."""
+    warehouse, run_id = settings.warehouse, meta["run_id"]
+    models_path = tables.models_path(warehouse, run_id)
+    tables.write_text(spark, f"{models_path}/run.json", json.dumps(meta, default=_json_default, indent=1))
+    versions = {t: tables.version(spark, warehouse, t) for t in (tables.SLICES, tables.PATCHES, tables.FEATURES)}
+    row = [(run_id, started.replace(tzinfo=None), git_commit(), json.dumps(settings.source, default=str), versions,
+            json.dumps(meta["split_sizes"]), json.dumps(meta["results"], default=_json_default), models_path,
+            seconds)]
+    tables.merge_insert(spark, warehouse, tables.RUNS, spark.createDataFrame(row, tables.RUNS_SCHEMA), ["run_id"])
 
 
 def _shuffled(spark: SparkSession, train: DataFrame, seed: int) -> DataFrame:

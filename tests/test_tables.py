@@ -1,0 +1,46 @@
+"""The storage layer: one key for a candidate, paths in one place, scoped session settings."""
+import pytest
+
+from ctlake.errors import InputError
+from ctlake.spark import ingest, tables
+from ctlake.spark.session import session_conf
+
+
+def test_a_candidate_and_its_nodule_get_the_same_id(spark, tmp_path):
+    (tmp_path / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n1.2.3,-12.5,40.125,-100.0,1\n"
+                                             "1.2.3,1.0,2.0,3.0,0\n")
+    (tmp_path / "nodules.csv").write_text("seriesuid,nodule_id,coordX,coordY,coordZ,label\n"
+                                          "1.2.3,n1,-12.500,40.125,-100.000,malignant\n")
+    cands = tables.read_candidates(spark, str(tmp_path / "candidates.csv"))
+    nodules = tables.read_nodules(spark, str(tmp_path / "nodules.csv"))
+    joined = cands.join(nodules, "candidate_id").select("class", "nodule_label").collect()
+    assert [(r["class"], r["nodule_label"]) for r in joined] == [(1, "malignant")]
+    assert cands.select("candidate_id").distinct().count() == 2
+
+
+def test_missing_input_files_are_named(spark, tmp_path):
+    with pytest.raises(InputError, match="candidates file not found: .*absent.csv"):
+        tables.read_candidates(spark, str(tmp_path / "absent.csv"))
+
+
+def test_paths_live_under_the_warehouse():
+    assert tables.table_path("s3a://b/wh/", tables.SLICES) == "s3a://b/wh/slices"
+    assert tables.models_path("/wh", "r1") == "/wh/models/r1"
+
+
+def test_a_stage_session_setting_is_restored_afterwards(spark):
+    key = "spark.sql.execution.arrow.maxBytesPerBatch"
+    before = spark.conf.get(key)
+    with session_conf(spark, {key: 12345, "spark.sql.files.maxPartitionBytes": 1 << 20}):
+        assert spark.conf.get(key) == "12345"
+    assert spark.conf.get(key) == before
+
+
+def test_every_table_exists_after_an_ingest_of_an_empty_folder(spark, config, tmp_path):
+    (tmp_path / "empty").mkdir()
+    summary = ingest.run(spark, config, str(tmp_path / "empty"))
+    assert summary["warning"] == f"no files under {tmp_path / 'empty'}"
+    assert summary["table_totals"] == {tables.SLICES: 0, tables.SERIES: 0, tables.QUARANTINE: 0}
+    for table in (tables.SLICES, tables.SERIES, tables.QUARANTINE):
+        assert tables.exists(spark, config.warehouse, table)
+        assert tables.read(spark, config.warehouse, table).schema == tables.SCHEMAS[table]
