@@ -329,16 +329,59 @@ def test_border_patch_with_padded_air_segments_the_nodule_only():
     assert features["shape_area_mm2"] == _disc(4).sum()
 
 
+def _same_values_other_layouts(patch: np.ndarray) -> dict[str, np.ndarray]:
+    """Arrays equal to ``patch`` element for element, laid out or typed differently."""
+    strided = np.zeros((patch.shape[0], 2 * PX, 2 * PX), dtype=patch.dtype)
+    strided[:, ::2, ::2] = patch
+    transposed = np.ascontiguousarray(patch.transpose(0, 2, 1)).transpose(0, 2, 1)
+    layouts = {
+        # What the UDF hands over: a read-only view of the row's bytes.
+        "read-only bytes": np.frombuffer(patch.astype("<i2").tobytes(), "<i2").reshape(patch.shape),
+        "Fortran order": np.asfortranarray(patch),
+        "strided view": strided[:, ::2, ::2],
+        "transposed view": transposed,
+        "channels reversed twice": patch[::-1].copy()[::-1],
+        "big-endian int16": patch.astype(">i2"),
+        "int32": patch.astype(np.int32),
+        "float32": patch.astype(np.float32),
+        "float64": patch.astype(np.float64),
+    }
+    for name, other in layouts.items():
+        assert np.array_equal(other, patch), name
+    assert not layouts["strided view"].flags.c_contiguous and not layouts["transposed view"].flags.c_contiguous
+    assert not layouts["read-only bytes"].flags.writeable
+    return layouts
+
+
 def test_memory_layout_and_dtype_do_not_change_the_features():
     """The UDF hands over read-only int16 views of Arrow bytes: the figures must not depend on that."""
-    patch = _with(_lung(3, noise_hu=20.0), _star(10.0, 4.0), 40.0, noise_hu=10.0).astype(np.int16)
-    reference = patch_features(patch, 0.8, 1.25)
-    as_bytes = np.frombuffer(patch.astype("<i2").tobytes(), "<i2").reshape(patch.shape)  # read-only
-    fortran = np.asfortranarray(patch)
-    for other in (as_bytes, fortran, patch.astype(np.float64)):
-        np.testing.assert_allclose(patch_features(other, 0.8, 1.25), reference, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(pixel_vector(other), pixel_vector(patch), rtol=0, atol=1e-7)
-    assert patch_features(patch, 0.8, 1.25).shape == (len(FEATURE_NAMES),)
+    star = _star(10.0, 4.0)
+    patch = _with(_with(_lung(3, noise_hu=20.0), star, 40.0, noise_hu=10.0), _disc(5), 40.0, channel=0)
+    assert patch.dtype == np.int16 and patch.flags.c_contiguous
+    reference = _features(patch, 0.8, 1.25)
+    # Not a degenerate vector: the star is found whole, in the centre and the channel below.
+    assert reference["seg_found"] == 1.0
+    assert reference["shape_area_mm2"] == pytest.approx(star.sum() * 0.64)
+    assert reference["n3d_z_extent_mm"] == 2.5
+    expected = np.array(list(reference.values()))
+    pixels = pixel_vector(patch)
+    for name, other in _same_values_other_layouts(patch).items():
+        np.testing.assert_array_equal(patch_features(other, 0.8, 1.25), expected, err_msg=name)
+        np.testing.assert_array_equal(pixel_vector(other), pixels, err_msg=name)
+        np.testing.assert_array_equal(segment_nodule(other), segment_nodule(patch), err_msg=name)
+
+
+def test_features_tell_apart_patches_that_differ():
+    """The other side of the invariance above: a change that matters does change the vector."""
+    patch = _with(_lung(3, noise_hu=20.0), _disc(5), 40.0, noise_hu=10.0)
+    reference = _features(patch)
+    # 100 HU more inside the nodule, in every channel: the same region, 100 HU denser.
+    denser = _features(patch + np.where(_disc(5), 100, 0).astype(np.int16))
+    assert denser["fo_mean_hu"] == pytest.approx(reference["fo_mean_hu"] + 100.0)
+    assert denser["fo_std_hu"] == pytest.approx(reference["fo_std_hu"])
+    assert denser["shape_area_mm2"] == reference["shape_area_mm2"] == _disc(5).sum()
+    assert denser["n3d_mean_hu"] == pytest.approx(reference["n3d_mean_hu"] + 100.0)
+    assert _features(patch, 0.5)["shape_area_mm2"] == pytest.approx(reference["shape_area_mm2"] / 4)
 
 
 # ---------------------------------------------------------------------------

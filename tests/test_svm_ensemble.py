@@ -1,5 +1,6 @@
 """Per-partition SVMs on real Spark: stratified partitions, exact ensemble maths, Pipeline save/load."""
 import logging
+import math
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,8 @@ from sklearn.metrics import roc_auc_score
 from ctlake.core.svm_partition import (
     PartitionSkippedWarning,
     build_estimator,
+    ensemble_scores,
+    min_rows_per_class,
     stratified_caps,
     svm_grid,
     train_partition,
@@ -351,39 +354,151 @@ def test_model_saves_skipped_partitions_and_overwrites(spark, tmp_path):
 
 # ------------------------------------------------------------------ tuning
 
-def test_tuning_picks_the_candidate_that_separates_and_reports_true_aucs(train, test):
-    """A model scored on its negated features ranks the classes backwards: tuning must not pick it."""
-    flipped = test.withColumn("features", array_to_vector(F.transform(vector_to_array("features"), lambda x: -x)))
-    grid = [{"kernel": "linear", "C": 0.1}, {"kernel": "rbf", "C": 1.0, "gamma": "0.01"}]
-    best, results = tune_partitioned_svc(train, flipped, grid[:1], numPartitions=2, seed=3)
-    assert results[0]["areaUnderROC"] < 0.1  # the shifted Gaussians, mirrored
-    best, results = tune_partitioned_svc(train, test, grid, numPartitions=2, seed=3)
+#: Separates the shifted Gaussians: the Bayes AUC of two unit 5-D normals 1.5 apart per feature
+#: is Phi(1.5 * sqrt(5) / sqrt(2)) = 0.991.
+SEPARATES = {"kernel": "linear", "C": 0.1}
+#: Cannot rank anything: no validation row is within |x - x'|^2 = 0.03 of a training row, so
+#: exp(-1e6 |x - x'|^2) underflows to exactly 0, each SVC returns its intercept, every row gets
+#: the same score and the AUC of a constant is exactly 0.5. (A tiny C would not do: with every
+#: training row a bound support vector, w is the difference of the class means, which ranks
+#: these classes as well as any model.)
+BLIND = {"kernel": "rbf", "C": 1.0, "gamma": "1e6"}
+FIXED = {"numPartitions": 2, "seed": 3}
+
+
+def spark_pr_area(labels, scores, weights):
+    """Spark's areaUnderPR, written out: trapezoids over (recall, precision) at each distinct
+    score, highest first, starting from (0, precision at the highest score)."""
+    labels, scores, weights = map(np.asarray, (labels, scores, weights))
+    order = np.argsort(-scores, kind="stable")
+    distinct = np.r_[np.flatnonzero(np.diff(scores[order])), len(scores) - 1]
+    tp = np.cumsum(weights[order] * labels[order])[distinct]
+    fp = np.cumsum(weights[order] * (1 - labels[order]))[distinct]
+    recall, precision = np.r_[0.0, tp / tp[-1]], tp / (tp + fp)
+    precision = np.r_[precision[0], precision]
+    return float(np.sum(np.diff(recall) * (precision[1:] + precision[:-1]) / 2))
+
+
+def test_tuning_picks_the_candidate_that_separates_wherever_it_is_in_the_grid(train, test):
+    for grid in ([BLIND, SEPARATES], [SEPARATES, BLIND]):
+        best, results = tune_partitioned_svc(train, test, grid, **FIXED)
+        assert best == {**FIXED, **SEPARATES}
+        assert [{k: r[k] for k in c} for c, r in zip(grid, results)] == grid  # grid order, entries echoed
+        auc = {r["kernel"]: r["areaUnderROC"] for r in results}
+        assert auc["rbf"] == 0.5
+        assert auc["linear"] == pytest.approx(0.991, abs=0.02)
+        assert [r["n_partitions_trained"] for r in results] == [2, 2]
+
+
+def test_tuning_reports_the_auc_sklearn_computes_on_the_collected_predictions(train, test):
+    grid = [SEPARATES, {"kernel": "rbf", "C": 1.0, "gamma": "0.01"}, BLIND]
+    _, results = tune_partitioned_svc(train, test, grid, **FIXED)
     for candidate, result in zip(grid, results):
-        model = PartitionedSVC(numPartitions=2, seed=3, **candidate).fit(train)
-        rows = model.transform(test).select("label", "rawPrediction").collect()
-        independent = roc_auc_score([r["label"] for r in rows], [r["rawPrediction"][1] for r in rows])
-        assert result["areaUnderROC"] == pytest.approx(independent, abs=1e-9)
-        assert result["n_partitions_trained"] == 2
-    truth = max(range(2), key=lambda i: results[i]["areaUnderROC"])
-    assert best == {"numPartitions": 2, "seed": 3, **grid[truth]}
+        rows = PartitionedSVC(**FIXED, **candidate).fit(train).transform(test).select("label", "probability").collect()
+        independent = roc_auc_score([r["label"] for r in rows], [r["probability"][1] for r in rows])
+        assert result["areaUnderROC"] == pytest.approx(independent, abs=1e-12)
     with pytest.raises(ConfigError, match="non-empty grid"):
         tune_partitioned_svc(train, test, [])
+    with pytest.raises(ConfigError, match="evaluator_metric must be 'areaUnderROC' or 'areaUnderPR'; got 'accuracy'"):
+        tune_partitioned_svc(train, test, grid, evaluator_metric="accuracy")
 
 
-def test_tuning_with_a_weighted_evaluator_scores_with_it(train, test):
-    weighted = test.withColumn("w", F.when(F.col("label") == 1.0, 3.0).otherwise(1.0))
+def test_tuning_keeps_the_first_of_equal_candidates(train, test):
+    # Both blind candidates score exactly 0.5: the first one listed wins, whatever its C.
+    best, results = tune_partitioned_svc(train, test, [{**BLIND, "C": 2.0}, BLIND], **FIXED)
+    assert [r["areaUnderROC"] for r in results] == [0.5, 0.5]
+    assert best == {**FIXED, **BLIND, "C": 2.0}
+
+
+@pytest.fixture(scope="module")
+def weighted_validation(overlapping):
+    """Overlapping classes (AUC far from 1) with weights that vary within each class, so that
+    weighting changes the AUC (a weight per class only would cancel out of it)."""
+    return overlapping.withColumn("w", (F.col("id") % 4 + 1).cast("double") ** 2)
+
+
+def test_tuning_with_a_weighted_evaluator_scores_with_it(train, weighted_validation):
     evaluator = BinaryClassificationEvaluator(labelCol="label", rawPredictionCol="probability", weightCol="w")
-    grid = [{"kernel": "linear", "C": 1.0}]
-    _, results = tune_partitioned_svc(train, weighted, grid, evaluator=evaluator, numPartitions=2, seed=3)
-    model = PartitionedSVC(numPartitions=2, seed=3, **grid[0]).fit(train)
-    rows = model.transform(weighted).select("label", "probability", "w").collect()
-    expected = roc_auc_score([r["label"] for r in rows], [r["probability"][1] for r in rows],
-                             sample_weight=[r["w"] for r in rows])
-    assert results[0]["areaUnderROC"] == pytest.approx(expected, abs=1e-6)
+    grid = [SEPARATES]
+    _, results = tune_partitioned_svc(train, weighted_validation, grid, evaluator=evaluator, **FIXED)
+    rows = (PartitionedSVC(**FIXED, **grid[0]).fit(train).transform(weighted_validation)
+            .select("label", "probability", "w").collect())
+    labels, scores, weights = ([r["label"] for r in rows], [r["probability"][1] for r in rows],
+                               [r["w"] for r in rows])
+    expected = roc_auc_score(labels, scores, sample_weight=weights)
+    assert abs(expected - roc_auc_score(labels, scores)) > 0.01  # the weights matter here
+    assert results[0]["areaUnderROC"] == pytest.approx(expected, abs=1e-9)
 
+
+def test_tuning_keys_the_results_by_the_evaluator_metric_and_picks_by_it(train, weighted_validation):
+    evaluator = BinaryClassificationEvaluator(metricName="areaUnderPR", rawPredictionCol="probability",
+                                              weightCol="w")
+    grid = [BLIND, SEPARATES]
+    best, results = tune_partitioned_svc(train, weighted_validation, grid, evaluator=evaluator, **FIXED)
+    assert best == {**FIXED, **SEPARATES}
+    assert all("areaUnderPR" in r and "areaUnderROC" not in r for r in results)
+    for candidate, result in zip(grid, results):
+        rows = (PartitionedSVC(**FIXED, **candidate).fit(train).transform(weighted_validation)
+                .select("label", "probability", "w").collect())
+        expected = spark_pr_area([r["label"] for r in rows], [r["probability"][1] for r in rows],
+                                 [r["w"] for r in rows])
+        assert result["areaUnderPR"] == pytest.approx(expected, abs=1e-9)
+    # A constant score: precision is the weighted share of positives at every recall.
+    positive_share = weighted_validation.agg(F.sum(F.col("w") * F.col("label")) / F.sum("w")).first()[0]
+    assert results[0]["areaUnderPR"] == pytest.approx(positive_share, abs=1e-12)
+
+
+# ------------------------------------------------------------------ grid and ensemble maths (pure)
 
 def test_svm_grid_tries_gamma_only_for_the_rbf_kernel():
-    assert svm_grid(["rbf", "linear"], [0.3, 1], ["scale", "0.01"]) == [
+    grid = svm_grid(["rbf", "linear"], [0.3, 1], ["scale", "0.01"])
+    assert grid == [
         {"kernel": "rbf", "C": 0.3, "gamma": "scale"}, {"kernel": "rbf", "C": 0.3, "gamma": "0.01"},
         {"kernel": "rbf", "C": 1.0, "gamma": "scale"}, {"kernel": "rbf", "C": 1.0, "gamma": "0.01"},
         {"kernel": "linear", "C": 0.3, "gamma": "scale"}, {"kernel": "linear", "C": 1.0, "gamma": "scale"}]
+    assert [(type(g["C"]), type(g["gamma"])) for g in grid] == [(float, str)] * 6  # 1 == 1.0 alone would not say
+    assert svm_grid(["linear"], [2], [0.5]) == [{"kernel": "linear", "C": 2.0, "gamma": "scale"}]
+    assert svm_grid(["rbf"], [2], [0.5]) == [{"kernel": "rbf", "C": 2.0, "gamma": "0.5"}]
+
+
+class _FixedModel:
+    """Stands in for a fitted partition model with known outputs."""
+
+    def __init__(self, p_positive, decision):
+        self.p, self.s = np.asarray(p_positive, float), np.asarray(decision, float)
+
+    def predict_proba(self, features):
+        assert len(features) == len(self.p)
+        return np.c_[1 - self.p, self.p]
+
+    def decision_function(self, features):
+        assert len(features) == len(self.s)
+        return self.s
+
+
+def test_ensemble_scores_average_probabilities_or_squash_the_mean_decision():
+    models = [_FixedModel([0.2, 0.9], [-1.0, 3.0]), _FixedModel([0.4, 0.5], [3.0, -4.0])]
+    features = np.zeros((2, 5))
+    s, p = ensemble_scores(models, features, "probability")
+    np.testing.assert_allclose(s, [0.3, 0.7], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(p, [0.3, 0.7], rtol=0, atol=1e-15)
+    s, p = ensemble_scores(models, features, "decision")
+    np.testing.assert_allclose(s, [1.0, -0.5], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(p, [1 / (1 + math.exp(-1.0)), 1 / (1 + math.exp(0.5))], rtol=1e-15)
+
+
+@pytest.mark.parametrize("calibration, aggregation, rows", [
+    ("sigmoid", "probability", 3), ("isotonic", "probability", 3), ("platt-in-svc", "probability", 5),
+    ("platt-in-svc", "decision", 1),
+])
+def test_min_rows_per_class_is_the_calibration_folds(calibration, aggregation, rows):
+    assert min_rows_per_class(calibration, aggregation) == rows
+    # One row fewer of a class and the partition is skipped; exactly that many and it trains.
+    rng = np.random.default_rng(0)
+    settings = {"kernel": "linear", "C": 1.0, "gamma": "scale", "calibration": calibration,
+                "class_weight": "balanced", "aggregation": aggregation, "seed": 0, "partition": 0}
+    for positives, trains in ((rows, True), (rows - 1, False)):
+        labels = np.r_[np.zeros(10), np.ones(positives)]
+        features = rng.normal(size=(len(labels), 2)) + labels[:, None]
+        model, skipped = train_partition(features, labels, settings)
+        assert (model is not None, skipped is None) == (trains, trains), skipped
