@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_ingest.py --conf conf/local.yaml [--patients 16 --slices 64 --matrix 512]
 
-1. Generates a benchmark cohort under ``<workdir>/cohort`` with ``ctlake.cohort.job.run``
+1. Generates a benchmark cohort under ``<workdir>/cohort`` with ``ctlake.spark.cohort.run``
    (reused when its settings stamp matches, so repeated runs do not regenerate it).
 2. Warms the session with a tiny ingest of two files into a scratch warehouse (JVM start-up,
    Delta classes and first-query compilation are not counted), then times ``ctlake.spark.ingest.run``
@@ -40,6 +40,9 @@ from pathlib import Path
 from common import (
     STAMP_NAME,
     MemorySampler,
+    StageClock,
+    cohort_arguments,
+    cohort_settings,
     ensure_cohort,
     fresh,
     load_average,
@@ -48,10 +51,11 @@ from common import (
     rate,
     spark_cores,
     versions,
+    write_result,
 )
 
-from ctlake.cli import _overrides, job_parser, setup_logging
-from ctlake.config import Settings, load_settings
+from ctlake.cli import job_parser, setup_logging
+from ctlake.config import Settings
 from ctlake.errors import ConfigError, InputError
 
 TARGET_RATIO = 0.8
@@ -62,24 +66,18 @@ WRITE_LOOP_CODEC = "lz4_raw"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = job_parser("bench_ingest", __doc__)
-    parser.add_argument("--patients", type=int, default=16, help="patients in the cohort (default: %(default)s)")
-    parser.add_argument("--slices", type=int, default=64, help="slices per patient (default: %(default)s)")
-    parser.add_argument("--matrix", type=int, default=512, help="rows and columns per slice (default: %(default)s)")
-    parser.add_argument("--workdir", default="data/bench", metavar="PATH",
-                        help="scratch folder for the cohort, warehouses and ingest.json (default: %(default)s)")
+    cohort_arguments(parser, "ingest.json")
     return parser.parse_args(argv)
 
 
 def bench_config(args: argparse.Namespace) -> Settings:
-    """The configuration file plus --set overrides, with the benchmark's cohort size and scratch paths."""
-    return load_settings(args.conf, _overrides(args)).updated({
-        "cohort.patients": args.patients, "cohort.slices": args.slices, "cohort.matrix": args.matrix,
-        "ingest.progress_seconds": 0, "warehouse": str(Path(args.workdir) / "warehouse")})
+    """The configuration file plus --sets/--set overrides, with the benchmark's cohort size and scratch paths."""
+    return cohort_settings(args, {"warehouse": str(Path(args.workdir) / "warehouse")})
 
 
 # --- stage timings --------------------------------------------------------------------------------
 
-class StageClock:
+class IngestClock(StageClock):
     """Wall time of each step of ``ctlake.spark.ingest.run``, by wrapping the functions it calls.
 
     Only the benchmark patches these module attributes, and it restores them;
@@ -87,27 +85,20 @@ class StageClock:
     """
 
     def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._restore: list[tuple[object, str, object]] = []
+        from ctlake.spark import ingest, tables
 
-    def _add(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-
-    def _wrap(self, owner, attribute: str, name_of) -> None:
-        original = getattr(owner, attribute)
-
-        def timed(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self._add(name_of(*args, **kwargs), time.perf_counter() - started)
-
-        self._restore.append((owner, attribute, original))
-        setattr(owner, attribute, timed)
+        super().__init__([
+            (ingest, "list_files", "listing files"),
+            (ingest, "_ingested_paths", "already-ingested paths"),
+            (ingest, "_find_duplicates", "duplicate check"),
+            (ingest, "update_series", "series recompute + merge"),
+            (ingest, "_totals", "table totals (counts)"),
+            # merge_insert(spark, warehouse, table, ...): the slices call is also inside "writing slices".
+            (tables, "merge_insert", lambda *a, **k: f"merge_insert {a[2]}"),
+        ])
 
     def __enter__(self):
-        from ctlake.spark import ingest, tables
+        from ctlake.spark import ingest
 
         clock = self
 
@@ -117,23 +108,11 @@ class StageClock:
                 return super().__enter__()
 
             def __exit__(self, *exc_info):
-                clock._add(self.label.replace("ingest: ", ""), time.perf_counter() - self._bench_started)
+                clock.add(self.label.replace("ingest: ", ""), time.perf_counter() - self._bench_started)
                 return super().__exit__(*exc_info)
 
-        self._restore.append((ingest, "StageProgress", ingest.StageProgress))
-        ingest.StageProgress = TimedProgress
-        self._wrap(ingest, "list_files", lambda *a, **k: "listing files")
-        self._wrap(ingest, "_ingested_paths", lambda *a, **k: "already-ingested paths")
-        self._wrap(ingest, "_find_duplicates", lambda *a, **k: "duplicate check")
-        self._wrap(ingest, "update_series", lambda *a, **k: "series recompute + merge")
-        self._wrap(ingest, "_totals", lambda *a, **k: "table totals (counts)")
-        # merge_insert(spark, config, table, ...): the slices call is also inside "writing slices".
-        self._wrap(tables, "merge_insert", lambda *a, **k: f"merge_insert {a[2]}")
-        return self
-
-    def __exit__(self, *exc_info):
-        for owner, attribute, original in reversed(self._restore):
-            setattr(owner, attribute, original)
+        self.replace(ingest, "StageProgress", TimedProgress)
+        return super().__enter__()
 
 
 # --- the measured runs ----------------------------------------------------------------------------
@@ -141,7 +120,7 @@ class StageClock:
 def timed_ingest(spark, config: Settings, input_path: str) -> tuple[dict, float, dict, dict]:
     from ctlake.spark import ingest
 
-    with MemorySampler() as memory, StageClock() as clock:
+    with MemorySampler() as memory, IngestClock() as clock:
         started = time.perf_counter()
         summary = ingest.run(spark, config, input_path)
         seconds = time.perf_counter() - started
@@ -279,9 +258,6 @@ def main(argv=None) -> int:
     setup_logging()
     try:
         config = bench_config(args)
-        from ctlake.spark.cohort import lidc_db
-
-        lidc_db(config.cohort)
     except (ConfigError, InputError) as exc:
         print(f"bench_ingest: error: {exc}", file=sys.stderr)
         return 2
@@ -364,11 +340,7 @@ def main(argv=None) -> int:
         "target_ratio": TARGET_RATIO,
         "load_average": {"start": load_start, "end": load_average()},
     }
-    print(human_table(result))
-    line = json.dumps(result, default=str)
-    (workdir / "ingest.json").write_text(line + "\n")
-    print(line)
-    sys.stdout.flush()
+    write_result(result, human_table(result), workdir / "ingest.json")
     return 0
 
 

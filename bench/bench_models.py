@@ -38,7 +38,6 @@ The last line of stdout is one JSON object with every figure; it is also written
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -46,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from common import MemorySampler, load_average, machine, spark_cores, versions
+from common import MemorySampler, load_average, machine, spark_cores, versions, write_result
 
 from ctlake.cli import _overrides, job_parser, setup_logging
 from ctlake.config import Settings, load_settings
@@ -446,11 +445,7 @@ def main(argv=None) -> int:
         "targets": {"rf_ratio_max": TARGET_RF_RATIO, "svm_speedup_min": TARGET_SVM_SPEEDUP,
                     "auc_difference_max": TARGET_AUC_DIFFERENCE},
     }
-    print(human_table(result))
-    line = json.dumps(result, default=str)
-    (workdir / "models.json").write_text(line + "\n")
-    print(line)
-    sys.stdout.flush()
+    write_result(result, human_table(result), workdir / "models.json")
     return 0
 
 

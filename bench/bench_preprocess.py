@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_preprocess.py --conf conf/local.yaml [--set k=v] [--patients 16 --slices 64 --matrix 512]
 
 1. Reuses the benchmark cohort under ``<workdir>/cohort`` when its settings stamp matches (the one
-   ``bench_ingest.py`` generates; else generates it with ``ctlake.cohort.job.run``) and ingests it
+   ``bench_ingest.py`` generates; else generates it with ``ctlake.spark.cohort.run``) and ingests it
    into the scratch warehouse ``<workdir>/pp-warehouse`` (reused when it already holds that cohort).
 2. Warms the session: preprocess, candidate patches and window patches over a few slices in another
    scratch warehouse (JVM start-up, Delta classes, Python workers and first-query compilation are not
@@ -30,6 +30,9 @@ from pathlib import Path
 from common import (
     STAMP_NAME,
     MemorySampler,
+    StageClock,
+    cohort_arguments,
+    cohort_settings,
     ensure_cohort,
     fresh,
     load_average,
@@ -38,10 +41,11 @@ from common import (
     rate,
     spark_cores,
     versions,
+    write_result,
 )
 
-from ctlake.cli import _overrides, job_parser, setup_logging
-from ctlake.config import Settings, load_settings
+from ctlake.cli import job_parser, setup_logging
+from ctlake.config import Settings
 from ctlake.errors import ConfigError, InputError
 
 TARGET_RATIO = 0.8
@@ -51,13 +55,9 @@ WAREHOUSE_STAMP = "bench-cohort.json"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = job_parser("bench_preprocess", __doc__)
-    parser.add_argument("--patients", type=int, default=16, help="patients in the cohort (default: %(default)s)")
-    parser.add_argument("--slices", type=int, default=64, help="slices per patient (default: %(default)s)")
-    parser.add_argument("--matrix", type=int, default=512, help="rows and columns per slice (default: %(default)s)")
+    cohort_arguments(parser, "preprocess.json")
     parser.add_argument("--window-series", type=int, default=2, metavar="N",
                         help="series covered by the window-mode run (default: %(default)s)")
-    parser.add_argument("--workdir", default="data/bench", metavar="PATH",
-                        help="scratch folder for the cohort, warehouses and preprocess.json (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.window_series < 1:
         parser.error(f"--window-series must be at least 1, found {args.window_series}")
@@ -65,12 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def bench_config(args: argparse.Namespace) -> Settings:
-    """The configuration file plus --set overrides, with the benchmark's cohort, scratch paths and no progress logs."""
+    """The configuration file plus --sets/--set overrides, with the benchmark's cohort, scratch paths and no progress logs."""
     workdir = Path(args.workdir)
     cohort = workdir / "cohort"
-    return load_settings(args.conf, _overrides(args)).updated({
-        "cohort.patients": args.patients, "cohort.slices": args.slices, "cohort.matrix": args.matrix,
-        "ingest.progress_seconds": 0, "preprocess.progress_seconds": 0, "patches.progress_seconds": 0,
+    return cohort_settings(args, {
+        "preprocess.progress_seconds": 0, "patches.progress_seconds": 0,
         "warehouse": str(workdir / "pp-warehouse"), "patches.candidates": str(cohort / "candidates.csv"),
         "patches.annotations": str(cohort / "annotations.csv"), "report.folder": str(workdir / "report")})
 
@@ -120,38 +119,6 @@ def warm_up(spark, config: Settings, warehouse: Path) -> float:
 
 
 # --- stage timings --------------------------------------------------------------------------------
-
-class StageClock:
-    """Wall time spent in named module functions while the ``with`` block runs.
-
-    The benchmark wraps the attributes and restores them on exit; the jobs' code is unchanged and
-    unaware.  ``targets`` is a list of (module, attribute, label).
-    """
-
-    def __init__(self, targets: list[tuple[object, str, str]]):
-        self.targets = targets
-        self.seconds: dict[str, float] = {}
-        self._restore: list[tuple[object, str, object]] = []
-
-    def __enter__(self):
-        for owner, attribute, label in self.targets:
-            original = getattr(owner, attribute)
-
-            def timed(*args, _original=original, _label=label, **kwargs):
-                started = time.perf_counter()
-                try:
-                    return _original(*args, **kwargs)
-                finally:
-                    self.seconds[_label] = self.seconds.get(_label, 0.0) + time.perf_counter() - started
-
-            self._restore.append((owner, attribute, original))
-            setattr(owner, attribute, timed)
-        return self
-
-    def __exit__(self, *exc_info):
-        for owner, attribute, original in reversed(self._restore):
-            setattr(owner, attribute, original)
-
 
 def timed(run, targets: list[tuple[object, str, str]]) -> tuple[dict, float, dict, dict]:
     """``run()`` under the memory sampler and stage clock: summary, seconds, stages, memory."""
@@ -259,9 +226,6 @@ def main(argv=None) -> int:
     setup_logging()
     try:
         config = bench_config(args)
-        from ctlake.spark.cohort import lidc_db
-
-        lidc_db(config.cohort)
     except (ConfigError, InputError) as exc:
         print(f"bench_preprocess: error: {exc}", file=sys.stderr)
         return 2
@@ -360,11 +324,7 @@ def main(argv=None) -> int:
                    "series": len(series)},
         "target_ratio": TARGET_RATIO,
     }
-    print(human_table(result))
-    line = json.dumps(result, default=str)
-    (workdir / "preprocess.json").write_text(line + "\n")
-    print(line)
-    sys.stdout.flush()
+    write_result(result, human_table(result), workdir / "preprocess.json")
     return 0
 
 

@@ -1,25 +1,34 @@
-"""What the benchmarks share: the machine line, versions, Spark's cores, the cached cohort, memory peaks.
+"""What the benchmarks share: arguments and settings, the machine line, versions, Spark's cores, the
+cached cohort, stage timings, memory peaks and the result's JSON line.
 
-Copied from ``bench/bench_ingest.py`` (same behaviour) so every benchmark reports the machine and
-memory the same way; ``bench_ingest.py`` can import these instead of keeping its own copies.
+Every benchmark reports the machine, the memory and its result the same way by importing these.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import shutil
+import sys
 import threading
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from ctlake.cli import _overrides
+from ctlake.config import load_settings
+
+if TYPE_CHECKING:
+    from ctlake.config import Settings
 
 #: Settings that decide the cohort's bytes; the stamp records them so a match can be reused.
 STAMP_KEYS = ("patients", "slices", "matrix", "seed", "no_nodule_fraction", "rle_fraction", "consensus_level")
 STAMP_NAME = "bench-settings.json"
 
 
-# --- machine and versions ------------------------------------------------------------------------
+# --- machine and versions -------------------------------------------------------------------------
 
 def machine() -> dict:
     """CPU model, logical CPUs, RAM (GB) and platform, read from /proc where available."""
@@ -77,17 +86,42 @@ def spark_cores(spark) -> int:
     return int(spark.sparkContext.defaultParallelism)
 
 
+# --- arguments and settings -----------------------------------------------------------------------
+
+def cohort_arguments(parser: argparse.ArgumentParser, result_file: str) -> None:
+    """``--patients``, ``--slices``, ``--matrix`` (the benchmark cohort) and ``--workdir`` (its scratch folder)."""
+    parser.add_argument("--patients", type=int, default=16, help="patients in the cohort (default: %(default)s)")
+    parser.add_argument("--slices", type=int, default=64, help="slices per patient (default: %(default)s)")
+    parser.add_argument("--matrix", type=int, default=512, help="rows and columns per slice (default: %(default)s)")
+    parser.add_argument("--workdir", default="data/bench", metavar="PATH",
+                        help=f"scratch folder for the cohort, warehouses and {result_file} (default: %(default)s)")
+
+
+def cohort_settings(args: argparse.Namespace, changes: dict[str, Any]) -> Settings:
+    """The configuration file plus --sets/--set overrides, with the cohort of ``cohort_arguments`` and ``changes``.
+
+    Ingest progress logs are off; the LIDC database is checked too, so a ConfigError comes before Spark starts.
+    """
+    from ctlake.spark.cohort import lidc_db
+
+    settings = load_settings(args.conf, _overrides(args)).updated({
+        "cohort.patients": args.patients, "cohort.slices": args.slices, "cohort.matrix": args.matrix,
+        "ingest.progress_seconds": 0, **changes})
+    lidc_db(settings.cohort)
+    return settings
+
+
 # --- cohort ---------------------------------------------------------------------------------------
 
-def ensure_cohort(spark, config, folder: Path) -> tuple[list[Path], bool, float]:
+def ensure_cohort(spark, settings: Settings, folder: Path) -> tuple[list[Path], bool, float]:
     """The cohort's DICOM files, whether they were generated now, and the generation seconds.
 
     Reused when ``<folder>/bench-settings.json`` records the same settings and file count.
     """
     from ctlake.spark.cohort import run as make_cohort
 
-    settings = config.cohort.plan()
-    wanted = {key: getattr(settings, key) for key in STAMP_KEYS}
+    plan = settings.cohort.plan()
+    wanted = {key: getattr(plan, key) for key in STAMP_KEYS}
     stamp = folder / STAMP_NAME
     if stamp.is_file():
         recorded = json.loads(stamp.read_text())
@@ -96,7 +130,7 @@ def ensure_cohort(spark, config, folder: Path) -> tuple[list[Path], bool, float]
             return files, False, 0.0
     stamp.unlink(missing_ok=True)
     started = time.perf_counter()
-    summary = make_cohort(spark, config, folder)
+    summary = make_cohort(spark, settings, folder)
     seconds = time.perf_counter() - started
     files = sorted((folder / "dicom").rglob("*.dcm"))
     stamp.write_text(json.dumps({"settings": wanted, "files": len(files), "rle_patients": summary["rle_patients"]},
@@ -112,6 +146,50 @@ def fresh(path: Path) -> Path:
 
 def rate(count: int, seconds: float) -> float:
     return round(count / seconds, 2) if seconds > 0 else 0.0
+
+
+# --- stage timings --------------------------------------------------------------------------------
+
+class StageClock:
+    """Wall time spent in named module functions while the ``with`` block runs.
+
+    The benchmark wraps the attributes and restores them on exit; the jobs' code is unchanged and
+    unaware.  ``targets`` is a list of (module, attribute, label); a label is a string, or a function
+    of the call's arguments that returns one.
+    """
+
+    def __init__(self, targets: list[tuple[object, str, str | Callable[..., str]]]):
+        self.targets = targets
+        self.seconds: dict[str, float] = {}
+        self._restore: list[tuple[object, str, object]] = []
+
+    def add(self, label: str, seconds: float) -> None:
+        self.seconds[label] = self.seconds.get(label, 0.0) + seconds
+
+    def replace(self, owner, attribute: str, value) -> None:
+        """``owner.attribute`` set to ``value`` until the block ends."""
+        self._restore.append((owner, attribute, getattr(owner, attribute)))
+        setattr(owner, attribute, value)
+
+    def _timed(self, original, label):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.add(label if isinstance(label, str) else label(*args, **kwargs), time.perf_counter() - started)
+
+        return timed
+
+    def __enter__(self):
+        for owner, attribute, label in self.targets:
+            self.replace(owner, attribute, self._timed(getattr(owner, attribute), label))
+        return self
+
+    def __exit__(self, *exc_info):
+        for owner, attribute, original in reversed(self._restore):
+            setattr(owner, attribute, original)
+        self._restore.clear()
 
 
 # --- memory sampling ------------------------------------------------------------------------------
@@ -271,3 +349,14 @@ def memory_text(mem: dict) -> str:
     return (f"driver python {mem['driver_python_peak_rss_mb']}, JVM {mem['jvm_peak_rss_mb']}, largest python worker"
             f" {mem['python_worker_peak_rss_mb']}, all python workers {mem['python_workers_sum_peak_rss_mb']}"
             f" ({mem['python_worker_processes_seen']} processes)")
+
+
+# --- result ---------------------------------------------------------------------------------------
+
+def write_result(result: dict, text: str, path: Path) -> None:
+    """The human table, then ``result`` as one JSON object: the last line of stdout, also written to ``path``."""
+    print(text)
+    line = json.dumps(result, default=str)
+    path.write_text(line + "\n")
+    print(line)
+    sys.stdout.flush()
