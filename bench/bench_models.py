@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 from common import MemorySampler, load_average, machine, spark_cores, versions, write_result
 
-from ctlake.cli import _overrides, job_parser, setup_logging
+from ctlake.cli import job_parser, overrides, setup_logging
 from ctlake.config import Settings, load_settings
 from ctlake.errors import ConfigError, InputError
 
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
     try:
-        config = load_settings(args.conf, _overrides(args))
+        config = load_settings(args.conf, overrides(args))
         seed = config.train.seed
     except (ConfigError, InputError) as exc:
         print(f"bench_models: error: {exc}", file=sys.stderr)

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ctlake.cli import _overrides
+from ctlake.cli import overrides
 from ctlake.config import load_settings
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def cohort_settings(args: argparse.Namespace, changes: dict[str, Any]) -> Settin
     """
     from ctlake.spark.cohort import lidc_db
 
-    settings = load_settings(args.conf, _overrides(args)).updated({
+    settings = load_settings(args.conf, overrides(args)).updated({
         "cohort.patients": args.patients, "cohort.slices": args.slices, "cohort.matrix": args.matrix,
         "ingest.progress_seconds": 0, **changes})
     lidc_db(settings.cohort)

@@ -77,7 +77,7 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else text
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
+def overrides(args: argparse.Namespace) -> list[str]:
     try:
         return shlex.split(args.sets) + list(args.overrides)
     except ValueError as exc:
@@ -96,7 +96,7 @@ def run_job(parser: argparse.ArgumentParser, run: Callable, argv: list[str] | No
     setup_logging()
     job = parser.prog
     try:
-        settings = load_settings(args.conf, _overrides(args))
+        settings = load_settings(args.conf, overrides(args))
         if validate is not None:
             validate(settings, args)
     except (ConfigError, InputError) as exc:
