@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from ctlake.cohort import dicom_writer, lidc, nodule, render
 from ctlake.cohort.output import generate_patient
 from ctlake.cohort.plan import CohortSettings, PatientSpec, choose_slab, plan_cohort
-from ctlake.errors import ConfigError
+from ctlake.errors import ConfigError, InputError
 from ctlake.spark.cohort import run
 
 # ---------------------------------------------------------------- helpers
@@ -271,6 +271,20 @@ def test_patient_is_deterministic_and_csv_points_at_the_nodule(tmp_path, small_s
 
 
 # ---------------------------------------------------------------- leakage
+
+def test_no_two_patients_come_from_one_lidc_patient(db_path):
+    """LIDC-IDRI-0151 and -0355 have two scans each: a cohort must still use each real patient once."""
+    specs = plan_cohort(db_path, CohortSettings(patients=500, slices=32, matrix=64, seed=11, no_nodule_fraction=0.25))
+    patients = [s.lidc_patient_id for s in specs]
+    assert len(patients) == 500
+    assert len(set(patients)) == 500
+
+
+def test_a_cohort_larger_than_the_distinct_patients_is_refused(db_path):
+    # 135 LIDC patients have no annotation: 200 nodule-free patients cannot be distinct.
+    with pytest.raises(InputError, match="distinct LIDC patients without nodules"):
+        plan_cohort(db_path, CohortSettings(patients=200, slices=12, matrix=64, seed=3, no_nodule_fraction=1.0))
+
 
 def test_trivial_pixel_statistics_do_not_give_the_label_away(db_path):
     """Mean HU of a patient's volume, or inside a nodule, must not separate malignant from benign.

@@ -148,9 +148,11 @@ def plan_cohort(db_path: str | Path, settings: CohortSettings) -> list[PatientSp
     """Choose a scan, a slab and its nodules for every patient, deterministically from the seed.
 
     Scans with nodules and scans without annotations are drawn in two seeded
-    permutations (cycling when there are more patients than scans; a repeat
-    gets a different synthetic body).  A scan none of whose nodules fits in a
-    slab is skipped.  Patients are shuffled so the index says nothing about
+    permutations, at most one scan per real LIDC patient: two synthetic
+    patients from one real patient share nodules, and could land on both sides
+    of a train/test split.  A scan none of whose nodules fits in a slab is
+    skipped; a cohort larger than the distinct patients available is an
+    InputError, not a silent repeat.  Patients are shuffled so the index says nothing about
     the label.
     """
     rng = np.random.default_rng([settings.seed, 0x91A4])
@@ -166,13 +168,13 @@ def plan_cohort(db_path: str | Path, settings: CohortSettings) -> list[PatientSp
         n_nodule = settings.patients - n_empty
 
         planned: list[tuple[lidc.Scan, int, list[NoduleSpec]]] = []
-        order = rng.permutation(len(with_nodules))
-        tried, position = 0, 0
-        while len(planned) < n_nodule:
-            if tried == len(order) and not planned:
-                raise InputError(f"no LIDC scan has a nodule that fits in {settings.slices} slices")
-            scan = with_nodules[order[position % len(order)]]
-            position, tried = position + 1, tried + 1
+        used: set[str] = set()
+        for k in rng.permutation(len(with_nodules)):
+            if len(planned) == n_nodule:
+                break
+            scan = with_nodules[k]
+            if scan.lidc_patient_id in used:
+                continue
             nodules = scan_nodules(lidc.read_annotations(conn, scan.scan_id), scan, settings.consensus_level)
             extents = [(n.first_slice, n.first_slice + n.mask.shape[0] - 1) for n in nodules]
             start, inside = choose_slab(len(scan.z_positions), extents, settings.slices)
@@ -184,9 +186,15 @@ def plan_cohort(db_path: str | Path, settings: CohortSettings) -> list[PatientSp
             kept = [NoduleSpec(**{**n.__dict__, "nodule_id": k + 1, "first_slice": n.first_slice - start})
                     for k, n in enumerate(kept)]
             planned.append((scan, start, kept))
-        empty_order = rng.permutation(len(without))
-        for k in range(n_empty):
-            scan = without[empty_order[k % len(empty_order)]]
+            used.add(scan.lidc_patient_id)
+        if len(planned) < n_nodule:
+            raise InputError(f"only {len(planned)} distinct LIDC patients have a nodule that fits in "
+                             f"{settings.slices} slices; {n_nodule} are needed: lower cohort.patients")
+        empty = [without[k] for k in rng.permutation(len(without)) if without[k].lidc_patient_id not in used]
+        if len(empty) < n_empty:
+            raise InputError(f"only {len(empty)} distinct LIDC patients without nodules are left; {n_empty} "
+                             "are needed: lower cohort.patients or cohort.no_nodule_fraction")
+        for scan in empty[:n_empty]:
             start = int(rng.integers(0, len(scan.z_positions) - settings.slices + 1))
             planned.append((scan, start, []))
     finally:
