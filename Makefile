@@ -17,7 +17,7 @@ JOB          = $(PY) jobs/$(1).py --conf $(CONF) --sets "$$SET"
 # Overrides reach the job whole, quotes and spaces included: make ingest SET="ingest.input=/scans"
 export SET
 
-.PHONY: help setup run test lint bench package clean cohort ingest preprocess patches features train score
+.PHONY: help setup run test lint bench package clean cohort ingest preprocess detect patches features train score
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ ingest: setup ## ingest DICOM files into the slices, series and quarantine Delta
 preprocess: setup ## OpenCV chain over new slices into the preprocessed table (+ montage PNG)
 	$(call JOB,preprocess)
 
+detect: setup ## find nodule candidates in new preprocessed series into the candidates and detections tables
+	$(call JOB,detect)
+
 patches: setup ## cut candidate and negative patches into the patches table (+ patch grid PNG)
 	$(call JOB,patches)
 
@@ -59,10 +62,11 @@ score: setup ## score series not yet scored by RUN_ID (default: the newest run o
 	$(call JOB,score) --run-id $(RUN_ID)
 
 NEW_PATIENT = data/new_patient
-run: setup ## everything: cohort, ingest, preprocess, patches, features, train, report, score a new patient
+run: setup ## everything: cohort, ingest, preprocess, detect, patches, features, train, report, score a new patient
 	@test -f data/cohort/labels.csv || $(MAKE) --no-print-directory cohort
 	$(MAKE) --no-print-directory ingest
 	$(MAKE) --no-print-directory preprocess
+	$(MAKE) --no-print-directory detect
 	$(MAKE) --no-print-directory patches
 	$(MAKE) --no-print-directory features
 	$(call JOB,train) --if-no-run

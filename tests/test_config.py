@@ -11,7 +11,7 @@ from conftest import ROOT
 from ctlake.config import load_config, load_settings, merged, parse_settings
 from ctlake.errors import ConfigError
 
-JOBS = ("make_cohort", "ingest", "preprocess", "patches", "features", "train", "score")
+JOBS = ("make_cohort", "ingest", "preprocess", "detect", "patches", "features", "train", "score")
 SHIPPED = ("local.yaml", "cluster.yaml")
 
 

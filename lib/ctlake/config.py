@@ -26,6 +26,7 @@ import yaml
 
 from ctlake.cohort.plan import CohortSettings
 from ctlake.core.deid import DEV_KEY
+from ctlake.core.detect import DetectorParams
 from ctlake.core.patch_tasks import PatchParams
 from ctlake.core.slice_ops import PreprocessChain
 from ctlake.core.splits import SPLITS
@@ -282,6 +283,28 @@ class PreprocessSettings:
 
 
 @dataclass(frozen=True)
+class DetectSettings:
+    radii_mm: list[float] = field(metadata=_range(0.0, low_open=True))
+    min_response_hu: float = field(metadata=_range(0.0))
+    min_peak_hu: float
+    lung_margin_mm: float = field(metadata=_range(0.0))
+    min_roundness: float = field(metadata=_range(0.0, 1.0))
+    merge_mm: float = field(metadata=_range(0.0))
+    max_per_series: int = field(metadata=_range(0))
+    faint_hu: float
+    max_faint_per_series: int = field(metadata=_range(0))
+    progress_seconds: float = field(metadata=_range(0.0))
+
+    def params(self) -> DetectorParams:
+        """What the pure detector needs; its hash keys the ``candidates`` rows."""
+        return DetectorParams(radii_mm=tuple(self.radii_mm), min_response_hu=self.min_response_hu,
+                              min_peak_hu=self.min_peak_hu, lung_margin_mm=self.lung_margin_mm,
+                              min_roundness=self.min_roundness, merge_mm=self.merge_mm,
+                              max_per_series=self.max_per_series, faint_hu=self.faint_hu,
+                              max_faint_per_series=self.max_faint_per_series)
+
+
+@dataclass(frozen=True)
 class NegativeSettings:
     #: Random negatives per positive candidate, inside the lung mask, margin_mm beyond any nodule.
     ratio: float = field(metadata=_range(0.0))
@@ -386,6 +409,7 @@ class Settings:
     cohort: CohortSection
     ingest: IngestSettings
     preprocess: PreprocessSettings
+    detect: DetectSettings
     patches: PatchSettings
     report: ReportSettings
     features: FeatureSettings

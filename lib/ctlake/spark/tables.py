@@ -21,6 +21,8 @@ SLICES = "slices"
 SERIES = "series"
 QUARANTINE = "quarantine"
 PREPROCESSED = "preprocessed"
+CANDIDATES = "candidates"
+DETECTIONS = "detections"
 PATCHES = "patches"
 FEATURES = "features"
 RUNS = "runs"
@@ -140,6 +142,36 @@ PREPROCESSED_SCHEMA = T.StructType(LINEAGE_FIELDS + [
 ])
 
 #: ``patches``: one row per patch with full lineage; pixels are HU int16, shape (channels, px, px).
+#: ``candidates``: one row per nodule candidate the detector found; the slice is the nearest to its centre.
+CANDIDATES_SCHEMA = T.StructType([T.StructField("candidate_id", T.StringType())] + LINEAGE_FIELDS + [
+    T.StructField("slice_index", T.IntegerType()),
+    T.StructField("rank", T.IntegerType()),
+    T.StructField("coord_x", T.DoubleType()),
+    T.StructField("coord_y", T.DoubleType()),
+    T.StructField("coord_z", T.DoubleType()),
+    T.StructField("plane", T.DoubleType()),
+    T.StructField("row", T.DoubleType()),
+    T.StructField("col", T.DoubleType()),
+    T.StructField("diameter_mm", T.DoubleType()),
+    T.StructField("score", T.DoubleType()),
+    T.StructField("response_hu", T.DoubleType()),
+    T.StructField("roundness", T.DoubleType()),
+    T.StructField("peak_hu", T.DoubleType()),
+    T.StructField("detector_hash", T.StringType()),
+    T.StructField("detected_at", T.TimestampType()),
+])
+
+#: ``detections``: one row per series and detector parameters: how many candidates, how long, or why none.
+DETECTIONS_SCHEMA = T.StructType([
+    T.StructField("series_uid", T.StringType()),
+    T.StructField("patient_pseudonym", T.StringType()),
+    T.StructField("n_candidates", T.IntegerType()),
+    T.StructField("seconds", T.DoubleType()),
+    T.StructField("error", T.StringType()),
+    T.StructField("detector_hash", T.StringType()),
+    T.StructField("detected_at", T.TimestampType()),
+])
+
 PATCHES_SCHEMA = T.StructType([T.StructField("patch_id", T.StringType())] + LINEAGE_FIELDS + [
     T.StructField("slice_index", T.IntegerType()),
     T.StructField("mode", T.StringType()),
@@ -208,7 +240,8 @@ PREDICTIONS_SCHEMA = T.StructType([
 ])
 
 SCHEMAS = {SLICES: SLICES_SCHEMA, SERIES: SERIES_SCHEMA, QUARANTINE: QUARANTINE_SCHEMA,
-           PREPROCESSED: PREPROCESSED_SCHEMA, PATCHES: PATCHES_SCHEMA, FEATURES: FEATURES_SCHEMA,
+           PREPROCESSED: PREPROCESSED_SCHEMA, CANDIDATES: CANDIDATES_SCHEMA, DETECTIONS: DETECTIONS_SCHEMA,
+           PATCHES: PATCHES_SCHEMA, FEATURES: FEATURES_SCHEMA,
            RUNS: RUNS_SCHEMA, PREDICTIONS: PREDICTIONS_SCHEMA}
 
 #: The names of the feature vectors' elements live in this metadata key of their columns.
