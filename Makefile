@@ -17,7 +17,7 @@ JOB          = $(PY) jobs/$(1).py --conf $(CONF) --sets "$$SET"
 # Overrides reach the job whole, quotes and spaces included: make ingest SET="ingest.input=/scans"
 export SET
 
-.PHONY: help setup run test lint bench package clean cohort ingest preprocess detect patches features train score
+.PHONY: help setup run eval test lint bench package clean cohort ingest preprocess detect patches features train score
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -48,18 +48,19 @@ preprocess: setup ## OpenCV chain over new slices into the preprocessed table (+
 detect: setup ## find nodule candidates in new preprocessed series into the candidates and detections tables
 	$(call JOB,detect)
 
-patches: setup ## cut candidate and negative patches into the patches table (+ patch grid PNG)
+patches: setup ## cut patches at detected candidates and annotated nodules into the patches table (+ patch grid PNG)
 	$(call JOB,patches)
 
 features: setup ## radiomics features and the pixel baseline for new patches into the features table
 	$(call JOB,features)
 
-train: setup ## split, train (forest, SVM ensemble, ensemble), evaluate, runs table, HTML report
+train: setup ## split, train both stages (forest, SVM ensemble, ensemble), evaluate on the scoring path, runs table, HTML report
 	$(call JOB,train)
 
 RUN_ID ?= latest
-score: setup ## score series not yet scored by RUN_ID (default: the newest run of the warehouse) into predictions
-	$(call JOB,score) --run-id $(RUN_ID)
+LABELS ?=
+score: setup ## score series not yet scored by RUN_ID (default: the newest run) into predictions; LABELS=labels.csv measures them
+	$(call JOB,score) --run-id $(RUN_ID) $(if $(LABELS),--labels $(LABELS))
 
 NEW_PATIENT = data/new_patient
 run: setup ## everything: cohort, ingest, preprocess, detect, patches, features, train, report, score a new patient
@@ -76,6 +77,13 @@ run: setup ## everything: cohort, ingest, preprocess, detect, patches, features,
 	$(call JOB,ingest) --input $(NEW_PATIENT)/dicom
 	$(MAKE) --no-print-directory score
 	@echo "report: data/report/index.html"
+
+EVAL = conf/eval.yaml
+eval: setup ## the pipeline on the larger evaluation cohort (conf/eval.yaml: 500 patients, seed 23) into data/eval
+	@test -f data/eval/cohort/labels.csv || $(MAKE) --no-print-directory cohort CONF=$(EVAL)
+	@for job in ingest preprocess detect patches features train; do \
+	    $(MAKE) --no-print-directory $$job CONF=$(EVAL) || exit 1; done
+	@echo "report: data/eval/report/index.html"
 
 test: setup ## run the test suite (real Spark in local mode, real Delta tables)
 	$(PY) -m pytest -q tests

@@ -9,7 +9,7 @@
    scratch warehouse (JVM start-up, Delta classes, Python workers and first-query compilation are not
    counted).
 3. Times, each into a freshly deleted table, with a per-stage breakdown and peak memory:
-   ``ctlake.spark.preprocess.run`` (slices/s), ``ctlake.spark.patches.run`` in candidates mode (patches/s) and in
+   ``ctlake.spark.preprocess.run`` (slices/s), ``ctlake.spark.patches.run`` in detected mode (patches/s) and in
    window mode over ``--window-series`` series (patches/s).
 4. Reads the same inputs into the driver once (not timed), stops Spark, and times single-process loops
    of the same pure work: ``hu_frame`` + ``PreprocessChain.apply`` + ``slice_quality`` per slice
@@ -70,7 +70,7 @@ def bench_config(args: argparse.Namespace) -> Settings:
     cohort = workdir / "cohort"
     return cohort_settings(args, {
         "preprocess.progress_seconds": 0, "patches.progress_seconds": 0,
-        "warehouse": str(workdir / "pp-warehouse"), "patches.candidates": str(cohort / "candidates.csv"),
+        "warehouse": str(workdir / "pp-warehouse"),
         "patches.annotations": str(cohort / "annotations.csv"), "report.folder": str(workdir / "report")})
 
 
@@ -104,7 +104,7 @@ def warm_up(spark, config: Settings, warehouse: Path) -> float:
     """Preprocess and both patch modes over the first few slices of one series, in another warehouse."""
     from pyspark.sql import functions as F
 
-    from ctlake.spark import patches, preprocess, tables
+    from ctlake.spark import detect, patches, preprocess, tables
 
     started = time.perf_counter()
     warm = config.updated({"warehouse": str(fresh(warehouse))})
@@ -112,7 +112,8 @@ def warm_up(spark, config: Settings, warehouse: Path) -> float:
     (tables.read(spark, config.warehouse, tables.SLICES).filter(F.col("series_uid") == first)
      .orderBy("z_position").limit(WARMUP_SLICES).write.format("delta").save(str(warehouse / tables.SLICES)))
     preprocess.run(spark, warm)
-    patches.run(spark, warm, "candidates")
+    detect.run(spark, warm)
+    patches.run(spark, warm, "detected")
     fresh(warehouse / tables.PATCHES)
     patches.run(spark, warm, "window", [first])
     return time.perf_counter() - started
@@ -142,8 +143,8 @@ def slice_task_frame(spark, config: Settings, mode: str, series: list[str] | Non
 
     params = config.patches.params()
     meta = patches.slice_metadata(spark, config.warehouse).cache()
-    if mode == "candidates":
-        tasks, _ = patches.candidate_tasks(spark, config, meta)
+    if mode == "detected":
+        tasks, _ = patches.detected_tasks(spark, config, meta, None)
     else:
         tasks = patches.window_tasks(spark, config.warehouse, meta, series)
     frame = [row.asDict(recursive=True) for row in patches.job_frame(spark, config.warehouse, meta, tasks, params)
@@ -197,7 +198,7 @@ def human_table(result: dict) -> str:
         "",
         f"{'run':<46}{'seconds':>9}{'items':>8}{'items/s':>10}{'ratio':>8}{'CPU s':>9}{'items/CPU s':>13}{'CPU eff.':>10}",
     ]
-    for key, label, unit in (("preprocess", "preprocess", "slices"), ("candidates", "patches: candidates", "patches"),
+    for key, label, unit in (("preprocess", "preprocess", "slices"), ("candidates", "patches: detected candidates", "patches"),
                              ("window", f"patches: window ({result['window']['series']} series)", "patches")):
         row = result[key]
         lines.append(f"{label + f' - Spark ({cores} cores)':<46}{row['spark']['seconds']:>9.2f}"
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
 
     from pyspark.sql import functions as F
 
-    from ctlake.spark import patches, preprocess, tables
+    from ctlake.spark import detect, patches, preprocess, tables
     from ctlake.spark.session import build_session
 
     load_start = load_average()
@@ -254,19 +255,20 @@ def main(argv=None) -> int:
             [(tables, "merge_upsert", "read slices + UDF + Delta write (merge_upsert)"),
              (preprocess, "write_montage", "montage picture")])
 
-        patch_targets = [(patches, "candidate_tasks", "candidate tasks (locate, counts)"),
+        detect.run(spark, config)  # the detector's candidates are the patches' input, not timed here
+        patch_targets = [(patches, "detected_tasks", "detected tasks (locate, counts)"),
                          (tables, "merge_insert", "stacks join + UDF + Delta write (merge_insert)"),
                          (patches, "write_patch_grid", "patch grid picture")]
         fresh(warehouse / tables.PATCHES)
         cand_summary, cand_seconds, cand_stages, cand_memory = timed(
-            lambda: patches.run(spark, config, "candidates"), patch_targets)
+            lambda: patches.run(spark, config, "detected"), patch_targets)
 
         series = [r["series_uid"] for r in tables.read(spark, config.warehouse, tables.PREPROCESSED)
                   .join(tables.read(spark, config.warehouse, tables.SLICES).select("sop_uid", "frame", "series_uid"),
                         ["sop_uid", "frame", "series_uid"])
                   .filter(F.col("mask_valid")).select("series_uid").distinct()
                   .orderBy("series_uid").limit(args.window_series).collect()]
-        # Window and candidate runs share the parameters hash, so slices cut as candidates would be skipped.
+        # Window and detected runs share the parameters hash, so slices cut as detected would be skipped.
         fresh(warehouse / tables.PATCHES)
         win_summary, win_seconds, win_stages, win_memory = timed(
             lambda: patches.run(spark, config, "window", series), patch_targets)
@@ -278,7 +280,7 @@ def main(argv=None) -> int:
                           "slices_table_files": len(list((warehouse / tables.SLICES).glob("*.parquet")))}}
         # Loop inputs, read into the driver once and not timed.
         slices = tables.read(spark, config.warehouse, tables.SLICES).select("pixels", "pixel_shape").toPandas()
-        cand_frame = slice_task_frame(spark, config, "candidates", None)
+        cand_frame = slice_task_frame(spark, config, "detected", None)
         win_frame = slice_task_frame(spark, config, "window", series)
     finally:
         spark.stop()

@@ -45,7 +45,6 @@ def tiny_cohort_config(base_config: Settings, root: Path) -> Settings:
     return base_config.updated({
         "cohort.patients": 4, "cohort.slices": 8, "cohort.matrix": 96, "cohort.no_nodule_fraction": 0.25,
         "cohort.rle_fraction": 0.25, "cohort.output": str(root / "cohort"), "warehouse": str(root / "warehouse"),
-        "patches.candidates": str(root / "cohort" / "candidates.csv"),
         "patches.annotations": str(root / "cohort" / "annotations.csv"),
         "report.folder": str(root / "report"),
     })

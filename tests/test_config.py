@@ -12,7 +12,7 @@ from ctlake.config import load_config, load_settings, merged, parse_settings
 from ctlake.errors import ConfigError
 
 JOBS = ("make_cohort", "ingest", "preprocess", "detect", "patches", "features", "train", "score")
-SHIPPED = ("local.yaml", "cluster.yaml")
+SHIPPED = ("local.yaml", "cluster.yaml", "eval.yaml")
 
 
 def run_job(job, *args, env=None):

@@ -10,13 +10,24 @@ from ctlake.core.dicom_parse import hu_frame
 from ctlake.core.patch_geometry import SliceGeometry, extract_patch_stack, resample_planes, world_to_voxel
 from ctlake.core.patch_tasks import PAD_HU, plane_offsets_mm
 from ctlake.errors import ConfigError
-from ctlake.spark import patches, preprocess, tables
+from ctlake.spark import detect, patches, preprocess, tables
 
 
 @pytest.fixture
 def preprocessed(spark, cohort_config):
     preprocess.run(spark, cohort_config)
+    detect.run(spark, cohort_config)
     return cohort_config
+
+
+def patch_sources(spark, config) -> list[dict]:
+    """What detected mode cuts at: every detected candidate, then every annotated nodule."""
+    found = [{"seriesuid": r["series_uid"], "coordX": r["coord_x"], "coordY": r["coord_y"], "coordZ": r["coord_z"],
+              "mode": "detected", "label": None}
+             for r in tables.read(spark, config.warehouse, tables.CANDIDATES).collect()]
+    with open(config.patches.annotations) as handle:
+        nodules = [{**n, "mode": "nodule", "label": 1} for n in csv.DictReader(handle)]
+    return found + nodules
 
 
 def slices_by_series(spark, config):
@@ -29,17 +40,18 @@ def slices_by_series(spark, config):
 
 
 @pytest.mark.parametrize("depth_mm", [0, 32])
-def test_candidate_patches_match_the_pure_cut_with_full_lineage(spark, preprocessed, depth_mm):
+def test_detected_and_nodule_patches_match_the_pure_cut_with_full_lineage(spark, preprocessed, depth_mm):
     config = preprocessed.updated({"patches.depth_mm": depth_mm})
     summary = patches.run(spark, config)
     params = config.patches.params()
     series = slices_by_series(spark, config)
-    with open(config.patches.candidates) as handle:
-        candidates = list(csv.DictReader(handle))
+    candidates = patch_sources(spark, config)
     table = tables.read(spark, config.warehouse, tables.PATCHES).filter(F.col("params_hash") == summary["params_hash"])
-    cand_rows = table.filter(F.col("mode") == "candidate").collect()
-    assert len(cand_rows) == summary["candidates_located"] - summary["candidates_off_slab"]
-    assert len(cand_rows) == len(candidates) - summary["candidates_off_slab"]
+    cand_rows = table.filter(F.col("mode").isin("detected", "nodule")).collect()
+    n_detected, n_nodules = (sum(c["mode"] == m for c in candidates) for m in ("detected", "nodule"))
+    assert n_detected > 0 and n_nodules > 0
+    assert summary["detected_located"] == n_detected and summary["detected_off_slab"] == 0
+    assert len(cand_rows) == len(candidates) - summary.get("nodule_off_slab", 0)
     by_id = {r["candidate_id"]: r for r in cand_rows}
     assert len(by_id) == len(cand_rows)
     checked = 0
@@ -50,11 +62,12 @@ def test_candidate_patches_match_the_pure_cut_with_full_lineage(spark, preproces
         index, row, col = world_to_voxel((float(cand["coordX"]), float(cand["coordY"]), float(cand["coordZ"])),
                                          geometries)
         match = [r for r in cand_rows if r["series_uid"] == cand["seriesuid"] and r["slice_index"] == index
-                 and abs(r["center_row"] - row) < 1e-6 and abs(r["center_col"] - col) < 1e-6]
+                 and abs(r["center_row"] - row) < 1e-6 and abs(r["center_col"] - col) < 1e-6
+                 and r["mode"] == cand["mode"]]
         if not match:
             continue
         (got,) = match
-        assert got["label"] == int(cand["class"])
+        assert got["label"] == cand["label"]
         assert got["sop_uid"] == stack_rows[index]["sop_uid"]
         assert got["patient_pseudonym"] == stack_rows[index]["patient_pseudonym"]
         spacing = (stack_rows[index]["pixel_spacing_row"], stack_rows[index]["pixel_spacing_col"])
@@ -81,27 +94,12 @@ def test_candidate_patches_match_the_pure_cut_with_full_lineage(spark, preproces
         assert got["patch_shape"] == [33, 32, 32]
 
 
-def test_negatives_stay_inside_the_lung_and_away_from_nodules(spark, preprocessed):
-    config = preprocessed
-    patches.run(spark, config)
-    params = config.patches.params()
-    negatives = tables.read(spark, config.warehouse, tables.PATCHES).filter(F.col("mode") == "negative").collect()
-    assert negatives and all(r["label"] == 0 for r in negatives)
-    series = slices_by_series(spark, config)
-    masks = {(r["sop_uid"], r["frame"]): r for r in tables.read(spark, config.warehouse, tables.PREPROCESSED).collect()}
-    with open(config.patches.annotations) as handle:
-        nodules = list(csv.DictReader(handle))
-    for neg in negatives:
-        slice_row = series[neg["series_uid"]][neg["slice_index"]]
-        mask_row = masks[(slice_row["sop_uid"], slice_row["frame"])]
-        mask = np.frombuffer(mask_row["mask"], np.uint8).reshape(mask_row["image_shape"])
-        assert mask[int(neg["center_row"]), int(neg["center_col"])] == 1
-        geometry = SliceGeometry(tuple(slice_row["image_position"]), tuple(slice_row["image_orientation"]),
-                                 slice_row["pixel_spacing_row"], slice_row["pixel_spacing_col"])
-        where = geometry.pixel_to_world(neg["center_row"], neg["center_col"])
-        for nodule in (n for n in nodules if n["seriesuid"] == neg["series_uid"]):
-            centre = np.array([float(nodule["coordX"]), float(nodule["coordY"]), float(nodule["coordZ"])])
-            assert np.linalg.norm(where - centre) > float(nodule["diameter_mm"]) / 2 + params.negative_margin_mm - 1.5
+def test_a_series_to_score_gets_its_detected_patches_only(spark, preprocessed):
+    uid = tables.read(spark, preprocessed.warehouse, tables.CANDIDATES).select("series_uid").first()["series_uid"]
+    patches.run(spark, preprocessed, "detected", [uid])
+    rows = tables.read(spark, preprocessed.warehouse, tables.PATCHES).select("series_uid", "mode").collect()
+    expected = tables.read(spark, preprocessed.warehouse, tables.CANDIDATES).filter(F.col("series_uid") == uid).count()
+    assert sorted(set(rows)) == [(uid, "detected")] and len(rows) == expected
 
 
 def test_rerun_adds_nothing(spark, preprocessed):

@@ -11,7 +11,6 @@ from ctlake.core.patch_geometry import (
     nearest_slice,
     patch_to_image_matrix,
     resample_planes,
-    sample_negatives,
     series_z_positions,
     sliding_window_centers,
     stack_indices,
@@ -266,34 +265,3 @@ def test_sliding_windows_empty_mask():
     assert sliding_window_centers(np.zeros((16, 16)), 4, 4).shape == (0, 2)
 
 
-def test_negatives_keep_clear_of_findings_and_are_deterministic():
-    mask = np.zeros((64, 64), dtype=bool)
-    mask[4:60, 2:62] = True
-    centers = np.array([[20.5, 30.0], [50.0, 10.0], [0.0, 63.0]])
-    radii = np.array([5.0, 3.5, 8.0])
-    margin = 2.0
-    points = sample_negatives(mask, 400, centers, radii, margin, np.random.default_rng(11))
-    assert points.shape == (400, 2) and points.dtype == np.int64
-    assert len({tuple(p) for p in points}) == 400          # without replacement
-    assert mask[points[:, 0], points[:, 1]].all()
-    for center, radius in zip(centers, radii):
-        distances = np.hypot(points[:, 0] - center[0], points[:, 1] - center[1])
-        assert np.all(distances > radius + margin)
-    again = sample_negatives(mask, 400, centers, radii, margin, np.random.default_rng(11))
-    np.testing.assert_array_equal(points, again)
-    other = sample_negatives(mask, 400, centers, radii, margin, np.random.default_rng(12))
-    assert not np.array_equal(points, other)
-
-
-def test_negatives_return_every_eligible_pixel_when_short():
-    mask = np.zeros((9, 9), dtype=bool)
-    mask[2:7, 2:7] = True                                   # 25 pixels
-    # Radius 1 + margin 0.5 around (4, 4): removes the centre and its 4 neighbours (distance 1),
-    # and the diagonals (distance 1.414 <= 1.5); keeps distance 2 and beyond.
-    points = sample_negatives(mask, 100, np.array([[4.0, 4.0]]), np.array([1.0]), 0.5, np.random.default_rng(0))
-    assert len(points) == 25 - 9
-    rr, cc = np.nonzero(mask)
-    eligible = {(r, c) for r, c in zip(rr, cc) if np.hypot(r - 4, c - 4) > 1.5}
-    assert {tuple(p) for p in points} == eligible
-    none = sample_negatives(np.zeros((5, 5)), 3, np.empty((0, 2)), np.empty(0), 1.0, np.random.default_rng(0))
-    assert none.shape == (0, 2)

@@ -117,3 +117,10 @@ def test_bad_input_is_a_named_error(volume, spacing):
 def test_bad_radius_is_a_config_error():
     with pytest.raises(ConfigError):
         segment_nodule_3d(_lung(), (1.0, 1.0, 1.0), max_radius_frac=0.0)
+
+
+def test_a_ground_glass_nodule_is_segmented():
+    """Texture-1 ground glass (-560 HU) is a nodule to the 3D figures, not an empty mask."""
+    f = _named(features_3d(_with(_lung(), _ball(4.0), -560.0), (1.0, 1.0, 1.0)))
+    assert f["n3d_equiv_diameter_mm"] == pytest.approx(8.0, rel=0.1)
+    assert f["n3d_ggo_fraction"] == 1.0

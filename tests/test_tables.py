@@ -6,21 +6,23 @@ from ctlake.spark import ingest, tables
 from ctlake.spark.session import session_conf
 
 
-def test_a_candidate_and_its_nodule_get_the_same_id(spark, tmp_path):
-    (tmp_path / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n1.2.3,-12.5,40.125,-100.0,1\n"
-                                             "1.2.3,1.0,2.0,3.0,0\n")
-    (tmp_path / "nodules.csv").write_text("seriesuid,nodule_id,coordX,coordY,coordZ,label\n"
-                                          "1.2.3,n1,-12.500,40.125,-100.000,malignant\n")
-    cands = tables.read_candidates(spark, str(tmp_path / "candidates.csv"))
+def test_an_annotation_and_its_nodule_get_the_same_id(spark, tmp_path):
+    (tmp_path / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n"
+                                              "1.2.3,-12.5,40.125,-100.0,6.0\n1.2.3,1.0,2.0,3.0,4.0\n")
+    (tmp_path / "nodules.csv").write_text("seriesuid,nodule_id,coordX,coordY,coordZ,diameter_mm,label,texture\n"
+                                          "1.2.3,n1,-12.500,40.125,-100.000,6.000,malignant,5\n")
+    annotations = tables.read_annotations(spark, str(tmp_path / "annotations.csv"))
+    keyed = annotations.withColumn("candidate_id", tables.candidate_id(*[annotations[c] for c in (
+        "series_uid", "coordX", "coordY", "coordZ")]))
     nodules = tables.read_nodules(spark, str(tmp_path / "nodules.csv"))
-    joined = cands.join(nodules, "candidate_id").select("class", "nodule_label").collect()
-    assert [(r["class"], r["nodule_label"]) for r in joined] == [(1, "malignant")]
-    assert cands.select("candidate_id").distinct().count() == 2
+    joined = keyed.join(nodules, "candidate_id").select("diameter_mm", "nodule_label", "nodule_texture").collect()
+    assert [(r["diameter_mm"], r["nodule_label"], r["nodule_texture"]) for r in joined] == [(6.0, "malignant", 5.0)]
+    assert keyed.select("candidate_id").distinct().count() == 2
 
 
 def test_missing_input_files_are_named(spark, tmp_path):
-    with pytest.raises(InputError, match="candidates file not found: .*absent.csv"):
-        tables.read_candidates(spark, str(tmp_path / "absent.csv"))
+    with pytest.raises(InputError, match="annotations file not found: .*absent.csv"):
+        tables.read_annotations(spark, str(tmp_path / "absent.csv"))
 
 
 def test_paths_live_under_the_warehouse():

@@ -12,7 +12,8 @@ from pyspark.testing import assertDataFrameEqual
 from ctlake.core.evaluation import aggregate
 from ctlake.core.radiomics import feature_layout
 from ctlake.errors import InputError
-from ctlake.spark import cohort, features, ingest, patches, preprocess, score, tables, train
+from ctlake.spark import cohort, detect, features, ingest, patches, preprocess, score, tables, train
+from ctlake.spark.models import model_path
 from ctlake.spark.report import write_report
 
 SMALL = {
@@ -20,6 +21,7 @@ SMALL = {
     "train.folds": 2, "train.bootstrap": 50, "train.rf.num_trees": [10], "train.rf.max_depth": [3],
     "train.rf.feature_subset": ["sqrt"], "train.rf.max_bins": [16], "train.svm.partitions": 2,
     "train.svm.kernel": ["rbf"], "train.svm.c": [1.0], "train.svm.gamma": ["scale"], "train.control_repeats": 2,
+    "train.cv_folds": 2, "train.cv_repeats": 1,
 }
 
 
@@ -28,12 +30,13 @@ def trained(spark, base_config, tmp_path_factory):
     root = tmp_path_factory.mktemp("small")
     config = base_config.updated({
         **SMALL, "cohort.output": str(root / "cohort"), "warehouse": str(root / "warehouse"),
-        "report.folder": str(root / "report"), "patches.candidates": str(root / "cohort/candidates.csv"),
+        "report.folder": str(root / "report"),
         "patches.annotations": str(root / "cohort/annotations.csv"),
         "train.labels": str(root / "cohort/labels.csv"), "train.nodules": str(root / "cohort/nodules.csv")})
     cohort.run(spark, config)
     ingest.run(spark, config, str(root / "cohort/dicom"))
     preprocess.run(spark, config)
+    detect.run(spark, config)
     patches.run(spark, config)
     features.run(spark, config)
     summary = train.run(spark, config)
@@ -49,6 +52,9 @@ def test_no_patient_is_in_two_splits(trained):
     sizes = meta["split_sizes"]
     assert sum(sizes[s]["patients"] for s in ("train", "validation", "test")) == 36
     assert set(frame["split"]) == {"validation", "test"}
+    # The headline rows are the scoring path's: detected candidates (or a patient's empty scan), never the oracle.
+    assert set(frame["mode"]) <= {"detected", "none"}
+    assert frame["patient_pseudonym"].nunique() == sizes["validation"]["patients"] + sizes["test"]["patients"]
 
 
 def test_saved_models_reproduce_the_run_scores(spark, trained):
@@ -57,54 +63,58 @@ def test_saved_models_reproduce_the_run_scores(spark, trained):
     rows = (tables.read(spark, config.warehouse, tables.FEATURES)
             .filter(F.col("patch_id").isin(list(scores["random_forest"]["patch_id"])))
             .select("patch_id", *[F.col("radiomics")[i].alias(n) for i, n in enumerate(meta["feature_names"])]))
-    for model in ("random_forest", "svm_ensemble"):
-        loaded = PipelineModel.load(f"{summary['models_path']}/{model}")
-        got = (loaded.transform(rows).select("patch_id", vector_to_array("probability")[1].alias("p"))
-               .toPandas().set_index("patch_id")["p"])
-        expected = scores[model].set_index("patch_id")["p"]
-        assert len(got) == len(expected) > 0
-        np.testing.assert_allclose(got.loc[expected.index].to_numpy(), expected.to_numpy(), rtol=0, atol=1e-12)
+    detected = scores["random_forest"].dropna(subset=["patch_id"]).set_index("patch_id")
+    for stage in ("nodule", "malignancy"):
+        for model in ("random_forest", "svm_ensemble"):
+            loaded = PipelineModel.load(model_path(summary["models_path"], stage, model))
+            got = (loaded.transform(rows).select("patch_id", vector_to_array("probability")[1].alias("p"))
+                   .toPandas().set_index("patch_id")["p"])
+            expected = detected[f"p_{stage}_{model}"]
+            assert len(got) == len(expected) > 0
+            np.testing.assert_allclose(got.loc[expected.index].to_numpy(), expected.to_numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(detected["p"], detected["p_nodule_random_forest"] * detected["p_malignancy_random_forest"])
 
 
 def test_runs_table_and_report(spark, trained):
     config, summary, meta, _, report = trained
     run_row = tables.read(spark, config.warehouse, tables.RUNS).filter(F.col("run_id") == summary["run_id"]).first()
     assert run_row["input_versions"] == {t: tables.version(spark, config.warehouse, t)
-                                         for t in (tables.SLICES, tables.PATCHES, tables.FEATURES)}
+                                         for t in (tables.SLICES, tables.CANDIDATES, tables.PATCHES, tables.FEATURES)}
     assert json.loads(run_row["metrics"]) == json.loads(json.dumps(meta["results"]))
-    assert set(json.loads(run_row["metrics"])) == {"random_forest", "svm_ensemble", "ensemble", "shuffled_label_control"}
+    assert set(json.loads(run_row["metrics"])) == {"random_forest", "svm_ensemble", "ensemble", "oracle_nodule"}
     assert json.loads(run_row["config"])["warehouse"] == config.warehouse
     assert {name for name, _ in meta["importances"]} == set(meta["feature_names"])
     html = Path(report).read_text()
-    for image in ("roc_patient.png", "roc_patch.png", "importances.png"):
+    assert Path(report).parent == Path(config.report.folder) / "runs" / summary["run_id"]
+    for image in ("roc_patient.png", "roc_patch.png", "importances.png", "pr.png", "calibration.png"):
         assert image in html and (Path(report).parent / image).is_file()
-    assert "shuffled label control" in html and "Over 2 permutations" in html
-    assert len(meta["control_aucs"]["patch"]) == 2
+    assert "synthetic" in html and (meta["git_commit"] or "None") in html
+    index = (Path(config.report.folder) / "index.html").read_text()
+    assert f"runs/{summary['run_id']}/index.html" in index
+    assert set(meta["groups"]) == {"no nodule", "benign or indeterminate only", "cancer"}
+    assert sum(g["patients"] for g in meta["groups"].values()) == meta["split_sizes"]["test"]["patients"]
+    assert "permuted 2 times" in html and "Detection (test scans, LUNA16 FROC)" in html
+    assert len(meta["null_aucs"]) == 2
+    froc = meta["detection"]["system"]["all"]
+    assert set(froc["sensitivity"]) == {0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0} and 0 <= froc["cpm"] <= 1
 
 
-def test_shuffled_labels_permute_target_and_weight_together(spark):
-    rows = [(f"p{i}", float(i % 2), 1.0 + i) for i in range(8)]
-    frame = spark.createDataFrame(rows, "patch_id string, target double, weight double")
-    shuffled = {seed: train._shuffled(spark, frame, seed).orderBy("patch_id").collect() for seed in (1, 2)}
-    pairs = sorted((t, w) for _, t, w in rows)
-    for result in shuffled.values():
-        assert [r["patch_id"] for r in result] == [f"p{i}" for i in range(8)]
-        assert sorted((r["target"], r["weight"]) for r in result) == pairs  # pairs moved together
-        assert [r["weight"] for r in result] != [w for _, _, w in rows]  # and they did move
-    assert shuffled[1] != shuffled[2]
-
-
-def test_group_weights_give_each_group_a_third(spark):
-    frame = spark.createDataFrame([("a", 1.0, "malignant"), ("b", 1.0, "malignant"), ("c", 0.0, "benign"),
-                                   ("d", 0.0, None), ("e", 0.0, None), ("f", 0.0, None)],
-                                  "patch_id string, target double, nodule_label string")
-    expected = spark.createDataFrame([("a", 1.0, "malignant", 1.0), ("b", 1.0, "malignant", 1.0),
-                                      ("c", 0.0, "benign", 2.0), ("d", 0.0, None, 2 / 3), ("e", 0.0, None, 2 / 3),
-                                      ("f", 0.0, None, 2 / 3)],
-                                     "patch_id string, target double, nodule_label string, weight double")
-    assertDataFrameEqual(train.with_weights(frame, "groups"), expected, rtol=1e-9)
+def test_balanced_weights_give_each_class_half(spark):
+    frame = spark.createDataFrame([("a", 1.0), ("b", 0.0), ("c", 0.0), ("d", 0.0)], "patch_id string, target double")
+    expected = spark.createDataFrame([("a", 1.0, 2.0), ("b", 0.0, 2 / 3), ("c", 0.0, 2 / 3), ("d", 0.0, 2 / 3)],
+                                     "patch_id string, target double, weight double")
+    assertDataFrameEqual(train.with_weights(frame, "balanced"), expected, rtol=1e-9)
     assertDataFrameEqual(train.with_weights(frame, "none").select("weight"),
-                         spark.createDataFrame([(1.0,)] * 6, "weight double"))
+                         spark.createDataFrame([(1.0,)] * 4, "weight double"))
+
+
+def test_the_permutation_null_is_centred_at_one_half():
+    from ctlake.core.evaluation import permutation_null
+
+    labels = np.array([0, 1] * 20)
+    aucs = permutation_null(labels, labels + 0.1 * np.arange(40), 400, seed=3)
+    assert len(aucs) == 400 and abs(np.mean(aucs) - 0.5) < 0.02
+    assert permutation_null(np.zeros(5), np.arange(5), 10, 0) == []
 
 
 def test_score_a_new_patient_and_refuse_bad_runs(spark, trained, tmp_path):
@@ -113,15 +123,21 @@ def test_score_a_new_patient_and_refuse_bad_runs(spark, trained, tmp_path):
     cohort.run(spark, new, str(tmp_path / "new"))
     ingest.run(spark, config, str(tmp_path / "new" / "dicom"))
     uid = next((tmp_path / "new" / "dicom").rglob("*.dcm")).parent.name
-    result = score.run(spark, config, score.LATEST, [uid])
+    result = score.run(spark, config, score.LATEST, [uid], labels=str(tmp_path / "new" / "labels.csv"))
+    assert result["against_labels"] == {"series": 1, "note": "needs scored series of both labels"}
     assert result["run_id"] == summary["run_id"]
     assert result["series_scored"] == 1 and result["patches_scored"] > 0
     row = tables.read(spark, config.warehouse, tables.PREDICTIONS).filter(F.col("series_uid") == uid).first()
-    assert 0.0 <= row["p_ensemble"] <= 1.0 and len(row["evidence"]) == config.train.evidence_k
+    assert 0.0 <= row["p_ensemble"] <= 1.0 and len(row["evidence"]) == min(config.train.evidence_k,
+                                                                             result["patches_scored"])
+    assert row["patches_scored"] == tables.read(spark, config.warehouse, tables.CANDIDATES).filter(
+        F.col("series_uid") == uid).count()
     assert row["cancer_predicted"] == (row["p_ensemble"] >= meta["thresholds"]["ensemble"])
     sops = {r["sop_uid"] for r in tables.read(spark, config.warehouse, tables.SLICES)
             .filter(F.col("series_uid") == uid).select("sop_uid").collect()}
     assert {e["sop_uid"] for e in row["evidence"]} <= sops
+    picture = result["predictions"][uid[-12:]]["evidence_picture"]
+    assert picture is None if not row["evidence"] else Path(picture).is_file()
     with pytest.raises(InputError, match="run 'no-such-run' does not exist"):
         score.run(spark, config, "no-such-run", [uid])
     run_json = Path(summary["models_path"]) / "run.json"
@@ -134,6 +150,8 @@ def test_score_a_new_patient_and_refuse_bad_runs(spark, trained, tmp_path):
         run_json.write_text(json.dumps(meta_on_disk))
     with pytest.raises(InputError, match="trained on patches"):
         score.run(spark, config.updated({"patches.depth_mm": 0}), summary["run_id"], [uid])
+    with pytest.raises(InputError, match="detector"):
+        score.run(spark, config.updated({"detect.min_roundness": 0.1}), summary["run_id"], [uid])
 
 
 def test_latest_run_of_an_empty_warehouse_is_a_clear_error(spark, config):

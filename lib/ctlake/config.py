@@ -305,14 +305,6 @@ class DetectSettings:
 
 
 @dataclass(frozen=True)
-class NegativeSettings:
-    #: Random negatives per positive candidate, inside the lung mask, margin_mm beyond any nodule.
-    ratio: float = field(metadata=_range(0.0))
-    margin_mm: float = field(metadata=_range(0.0))
-    seed: int
-
-
-@dataclass(frozen=True)
 class WindowSettings:
     stride_mm: float = field(metadata=_range(0.0, low_open=True))
     min_mask_fraction: float = field(metadata=_range(0.0, 1.0, low_open=True))
@@ -320,14 +312,12 @@ class WindowSettings:
 
 @dataclass(frozen=True)
 class PatchSettings:
-    candidates: str
     annotations: str
     size_mm: float = field(metadata=_range(0.0, low_open=True))
     out_px: int = field(metadata=_range(1))
     depth_mm: float = field(metadata=_range(0.0))
     neighbours: int = field(metadata=_range(0, 3))
     max_slice_distance_mm: float = field(metadata=_range(0.0))
-    negatives: NegativeSettings
     window: WindowSettings
     arrow_max_bytes_per_batch: Bytes
     progress_seconds: float = field(metadata=_range(0.0))
@@ -339,8 +329,7 @@ class PatchSettings:
     def params(self) -> PatchParams:
         """What the pure patch cutter needs; its hash keys the ``patches`` rows."""
         return PatchParams(size_mm=self.size_mm, out_px=self.out_px, neighbours=self.neighbours,
-                           depth_mm=self.depth_mm, negative_margin_mm=self.negatives.margin_mm,
-                           window_stride_mm=self.window.stride_mm,
+                           depth_mm=self.depth_mm, window_stride_mm=self.window.stride_mm,
                            window_min_mask_fraction=self.window.min_mask_fraction)
 
 
@@ -381,10 +370,12 @@ class TrainSettings:
     split: dict
     folds: int = field(metadata=_range(2))
     aggregate: Literal["max", "mean", "top3"]
-    weighting: Literal["groups", "none"]
+    weighting: Literal["balanced", "none"]
     bootstrap: int = field(metadata=_range(1))
     evidence_k: int = field(metadata=_range(1))
     control_repeats: int = field(metadata=_range(1))
+    cv_folds: int = field(metadata=_range(2))
+    cv_repeats: int = field(metadata=_range(0))
     parallelism: int = field(metadata=_range(1))
     partitions: int = field(metadata=_range(1))
     rf: ForestGrid

@@ -197,6 +197,23 @@ def detect_candidates(volume_hu: np.ndarray, lung_mask: np.ndarray, spacing_mm,
     if not mask.any():
         return []
     region = _grown_mask(mask, spacing, params.lung_margin_mm)
+    # Work inside the grown lungs' bounding box, padded by the largest kernel's reach: beyond it
+    # everything is air either way, so the result is the same at a third of the voxels.
+    reach = np.ceil(3.0 * max(params.radii_mm) / math.sqrt(3.0) / spacing).astype(int) + 1
+    nonzero = np.argwhere(region)
+    low = np.maximum(nonzero.min(axis=0) - reach, 0)
+    high = np.minimum(nonzero.max(axis=0) + reach + 1, volume.shape)
+    box = tuple(slice(a, b) for a, b in zip(low, high))
+    found = _peaks(volume[box], region[box], spacing, params)
+    for candidate in found:
+        for axis, key in enumerate(("plane", "row", "col")):
+            candidate[key] += float(low[axis])
+    return _merge(found, spacing, params)
+
+
+def _peaks(volume: np.ndarray, region: np.ndarray, spacing: np.ndarray,
+           params: DetectorParams) -> list[dict]:
+    """Every kept LoG peak of one (cropped) volume, unmerged, in that volume's voxel coordinates."""
     # Outside the grown lungs everything is air: the chest wall and the mediastinum are not
     # candidates, and a nodule on the pleura stands out as a lump on the lung's edge.
     work = np.where(region, np.clip(volume, -1000.0, 400.0), -1000.0).astype(np.float32)
@@ -226,7 +243,7 @@ def detect_candidates(volume_hu: np.ndarray, lung_mask: np.ndarray, spacing_mm,
         found.append({"plane": plane, "row": row, "col": col, "radius_mm": params.radii_mm[k],
                       "score": response * math.sqrt(roundness), "response_hu": response, "roundness": roundness,
                       "peak_hu": float(smooth[point])})
-    return _merge(found, spacing, params)
+    return found
 
 
 def _merge(found: list[dict], spacing: np.ndarray, params: DetectorParams) -> list[dict]:

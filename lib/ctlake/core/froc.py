@@ -89,3 +89,26 @@ def froc(candidates: pd.DataFrame, nodules: pd.DataFrame, n_scans: int, min_diam
     return {"sensitivity": at, "cpm": float(np.mean(list(at.values()))), "nodules": n_nodules, "scans": n_scans,
             "max_sensitivity": float(np.isfinite(found_scores).mean()) if n_nodules else 0.0,
             "curve": list(zip(fp_per_scan.round(4).tolist(), sensitivity.round(4).tolist()))}
+
+
+#: Nodule groups FROC is reported for: LIDC texture ratings (1 ground glass .. 5 solid) and size.
+GROUPS = {
+    "ground glass (texture 1-2)": lambda n: n["texture"] <= 2,
+    "part solid (texture 3-4)": lambda n: (n["texture"] > 2) & (n["texture"] < 5),
+    "solid (texture 5)": lambda n: n["texture"] >= 5,
+    "3-6 mm": lambda n: n["diameter_mm"] < 6,
+    "6-10 mm": lambda n: (n["diameter_mm"] >= 6) & (n["diameter_mm"] < 10),
+    "10 mm and more": lambda n: n["diameter_mm"] >= 10,
+}
+
+
+def froc_report(candidates: pd.DataFrame, nodules: pd.DataFrame, n_scans: int, min_diameter_mm: float = 3.0
+                ) -> dict:
+    """:func:`froc` over all nodules and per :data:`GROUPS` (``nodules`` needs ``texture``), curves left out."""
+    def brief(result: dict) -> dict:
+        return {k: v for k, v in result.items() if k != "curve"}
+
+    out = {"all": froc(candidates, nodules, n_scans, min_diameter_mm)}
+    for name, rule in GROUPS.items():
+        out[name] = brief(froc(candidates, nodules, n_scans, min_diameter_mm, include=rule(nodules).to_numpy()))
+    return out

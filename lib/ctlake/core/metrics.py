@@ -103,3 +103,25 @@ def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.n
     """False and true positive rates for plotting."""
     fpr, tpr, _ = roc_curve(labels, scores)
     return fpr, tpr
+
+
+def calibration_bins(labels, scores, bins: int = 10) -> list[dict]:
+    """Reliability diagram: per equal-width probability bin, mean predicted probability, observed rate, count."""
+    labels, scores = np.asarray(labels, dtype=float), np.asarray(scores, dtype=float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(scores, edges[1:-1]), 0, bins - 1)
+    return [{"predicted": float(scores[which == b].mean()), "observed": float(labels[which == b].mean()),
+             "n": int((which == b).sum())} for b in range(bins) if (which == b).any()]
+
+
+def brier(labels, scores) -> float:
+    """Mean squared distance between probability and outcome: 0 is perfect, 0.25 is a coin at 0.5."""
+    return float(np.mean((np.asarray(scores, dtype=float) - np.asarray(labels, dtype=float)) ** 2))
+
+
+def pr_points(labels, scores) -> tuple[np.ndarray, np.ndarray, float]:
+    """Precision-recall curve (recall, precision) and average precision."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    return recall, precision, float(average_precision_score(labels, scores))

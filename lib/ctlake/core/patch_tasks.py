@@ -22,7 +22,6 @@ from ctlake.core.patch_geometry import (
     SliceGeometry,
     extract_patch_stack,
     resample_planes,
-    sample_negatives,
     sliding_window_centers,
     world_to_voxel,
 )
@@ -46,7 +45,6 @@ class PatchParams:
     out_px: int = 32
     neighbours: int = 0
     depth_mm: float = 0.0
-    negative_margin_mm: float = 10.0
     window_stride_mm: float = 16.0
     window_min_mask_fraction: float = 0.5
 
@@ -65,8 +63,7 @@ def patch_id(series_uid: str, slice_index: int, row: float, col: float, mode: st
 
 
 def cut_slice_task(stack: list[np.ndarray | None], spacing_rc: tuple[float, float], params: PatchParams,
-                   requests: list[dict], mask: np.ndarray | None = None, n_negatives: int = 0,
-                   exclusions: list[dict] | None = None, window: bool = False, seed: int = 0,
+                   requests: list[dict], mask: np.ndarray | None = None, window: bool = False,
                    z_positions: list[float] | None = None, centre_z: float | None = None) -> list[dict]:
     """All patches of one slice task.
 
@@ -82,14 +79,9 @@ def cut_slice_task(stack: list[np.ndarray | None], spacing_rc: tuple[float, floa
         Explicit centres: ``row``, ``col`` (pixels) plus any fields to carry along
         (candidate id, label, mode).
     mask : ndarray or None
-        The slice's lung mask (0/1), needed for negatives and windows.
-    n_negatives : int
-        Random negatives to draw inside the mask, away from ``exclusions``
-        (dicts with ``row``, ``col``, ``radius_px``) by ``params.negative_margin_mm``.
+        The slice's lung mask (0/1), needed for windows.
     window : bool
         Also cut a sliding window over the mask.
-    seed : int
-        Seed of this slice's negative sampling, so a re-run draws the same points.
 
     Returns
     -------
@@ -101,13 +93,6 @@ def cut_slice_task(stack: list[np.ndarray | None], spacing_rc: tuple[float, floa
         raise InputError("volume patches need the z position of every slice of the stack and of the centre")
     tasks = [dict(r) for r in requests]
     pixel_mm = min(spacing_rc)
-    if n_negatives and mask is not None:
-        excl = exclusions or []
-        centres = np.array([[e["row"], e["col"]] for e in excl], dtype=float).reshape(-1, 2)
-        radii = np.array([e["radius_px"] for e in excl], dtype=float)
-        points = sample_negatives(mask, n_negatives, centres, radii, params.negative_margin_mm / pixel_mm,
-                                  np.random.default_rng(seed))
-        tasks += [{"row": float(r), "col": float(c), "mode": "negative", "label": 0} for r, c in points]
     if window and mask is not None:
         stride = max(1, int(round(params.window_stride_mm / pixel_mm)))
         size_px = max(1, int(round(params.size_mm / pixel_mm)))
@@ -196,10 +181,8 @@ def task_patches(task: dict, params: PatchParams) -> list[dict]:
         z_positions = centre_z = None
     mask = np.frombuffer(task["mask"], np.uint8).reshape(shape) if task["mask"] is not None else None
     requests = [dict(r) for r in (task["requests"] if task["requests"] is not None else [])]
-    exclusions = [dict(e) for e in (task["exclusions"] if task["exclusions"] is not None else [])]
     return cut_slice_task(stack, (task["pixel_spacing_row"], task["pixel_spacing_col"]), params, requests, mask,
-                          int(task["n_negatives"] or 0), exclusions, bool(task["window"]), int(task["seed"]),
-                          z_positions, centre_z)
+                          bool(task["window"]), z_positions, centre_z)
 
 
 def volume_tasks(series_row: dict, params: PatchParams) -> Iterator[dict]:

@@ -70,7 +70,7 @@ import numbers
 import cv2
 import numpy as np
 
-from ctlake.core.nodule3d import NAMES_3D, features_3d
+from ctlake.core.nodule3d import NAMES_3D, THRESHOLD_HU, features_3d
 from ctlake.errors import ConfigError, InputError
 
 FALLBACK_RADIUS_MM = 4.0
@@ -540,7 +540,11 @@ def pixel_vector(patch_hu: np.ndarray, size: int = 16, hu_min: float = -1000.0, 
 
 
 def feature_layout(pixel_size: int) -> dict:
-    """Names of both feature vectors and a short hash of them (the layout a model depends on)."""
+    """Names of both feature vectors and a short hash of them and of the 3D threshold (what a model depends on).
+
+    The threshold is in the hash because it changes every ``n3d_*`` value
+    under the same names: a table computed at another threshold is recomputed.
+    """
     names = {"radiomics": list(FEATURE_NAMES), "pixels": pixel_names(pixel_size)}
-    digest = hashlib.sha256(repr(names).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(repr({**names, "n3d_threshold_hu": THRESHOLD_HU}).encode()).hexdigest()[:12]
     return {**names, "hash": digest}

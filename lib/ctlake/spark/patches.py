@@ -1,7 +1,7 @@
-"""Patch extraction job: candidates (training) or sliding windows (scoring) -> ``patches``.
+"""Patch extraction job: detected candidates and annotated nodules, or sliding windows -> ``patches``.
 
-Work is organized per slice: every patch wanted from a slice (candidates,
-random negatives, window positions) becomes one *slice task* that carries the
+Work is organized per slice: every patch wanted from a slice (detected
+candidates, annotated nodules, window positions) becomes one *slice task* that carries the
 slice's HU pixels once (plus neighbours for 2.5D, or the slices within
 ``patches.depth_mm / 2`` for volume patches) into a pandas UDF, which cuts
 them all with :func:`ctlake.core.patch_tasks.cut_slice_task`. Images are never
@@ -23,7 +23,8 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from ctlake.config import PatchSettings, Settings
+from ctlake.config import Settings
+from ctlake.core.detect import detector_hash
 from ctlake.core.patch_tasks import PatchParams, locate_candidates, params_hash, patch_id, row_tasks, task_patches
 from ctlake.core.pictures import patch_grid
 from ctlake.errors import ConfigError
@@ -33,7 +34,7 @@ from ctlake.spark.session import session_conf
 
 log = logging.getLogger("ctlake.patches")
 
-MODES = ("candidates", "window")
+MODES = ("detected", "window")
 
 REQUEST = T.StructType([
     T.StructField("row", T.DoubleType()),
@@ -44,11 +45,6 @@ REQUEST = T.StructType([
     T.StructField("coord_x", T.DoubleType()),
     T.StructField("coord_y", T.DoubleType()),
     T.StructField("coord_z", T.DoubleType()),
-])
-EXCLUSION = T.StructType([
-    T.StructField("row", T.DoubleType()),
-    T.StructField("col", T.DoubleType()),
-    T.StructField("radius_px", T.DoubleType()),
 ])
 
 #: A candidate located on a slice (output of the cogrouped locate step).
@@ -167,43 +163,44 @@ def cut_udf(params: PatchParams, p_hash: str):
     return run
 
 
-def candidate_tasks(spark: SparkSession, settings: Settings, meta: DataFrame) -> tuple[DataFrame, dict]:
-    """Slice tasks for training: candidates, plus seeded random negatives inside lung masks."""
-    patches = settings.patches
-    cands = (tables.read_candidates(spark, patches.candidates)
-             .withColumn("mode", F.lit("candidate")).withColumn("label", F.col("class"))
-             .withColumn("radius_mm", F.lit(None).cast("double")))
-    nodules = (tables.read_annotations(spark, patches.annotations)
-               .withColumn("candidate_id", F.lit(None).cast("string"))
-               .withColumn("mode", F.lit("nodule")).withColumn("label", F.lit(1))
-               .withColumn("radius_mm", F.col("diameter_mm") / 2))
-    columns = ["series_uid", "coordX", "coordY", "coordZ", "candidate_id", "mode", "label", "radius_mm"]
-    located = locate(cands.select(*columns).unionByName(nodules.select(*columns)), meta).cache()
+def detected_tasks(spark: SparkSession, settings: Settings, meta: DataFrame, series: list[str] | None
+                   ) -> tuple[DataFrame, dict]:
+    """Slice tasks at the detector's candidates (of ``series``, or all), plus every annotated nodule.
 
-    half_gap = patches.max_slice_distance_mm
-    usable = located.filter((F.col("mode") == "candidate") & (F.col("distance_mm") <= half_gap))
+    The annotated nodules (``patches.annotations``, patient mm) are cut only
+    when no series is given: they are training data, and a scan being scored
+    has no annotations.  Their ``candidate_id`` is the nodule's key in
+    ``nodules.csv``; a detected patch's is the detection's.
+    """
+    patches = settings.patches
+    found = (tables.read(spark, settings.warehouse, tables.CANDIDATES)
+             .filter(F.col("detector_hash") == detector_hash(settings.detect.params())))
+    if series:
+        found = found.filter(F.col("series_uid").isin(series))
+    columns = ["series_uid", "coordX", "coordY", "coordZ", "candidate_id", "mode", "label", "radius_mm"]
+    rows = found.select("series_uid", F.col("coord_x").alias("coordX"), F.col("coord_y").alias("coordY"),
+                        F.col("coord_z").alias("coordZ"), "candidate_id", F.lit("detected").alias("mode"),
+                        F.lit(None).cast("int").alias("label"), (F.col("diameter_mm") / 2).alias("radius_mm"))
+    if not series:
+        nodules = (tables.read_annotations(spark, patches.annotations)
+                   .withColumn("candidate_id", tables.candidate_id(F.col("series_uid"), F.col("coordX"),
+                                                                   F.col("coordY"), F.col("coordZ")))
+                   .withColumn("mode", F.lit("nodule")).withColumn("label", F.lit(1))
+                   .withColumn("radius_mm", F.col("diameter_mm") / 2))
+        rows = rows.unionByName(nodules.select(*columns))
+    located = locate(rows, meta).cache()
+    usable = located.filter(F.col("distance_mm") <= patches.max_slice_distance_mm)
     requests = (usable.groupBy("series_uid", "slice_index")
                 .agg(F.collect_list(F.struct(*REQUEST.fieldNames())).alias("requests")))
     masks = valid_masks(spark, settings.warehouse, meta)
-    # Negatives only for series of the candidates file: a scan ingested for scoring is not training data.
-    mask_slices = masks.select("series_uid", "slice_index").join(
-        cands.select("series_uid").distinct(), "series_uid", "left_semi")
-    negatives = negative_slices(mask_slices, usable, patches)
-    exclusions = nodule_exclusions(meta, located.filter(F.col("label") == 1), patches.negatives.margin_mm)
-    wanted = requests.select("series_uid", "slice_index").union(negatives.select("series_uid", "slice_index")).distinct()
-    tasks = (wanted.join(requests, ["series_uid", "slice_index"], "left")
-             .join(negatives, ["series_uid", "slice_index"], "left")
-             .join(exclusions, ["series_uid", "slice_index"], "left")
-             .join(masks.select("series_uid", "slice_index", "mask"), ["series_uid", "slice_index"], "left")
-             .fillna(0, ["n_negatives"])
-             .withColumn("window", F.lit(False))
-             .withColumn("seed", F.abs(F.xxhash64("series_uid", "slice_index", F.lit(patches.negatives.seed)))))
-    counts = located.groupBy("mode").agg(F.count("*").alias("n"),
-                                         F.sum((F.col("distance_mm") > half_gap).cast("int")).alias("off_slab")).collect()
-    stats = {"candidates_in_file": cands.count(),
-             "candidates_located": sum(r["n"] for r in counts if r["mode"] == "candidate"),
-             "candidates_off_slab": sum(r["off_slab"] for r in counts if r["mode"] == "candidate")}
-    return tasks, stats
+    tasks = (requests.join(masks.select("series_uid", "slice_index", "mask"), ["series_uid", "slice_index"], "left")
+             .withColumn("window", F.lit(False)))
+    counts = {r["mode"]: (r["n"], r["off_slab"]) for r in located.groupBy("mode").agg(
+        F.count("*").alias("n"), F.sum((F.col("distance_mm") > patches.max_slice_distance_mm).cast("int"))
+        .alias("off_slab")).collect()}
+    located.unpersist()
+    return tasks, {f"{mode}_located": n for mode, (n, _) in sorted(counts.items())} | {
+        f"{mode}_off_slab": off for mode, (_, off) in sorted(counts.items())}
 
 
 def valid_masks(spark: SparkSession, warehouse: str, meta: DataFrame) -> DataFrame:
@@ -213,39 +210,6 @@ def valid_masks(spark: SparkSession, warehouse: str, meta: DataFrame) -> DataFra
                                                       ["sop_uid", "frame"]))
 
 
-def negative_slices(mask_slices: DataFrame, usable: DataFrame, patches: PatchSettings) -> DataFrame:
-    """(series_uid, slice_index, n_negatives): one random negative on each of ``wanted`` slices per series.
-
-    ``wanted`` is ``ratio`` x the series' positive candidates (at least one),
-    and the slices are drawn by a seeded hash, not ``rand()``: the same slices
-    must be drawn on every run, or re-runs add patches.
-    """
-    seed = patches.negatives.seed
-    positives = usable.filter(F.col("label") == 1).groupBy("series_uid").count()
-    per_series = (mask_slices.groupBy("series_uid").agg(F.count("*").alias("mask_slices"))
-                  .join(positives, "series_uid", "left").fillna(0, ["count"])
-                  .withColumn("wanted", F.ceil(F.greatest(F.col("count"), F.lit(1))
-                                               * F.lit(patches.negatives.ratio)).cast("int")))
-    ranked = (mask_slices.join(per_series, "series_uid")
-              .withColumn("rnd", F.xxhash64("series_uid", "slice_index", F.lit(seed)))
-              .withColumn("pick", F.row_number().over(Window.partitionBy("series_uid").orderBy("rnd", "slice_index")) - 1))
-    return (ranked.filter(F.col("pick") < F.col("wanted"))
-            .withColumn("n_negatives", F.lit(1)).select("series_uid", "slice_index", "n_negatives"))
-
-
-def nodule_exclusions(meta: DataFrame, nodule_rows: DataFrame, margin_mm: float) -> DataFrame:
-    """Per slice, the nodules (centre, radius in pixels) a random negative must keep ``margin_mm`` from."""
-    return (meta.select("series_uid", "slice_index", "z_position", "pixel_spacing_row")
-            .join(nodule_rows.select("series_uid", F.col("row").alias("n_row"), F.col("col").alias("n_col"),
-                                     "z_mm", F.coalesce("radius_mm", F.lit(5.0)).alias("radius_mm")),
-                  "series_uid")
-            .filter(F.abs(F.col("z_position") - F.col("z_mm")) <= F.col("radius_mm") + margin_mm)
-            .groupBy("series_uid", "slice_index")
-            .agg(F.collect_list(F.struct(F.col("n_row").alias("row"), F.col("n_col").alias("col"),
-                                         (F.col("radius_mm") / F.col("pixel_spacing_row")).alias("radius_px")))
-                 .alias("exclusions")))
-
-
 def window_tasks(spark: SparkSession, warehouse: str, meta: DataFrame, series: list[str] | None) -> DataFrame:
     """Slice tasks for scoring: every slice with a valid lung mask of the chosen series."""
     masks = valid_masks(spark, warehouse, meta)
@@ -253,24 +217,22 @@ def window_tasks(spark: SparkSession, warehouse: str, meta: DataFrame, series: l
         masks = masks.filter(F.col("series_uid").isin(series))
     return (masks.select("series_uid", "slice_index", "mask")
             .withColumn("requests", F.lit(None).cast(T.ArrayType(REQUEST)))
-            .withColumn("n_negatives", F.lit(0))
-            .withColumn("exclusions", F.lit(None).cast(T.ArrayType(EXCLUSION)))
-            .withColumn("window", F.lit(True)).withColumn("seed", F.lit(0).cast("long")))
+            .withColumn("window", F.lit(True)))
 
 
-def run(spark: SparkSession, settings: Settings, mode: str = "candidates", series: list[str] | None = None) -> dict:
+def run(spark: SparkSession, settings: Settings, mode: str = "detected", series: list[str] | None = None) -> dict:
     """Cut the patches of ``mode`` that are not in ``patches`` yet; summary with the table's counts."""
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, found {mode!r}")
     warehouse, params = settings.warehouse, settings.patches.params()
     p_hash = params_hash(params)
     meta = slice_metadata(spark, warehouse).cache()
-    if mode == "candidates":
-        tasks, stats = candidate_tasks(spark, settings, meta)
+    if mode == "detected":
+        tasks, stats = detected_tasks(spark, settings, meta, series)
     else:
         tasks, stats = window_tasks(spark, warehouse, meta, series), {"series": len(series) if series else "all"}
     # A slice task is all-or-nothing, so a slice with this mode's patches under these parameters is done.
-    produced = ["window"] if mode == "window" else ["candidate", "negative"]
+    produced = ["window"] if mode == "window" else ["detected", "nodule"]
     existing = (tables.read(spark, warehouse, tables.PATCHES)
                 .filter((F.col("params_hash") == p_hash) & F.col("mode").isin(produced))
                 .select("series_uid", "slice_index").distinct())
@@ -296,10 +258,10 @@ def run(spark: SparkSession, settings: Settings, mode: str = "candidates", serie
 
 
 def write_patch_grid(report_folder: str, table: DataFrame, mode: str, per_class: int = 16) -> str | None:
-    """PNG grid of positive and negative patches (or window patches) with their labels."""
-    if mode == "candidates":
-        chosen = (table.filter(F.col("label") == 1).orderBy("patch_id").limit(per_class)
-                  .unionByName(table.filter(F.col("label") == 0).orderBy("patch_id").limit(per_class)))
+    """PNG grid of annotated-nodule and detected-candidate patches (or window patches)."""
+    if mode == "detected":
+        chosen = (table.filter(F.col("mode") == "nodule").orderBy("patch_id").limit(per_class)
+                  .unionByName(table.filter(F.col("mode") == "detected").orderBy("patch_id").limit(per_class)))
     else:
         chosen = table.orderBy("patch_id").limit(2 * per_class)
     rows = chosen.select("pixels", "patch_shape", "label", "mode").collect()

@@ -1,13 +1,17 @@
-"""The static HTML report of a training run: one folder that opens from disk.
+"""The static HTML report of a training run: one folder per run that opens from disk, and an index of runs.
 
 Everything a reader wants to look at rather than read: cohort and split
-sizes, a metrics table per model with bootstrap intervals, ROC curves,
-confusion matrices, feature importances, the preprocessing montage, the patch
-grid, and for a few test patients the evidence patches drawn on their slices.
+sizes, metrics per model with bootstrap intervals on the scoring path, FROC,
+ROC, precision-recall and calibration curves, baselines, results by patient
+group, feature importances, the preprocessing montage, the patch grid, and
+for the test patients that matter (missed cancers, false alarms, the highest
+scored) the evidence candidates boxed on their slices beside the true nodules.
 """
 from __future__ import annotations
 
 import html
+import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -22,12 +26,21 @@ from pyspark.sql import functions as F  # noqa: E402
 
 from ctlake.config import Settings  # noqa: E402
 from ctlake.core.dicom_parse import hu_frame  # noqa: E402
-from ctlake.core.metrics import METRICS, roc_points  # noqa: E402
+from ctlake.core.metrics import METRICS, brier, calibration_bins, pr_points, roc_points  # noqa: E402
+from ctlake.core.patch_geometry import SliceGeometry  # noqa: E402
 from ctlake.core.slice_ops import WINDOW_PRESETS, hu_window  # noqa: E402
 from ctlake.spark import tables  # noqa: E402
 
-MODELS = ("random_forest", "svm_ensemble", "ensemble", "shuffled_label_control")
+MODELS = ("random_forest", "svm_ensemble", "ensemble", "oracle_nodule")
 LEVELS = ("patient", "nodule", "patch")
+
+
+STYLE = ("<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
+         "table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}</style>")
+
+
+def _num(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def _fmt(cell: dict | None) -> str:
@@ -76,13 +89,19 @@ def importance_figure(importances: list, path: Path, top: int = 20) -> None:
     plt.close(fig)
 
 
-def evidence_picture(spark: SparkSession, warehouse: str, evidence: list[dict], size_mm: float, path: Path) -> bool:
-    """The top patches of one patient drawn as boxes on their slices (lung window), side by side."""
+def evidence_picture(spark: SparkSession, warehouse: str, evidence: list[dict], size_mm: float, path: Path,
+                     nodules: list[dict] | None = None) -> bool:
+    """The top candidates of one scan as red boxes on their slices (lung window), side by side.
+
+    ``nodules`` (patient mm ``coordX/Y/Z``, ``diameter_mm``): the true nodules,
+    drawn as green circles (their section) on every panel whose slice cuts them.
+    """
     if not evidence:
         return False
     wanted = {(e["sop_uid"]) for e in evidence}
     rows = (tables.read(spark, warehouse, tables.SLICES).filter(F.col("sop_uid").isin(list(wanted)))
-            .select("sop_uid", "pixels", "pixel_shape", "pixel_spacing_row", "pixel_spacing_col").collect())
+            .select("sop_uid", "pixels", "pixel_shape", "pixel_spacing_row", "pixel_spacing_col", "image_position",
+                    "image_orientation").collect())
     by_sop = {r["sop_uid"]: r for r in rows}
     panels = []
     for rank, e in enumerate(evidence, 1):
@@ -96,7 +115,17 @@ def evidence_picture(spark: SparkSession, warehouse: str, evidence: list[dict], 
         top_left = (int(e["center_col"] - half_c), int(e["center_row"] - half_r))
         bottom_right = (int(e["center_col"] + half_c), int(e["center_row"] + half_r))
         cv2.rectangle(image, top_left, bottom_right, (0, 0, 255), 1)
-        cv2.putText(image, f"#{rank} p={e['p']:.2f} slice {e['slice_index']}", (4, 14),
+        geometry = SliceGeometry.from_slice_row(row)
+        for nodule in nodules or []:
+            xyz = np.array([nodule["coordX"], nodule["coordY"], nodule["coordZ"]], dtype=float)
+            off = abs(float(np.dot(xyz, geometry.normal)) - geometry.z)
+            radius = nodule["diameter_mm"] / 2
+            if off < radius:
+                r, c = geometry.world_to_pixel(xyz)
+                cv2.circle(image, (int(round(c)), int(round(r))),
+                           max(2, int(round(np.sqrt(radius ** 2 - off ** 2) / row["pixel_spacing_row"]))) + 2,
+                           (0, 200, 0), 1)
+        cv2.putText(image, f"#{rank} p={e['p']:.2f} slice {int(e['slice_index'])}", (4, 14),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 255, 255), 1, cv2.LINE_AA)
         panels.append(image)
     if not panels:
@@ -108,22 +137,102 @@ def evidence_picture(spark: SparkSession, warehouse: str, evidence: list[dict], 
     return True
 
 
+def curve_figures(patients: pd.DataFrame, scores: dict[str, pd.DataFrame], aggregate_fn, folder: Path) -> None:
+    """Precision-recall (patient and candidate level) and the patient-level calibration of the ensemble (test)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9.2, 4.2), dpi=110)
+    for name, frame in scores.items():
+        for ax, data, labels in ((axes[0], aggregate_fn(frame), "label"), (axes[1], frame, "target")):
+            data = data[data["split"] == "test"]
+            if data[labels].nunique() == 2:
+                recall, precision, ap = pr_points(data[labels], data["p"])
+                ax.step(recall, precision, where="post", label=f"{name.replace('_', ' ')} (AP {ap:.2f})")
+    for ax, level in zip(axes, ("patient", "candidate")):
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_title(f"precision-recall, {level} level (test)")
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(folder / "pr.png")
+    plt.close(fig)
+    test = patients[patients["split"] == "test"]
+    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=110)
+    bins = calibration_bins(test["label"], test["p"])
+    ax.plot([0, 1], [0, 1], color="#bbb", linewidth=0.8)
+    ax.plot([b["predicted"] for b in bins], [b["observed"] for b in bins], marker="o")
+    for b in bins:
+        ax.annotate(str(b["n"]), (b["predicted"], b["observed"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("predicted probability (ensemble)")
+    ax.set_ylabel("observed share with cancer")
+    ax.set_title(f"calibration, patients (test); Brier {brier(test['label'], test['p']):.3f}")
+    fig.tight_layout()
+    fig.savefig(folder / "calibration.png")
+    plt.close(fig)
+
+
+def patients_that_matter(patients: pd.DataFrame, threshold: float, k: int = 2) -> list[tuple[str, str]]:
+    """(reason, patient) for the test patients a reader should look at: missed cancers, false alarms, top scored."""
+    test = patients[patients["split"] == "test"].sort_values("p", ascending=False)
+    missed = test[(test["label"] == 1) & (test["p"] < threshold)].head(k)
+    alarms = test[(test["label"] == 0) & (test["p"] >= threshold)].head(k)
+    chosen = [("missed cancer", p) for p in missed["patient_pseudonym"]]
+    chosen += [("false alarm", p) for p in alarms["patient_pseudonym"]]
+    seen = {p for _, p in chosen}
+    chosen += [("highest scored", p) for p in test["patient_pseudonym"] if p not in seen][:k]
+    return chosen
+
+
+def run_folder(report_folder: str, run_id: str) -> Path:
+    """Where one run's report lives: ``<report.folder>/runs/<run_id>/``."""
+    path = Path(report_folder) / "runs" / run_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def write_report(spark: SparkSession, settings: Settings, summary: dict, meta: dict, scores: dict,
                  aggregate_fn) -> str:
-    """Write ``<report.folder>/index.html`` and its pictures; return the HTML path."""
-    folder = tables.report_file(settings.report.folder, tables.REPORT_HTML).parent
+    """Write the run's page and pictures under :func:`run_folder`, then the index of runs; return the run's page."""
+    folder = run_folder(settings.report.folder, summary["run_id"])
+    for name in (tables.MONTAGE_PNG, tables.patch_grid_png("detected")):
+        source = Path(settings.report.folder) / name
+        if source.exists():  # the pictures of the tables this run read
+            shutil.copyfile(source, folder / name)
     for level in ("patient", "patch"):
         roc_figure(scores, level, folder / f"roc_{level}.png", aggregate_fn)
+    patients = pd.DataFrame(meta["patient_scores"])
+    curve_figures(patients, scores, aggregate_fn, folder)
     importance_figure(meta["importances"], folder / "importances.png")
+    nodules = tables.read_annotations(spark, settings.patches.annotations).toPandas()
     evidence_rows = []
-    patient_scores = aggregate_fn(scores["ensemble"])
-    for index, (patient, items) in enumerate(sorted(meta["evidence"].get("ensemble", {}).items())[:4]):
+    for index, (reason, patient) in enumerate(patients_that_matter(patients, meta["thresholds"]["ensemble"])):
+        items = meta["evidence"]["ensemble"].get(patient, [])
         name = f"evidence_{index}.png"
-        if evidence_picture(spark, settings.warehouse, items, settings.patches.size_mm, folder / name):
-            info = patient_scores[patient_scores["patient_pseudonym"] == patient].iloc[0]
-            evidence_rows.append((patient, int(info["label"]), float(info["p"]), name))
+        truth = nodules[nodules["series_uid"].isin({e["series_uid"] for e in items})].to_dict("records")
+        if evidence_picture(spark, settings.warehouse, items, settings.patches.size_mm, folder / name, truth):
+            info = patients[patients["patient_pseudonym"] == patient].iloc[0]
+            evidence_rows.append((reason, patient, info["group"], float(info["p"]), name))
     path = folder / tables.REPORT_HTML
     path.write_text(page(settings, summary, meta, evidence_rows, folder))
+    write_index(spark, settings)
+    return str(path)
+
+
+def write_index(spark: SparkSession, settings: Settings) -> str:
+    """``<report.folder>/index.html``: every run of the warehouse, newest first, linked to its page."""
+    runs = (tables.read(spark, settings.warehouse, tables.RUNS)
+            .select("run_id", "started_at", "git_commit", "metrics").orderBy(F.desc("run_id")).collect())
+    rows = []
+    for r in runs:
+        patient = json.loads(r["metrics"]).get("ensemble", {}).get("patient", {})
+        auc = patient.get("auc", {}).get("value")
+        here = (Path(settings.report.folder) / "runs" / r["run_id"] / tables.REPORT_HTML).exists()
+        link = f"<a href='runs/{r['run_id']}/index.html'>{r['run_id']}</a>" if here else r["run_id"]
+        rows.append(f"<tr><td>{link}</td><td>{r['started_at']}</td><td><code>{(r['git_commit'] or '')[:10]}</code></td>"
+                    f"<td>{'' if auc is None else f'{auc:.3f}'}</td></tr>")
+    path = tables.report_file(settings.report.folder, tables.REPORT_HTML)
+    path.write_text(f"""<!doctype html><html><head><meta charset=utf-8><title>ctlake runs</title>{STYLE}</head><body>
+<h1>ctlake training runs</h1><p>Warehouse <code>{html.escape(settings.warehouse)}</code>. Patient AUC: the ensemble
+on the test patients, through the scoring path.</p>
+<table><tr><th>run</th><th>started (UTC)</th><th>commit</th><th>patient AUC</th></tr>{''.join(rows)}</table></body></html>""")
     return str(path)
 
 
@@ -145,47 +254,104 @@ def metrics_table(results: dict, level: str) -> str:
             f"<th>rows / patients</th></tr>{''.join(body)}</table>")
 
 
+def froc_table(detection: dict) -> str:
+    """Sensitivity at LUNA16's false-positive rates and CPM: the detector alone, then with the nodule stage."""
+    rates = list(next(iter(detection["system"].values()))["sensitivity"])
+    head = "".join(f"<th>{float(r):g}</th>" for r in rates)
+    body = []
+    for source in ("system", "detector"):
+        for group, r in detection[source].items():
+            cells = "".join(f"<td>{v:.2f}</td>" for v in r["sensitivity"].values())
+            body.append(f"<tr><th>{'detector + nodule stage' if source == 'system' else 'detector score'}</th>"
+                        f"<td>{html.escape(group)}</td><td>{r['nodules']}</td>{cells}<td>{r['cpm']:.3f}</td>"
+                        f"<td>{r['max_sensitivity']:.2f}</td></tr>")
+    return (f"<table class=metrics><tr><th>ranked by</th><th>nodules</th><th>n</th>{head}<th>CPM</th>"
+            f"<th>any candidate</th></tr>{''.join(body)}</table>")
+
+
+PAGE_STYLE = """<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;font-size:13px}
+.ci{color:#888;font-size:11px}table.cm td{border:none;padding:0 4px;font-size:11px}
+figure{display:inline-block;margin:0.5em}img{max-width:100%}figcaption{font-size:12px;color:#555}
+.notice{background:#fff4d6;border:1px solid #e0c060;padding:6px 10px}</style>"""
+
+
+def intro(settings: Settings, summary: dict, meta: dict) -> str:
+    """Title, provenance, the synthetic-cohort notice, how the figures were measured, and the null control."""
+    synthetic = settings.cohort.output and settings.train.labels.startswith(str(settings.cohort.output))
+    notice = ("<p class=notice>This run's cohort is <b>synthetic</b>: generated by <code>make_cohort</code> from real "
+              "LIDC-IDRI annotations on a synthetic chest. Its figures say how ctlake behaves, not how it performs on "
+              "patients.</p>" if synthetic else "")
+    null, cv = meta["null_aucs"], meta.get("cv_patient_auc", [])
+    control = (f"mean {np.mean(null):.3f}, 95% of permutations within {np.percentile(null, 2.5):.2f}-"
+               f"{np.percentile(null, 97.5):.2f}" if null else "not defined (one class)")
+    everyone = sum(v["patients"] for k, v in meta["split_sizes"].items() if k != "patches")
+    cv_text = (f" Repeated patient-grouped cross-validation over all {everyone} patients ({len(cv)} repeats, "
+               f"scikit-learn forests in both stages): patient AUC {np.mean(cv):.3f} "
+               f"(range {min(cv):.3f}-{max(cv):.3f})." if cv else "")
+    return f"""<h1>ctlake training run <code>{summary['run_id']}</code></h1>{notice}
+<p><a href='../../index.html'>all runs</a> · commit <code>{html.escape(str(meta.get('git_commit')))}</code> ·
+input Delta versions {html.escape(json.dumps(meta.get('input_versions', {})))}</p>
+<p><b>Every headline figure is measured on the scoring path</b>: the validation and test patients' scans went
+through the same preprocessing, candidate detection, patch cutting, features and models as a new scan, and
+a patient's probability of cancer is the {html.escape(meta['aggregate'])} over the detected candidates of
+P(nodule) x P(malignant). Thresholds are chosen on the validation patients (Youden's J) and applied to the
+held-out test patients; intervals are 95% bootstrap intervals over test patients. Null control: the test
+patients' labels permuted {len(null)} times against the fixed ensemble predictions give patient AUC
+{control}; a model must stand clear of that band.{cv_text}</p>"""
+
+
+def quality(meta: dict) -> str:
+    """Precision-recall, calibration, results by patient group and the two baselines."""
+    base = meta["baselines"]
+    group_rows = "".join(f"<tr><th>{g}</th><td>{v['patients']}</td><td>{_num(v['mean_p'])}</td>"
+                         f"<td>{_num(v['called_cancer'])}</td></tr>" for g, v in meta["groups"].items())
+    return f"""<h2>Precision-recall and calibration</h2><figure><img src='pr.png'></figure>
+<figure><img src='calibration.png'></figure>
+<h2>By patient group (test, ensemble)</h2><table><tr><th>group</th><th>patients</th><th>mean p</th>
+<th>called cancer</th></tr>{group_rows}</table>
+<h2>Baselines (test)</h2><table><tr><th>reference</th><th>AUC</th></tr>
+<tr><th>patient: the detector's largest candidate diameter alone</th><td>{_num(base['largest_candidate_diameter'])}</td></tr>
+<tr><th>nodule: forest on the true diameter and the readers' ratings (the ceiling)</th>
+<td>{_num(base['attribute_ceiling'])}</td></tr></table>"""
+
+
 def page(settings: Settings, summary: dict, meta: dict, evidence_rows: list[tuple], folder: Path) -> str:
-    """The report's HTML, pictures referenced by name from the same folder."""
-    results = meta["results"]
-    sizes = meta["split_sizes"]
+    """The run's HTML, pictures referenced by name from the same folder."""
+    results, sizes, detection = meta["results"], meta["split_sizes"], meta["detection"]
     split_rows = "".join(f"<tr><th>{s}</th><td>{v['patients']}</td><td>{v['positive']}</td><td>{v['negative']}</td>"
                          f"<td>{sizes['patches'].get(s, 0)}</td></tr>" for s, v in sizes.items() if s != "patches")
-    pictures = []
-    for name, caption in (("preprocess_montage.png", "One slice through every preprocessing stage"),
-                          ("patch_grid_candidates.png", "Candidate (green: malignant-or-nodule class 1) and negative patches")):
-        if (folder / name).exists():
-            pictures.append(f"<figure><img src='{name}'><figcaption>{caption}</figcaption></figure>")
+    pictures = "".join(f"<figure><img src='{name}'><figcaption>{caption}</figcaption></figure>" for name, caption in (
+        (tables.MONTAGE_PNG, "One slice through every preprocessing stage"),
+        (tables.patch_grid_png("detected"), "Annotated-nodule (green) and detected-candidate patches"))
+        if (folder / name).exists())
     evidence_html = "".join(
-        f"<figure><img src='{n}'><figcaption>patient {html.escape(p)} · label {lab} · ensemble p={pr:.2f}"
-        f"</figcaption></figure>" for p, lab, pr, n in evidence_rows)
-    control_text = "; ".join(f"{level} mean {np.mean(v):.2f} (range {min(v):.2f}-{max(v):.2f})"
-                             for level, v in meta["control_aucs"].items())
-    page_html = f"""<!doctype html><html><head><meta charset=utf-8><title>ctlake run {summary['run_id']}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}}
-table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border:1px solid #ddd;padding:4px 8px;text-align:left;font-size:13px}}
-.ci{{color:#888;font-size:11px}}table.cm td{{border:none;padding:0 4px;font-size:11px}}
-figure{{display:inline-block;margin:0.5em}}img{{max-width:100%}}figcaption{{font-size:12px;color:#555}}</style></head><body>
-<h1>ctlake training run <code>{summary['run_id']}</code></h1>
-<p>Patch classifiers aggregated to a patient-level probability of cancer ({html.escape(meta['aggregate'])} of the
-patch probabilities). Thresholds are chosen on the validation patients (Youden's J) and applied to the held-out
-test patients; intervals are 95% bootstrap intervals over test patients. The shuffled-label control is the
-forest trained on permuted labels: it should score near 0.5, showing that nothing but the label carries signal.
-Over {len(meta['control_aucs'].get('patient', []))} permutations its test AUC was {control_text}.</p>
+        f"<figure><img src='{n}'><figcaption><b>{reason}</b> · patient {html.escape(p[:14])}… · {group} · "
+        f"ensemble p={pr:.2f}</figcaption></figure>" for reason, p, group, pr, n in evidence_rows)
+    chosen = html.escape(str({k: v.get("rf_best", v.get("svm_best")) for k, v in meta["tuning"].items()}))
+    return f"""<!doctype html><html><head><meta charset=utf-8><title>ctlake run {summary['run_id']}</title>
+{PAGE_STYLE}</head><body>{intro(settings, summary, meta)}
 <h2>Cohort and split</h2><table><tr><th>split</th><th>patients</th><th>with cancer</th><th>without</th><th>patches</th></tr>
 {split_rows}</table>
-<p>Random forest: best of {len(meta['rf_cv_auc'])} settings by {settings.train.folds}-fold
-patient-grouped cross-validation: {html.escape(str(meta['rf_best']))}. SVM ensemble
-({settings.train.svm.partitions} per-partition SVCs): {html.escape(str(meta['svm_best']))},
-chosen on validation patients. Training seconds: {html.escape(str(meta['timings_s']))}.</p>
-<h2>Patient level (test)</h2>{metrics_table(results, 'patient')}
-<h2>Nodule level (test nodules rated malignant or benign)</h2>{metrics_table(results, 'nodule')}
-<h2>Patch level (test)</h2>{metrics_table(results, 'patch')}
+<p>Two stages, each a random forest (tuned by {settings.train.folds}-fold patient-grouped cross-validation)
+and an ensemble of {settings.train.svm.partitions} per-partition SVCs (tuned on the validation patients'
+detected candidates): <i>nodule</i> tells nodules from the detector's other candidates, <i>malignancy</i>
+malignant from benign nodules. Chosen settings: {chosen}. Training seconds: {html.escape(str(meta['timings_s']))}.</p>
+<h2>Patient level (test, scoring path)</h2>{metrics_table(results, 'patient')}
+<h2>Detection (test scans, LUNA16 FROC)</h2><p>Sensitivity at 1/8 .. 8 false positives per scan
+({detection['candidates_per_scan']} candidates per scan). Hit rule: a candidate within an annotated nodule's
+radius of its centre; the best hit counts once, hits on nodules under 3 mm are ignored. Nodules of 3 mm or more.</p>
+{froc_table(detection)}{quality(meta)}
+<h2>Nodule level (test nodules rated malignant or benign, as detected)</h2>{metrics_table(results, 'nodule')}
+<p>The oracle row is a diagnostic only: the malignancy stage at the annotated nodule centres, which a new scan
+does not have.</p>
+<h2>Candidate level (test, detected candidates; target: at a malignant nodule)</h2>{metrics_table(results, 'patch')}
 <h2>ROC curves</h2><figure><img src='roc_patient.png'></figure><figure><img src='roc_patch.png'></figure>
-<h2>What the forest looks at</h2><figure><img src='importances.png'></figure>
-<h2>Evidence for test patients</h2><p>The patches that drove each patient's ensemble score, boxed on their slices.</p>
+<h2>What the forest looks at</h2><p>The malignancy stage's forest.</p><figure><img src='importances.png'></figure>
+<h2>Evidence for the test patients that matter</h2><p>Missed cancers, false alarms and the highest scored:
+the candidates that drove each ensemble score as red boxes on their slices, the true nodules as green circles.</p>
 {evidence_html}
-<h2>Preprocessing and patches</h2>{''.join(pictures)}
+<h2>Preprocessing and patches</h2>{pictures}
+<h2>Configuration of this run</h2><details><summary>the merged settings</summary><pre>{html.escape(json.dumps(
+settings.source, indent=1, default=str))}</pre></details>
 </body></html>"""
-    return page_html
-

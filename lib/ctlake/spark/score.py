@@ -1,28 +1,32 @@
 """Scoring job: apply a saved training run to series, into the ``predictions`` table.
 
-For each series: preprocess any new slices, cut sliding-window patches over
-the lung, compute features, score the patches with the run's random forest
-and SVM ensemble, average them, and aggregate to the patient the way the run
-was evaluated. Each prediction keeps its evidence: the top patches with
-their slice and position.
+For each series: preprocess any new slices, detect nodule candidates, cut
+their patches, compute features, score every candidate with the run's two
+stages (P(nodule) x P(malignant), per family and for the ensemble), and
+aggregate to the patient the way the run was evaluated (the run's validation
+and test patients went through this same path).  Sliding windows over the
+lung replace the detector only when asked (``mode="window"``).  Each
+prediction keeps its evidence: the top candidates with their slice and position.
 """
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pandas as pd
-from pyspark.ml import PipelineModel
-from pyspark.ml.functions import vector_to_array
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from ctlake.config import Settings
-from ctlake.core.metrics import aggregate_probabilities
+from ctlake.core.detect import detector_hash
+from ctlake.core.metrics import aggregate_probabilities, bootstrap_metrics
 from ctlake.core.patch_tasks import params_hash, patch_geometry
 from ctlake.core.radiomics import feature_layout
 from ctlake.errors import InputError
-from ctlake.spark import features, patches, preprocess, tables
+from ctlake.spark import detect, features, patches, preprocess, tables
+from ctlake.spark.models import candidate_scores, load_models
+from ctlake.spark.report import evidence_picture
 
 #: The ``--run-id`` that means the newest run of the configured warehouse.
 LATEST = "latest"
@@ -47,6 +51,9 @@ def load_run(spark: SparkSession, settings: Settings, run_id: str) -> dict:
     if meta["layout_hash"] != current["hash"] or meta["feature_names"] != current["radiomics"]:
         raise InputError(f"run {run_id} was trained on feature layout {meta['layout_hash']} but this ctlake "
                          f"computes {current['hash']}: retrain, or score with the ctlake version of that run")
+    if meta.get("detector_hash") != detector_hash(settings.detect.params()):
+        raise InputError(f"run {run_id} was trained on candidates of detector {meta.get('detector_hash')} but the "
+                         "configuration detects with other detect.* settings: set them back, or retrain")
     geometry = patch_geometry(settings.patches.params())
     if meta.get("patch_geometry") != geometry:
         raise InputError(f"run {run_id} was trained on patches {meta.get('patch_geometry')} but the configuration "
@@ -69,57 +76,98 @@ def series_to_score(spark: SparkSession, warehouse: str, meta: dict, series: lis
     return sorted({r["series_uid"] for r in known.collect() if r["patient_pseudonym"] not in seen} - scored)
 
 
-def run(spark: SparkSession, settings: Settings, run_id: str = LATEST, series: list[str] | None = None) -> dict:
-    """Score the series (default: new patients') with a run (default: the newest) into ``predictions``."""
+def run(spark: SparkSession, settings: Settings, run_id: str = LATEST, series: list[str] | None = None,
+        mode: str = "detected", labels: str | None = None) -> dict:
+    """Score the series (default: new patients') with a run (default: the newest) into ``predictions``.
+
+    With ``labels`` (a ``labels.csv``), the summary also holds the run's
+    predictions for those series measured against them.
+    """
     meta = load_run(spark, settings, run_id)
     run_id = meta["run_id"]
-    series = series_to_score(spark, settings.warehouse, meta, series)
+    summary = score_series(spark, settings, meta, series_to_score(spark, settings.warehouse, meta, series), mode)
+    if labels:
+        summary["against_labels"] = against_labels(spark, settings, run_id, labels)
+    return summary
+
+
+def score_series(spark: SparkSession, settings: Settings, meta: dict, series: list[str], mode: str) -> dict:
+    """Preprocess, detect, cut, featurize and score ``series``; their ``predictions`` rows; the summary."""
+    run_id = meta["run_id"]
     if not series:
         return {"run_id": run_id, "series_scored": 0}
     preprocess.run(spark, settings)
-    patches.run(spark, settings, mode="window", series=series)
+    if mode == "detected":
+        detect.run(spark, settings)
+    patches.run(spark, settings, mode=mode, series=series)
     features.run(spark, settings)
-    scored = window_scores(spark, settings, meta, series)
-    rows = prediction_rows(scored, meta, settings.train.evidence_k)
+    scored = candidate_rows(spark, settings, meta, series, mode)
+    patients = {r["series_uid"]: r["patient_pseudonym"] for r in tables.read(spark, settings.warehouse, tables.SERIES)
+                .filter(F.col("series_uid").isin(series)).select("series_uid", "patient_pseudonym").collect()}
+    rows = prediction_rows(scored, patients, meta, settings.train.evidence_k)
     predictions = (spark.createDataFrame(rows, tables.PREDICTIONS_SCHEMA)
                    .withColumn("scored_at", F.current_timestamp()))
     tables.merge_upsert(spark, settings.warehouse, tables.PREDICTIONS, predictions, ["run_id", "series_uid"])
-    return {"run_id": run_id, "series_scored": len(rows), "patches_scored": int(len(scored)),
-            "predictions": {uid[-12:]: {"p_ensemble": round(r[6], 3), "cancer_predicted": r[8]}
-                            for r in rows for uid in [r[2]]}}
+    return {"run_id": run_id, "mode": mode, "series_scored": len(rows), "patches_scored": int(len(scored)),
+            "predictions": {r[2][-12:]: {"p_ensemble": round(r[6], 3), "cancer_predicted": r[8],
+                                         "evidence_picture": evidence_file(spark, settings, run_id, r)} for r in rows}}
 
 
-def window_scores(spark: SparkSession, settings: Settings, meta: dict, series: list[str]) -> pd.DataFrame:
-    """Every window patch of the series with both models' probabilities and their mean ``p``."""
+def against_labels(spark: SparkSession, settings: Settings, run_id: str, labels_path: str) -> dict:
+    """The run's predictions for the series of a ``labels.csv`` against those labels (an external check).
+
+    Patient level at the run's own threshold, with 95% bootstrap intervals:
+    what a cohort the run never saw says about it.
+    """
+    labels = tables.read_labels(spark, labels_path).select(F.col("seriesuid").alias("series_uid"), "label")
+    scored = (tables.read(spark, settings.warehouse, tables.PREDICTIONS).filter(F.col("run_id") == run_id)
+              .join(labels, "series_uid").select("patient_pseudonym", "label", "p_ensemble", "threshold").toPandas())
+    if scored.empty or scored["label"].nunique() < 2:
+        return {"series": int(len(scored)), "note": "needs scored series of both labels"}
+    result = bootstrap_metrics(scored["label"].to_numpy(), scored["p_ensemble"].to_numpy(),
+                               scored["patient_pseudonym"].to_numpy(), float(scored["threshold"].iat[0]),
+                               settings.train.bootstrap, settings.train.seed)
+    return {"series": int(len(scored)), "with_cancer": int(scored["label"].sum()),
+            **{m: {k: round(v, 3) for k, v in result[m].items() if v is not None}
+               for m in ("auc", "sensitivity", "specificity")}}
+
+
+def evidence_file(spark: SparkSession, settings: Settings, run_id: str, row: tuple) -> str | None:
+    """The prediction's evidence candidates boxed on their slices: ``<report.folder>/scored/<run>/<series>.png``."""
+    evidence = [dict(zip(("patch_id", "sop_uid", "slice_index", "center_row", "center_col", "p"), e)) for e in row[9]]
+    path = Path(settings.report.folder) / "scored" / run_id / f"series_{row[2][-12:]}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return str(path) if evidence_picture(spark, settings.warehouse, evidence, settings.patches.size_mm, path) else None
+
+
+def candidate_rows(spark: SparkSession, settings: Settings, meta: dict, series: list[str], mode: str) -> pd.DataFrame:
+    """Every detected (or window) patch of the series with each stage's and combination's probability."""
     names = meta["feature_names"]
     feats = (tables.read(spark, settings.warehouse, tables.FEATURES).filter(F.col("error").isNull())
-             .filter((F.col("mode") == "window") & F.col("series_uid").isin(series))
+             .filter((F.col("mode") == mode) & F.col("series_uid").isin(series))
              .filter(F.col("layout_hash") == meta["layout_hash"])
              .filter(F.col("params_hash") == params_hash(settings.patches.params())))
-    frame = feats.select("patch_id", "patient_pseudonym", "series_uid", "sop_uid", "slice_index", "center_row",
-                         "center_col", *[F.col("radiomics")[i].alias(n) for i, n in enumerate(names)])
-    probabilities = {}
-    for model in ("random_forest", "svm_ensemble"):
-        fitted = PipelineModel.load(f"{meta['models_path']}/{model}")
-        probabilities[model] = (fitted.transform(frame)
-                                .select("patch_id", vector_to_array("probability")[1].alias(f"p_{model}")))
-    scored = (frame.select("patch_id", "patient_pseudonym", "series_uid", "sop_uid", "slice_index", "center_row",
-                           "center_col")
-              .join(probabilities["random_forest"], "patch_id").join(probabilities["svm_ensemble"], "patch_id")
-              .toPandas())
-    scored["p"] = (scored["p_random_forest"] + scored["p_svm_ensemble"]) / 2
+    keep = ["patch_id", "patient_pseudonym", "series_uid", "sop_uid", "slice_index", "center_row", "center_col"]
+    frame = feats.select(*keep, *[F.col("radiomics")[i].alias(n) for i, n in enumerate(names)]).cache()
+    scored = candidate_scores(load_models(meta["models_path"]), frame, keep)
+    frame.unpersist()
     return scored
 
 
-def prediction_rows(scored: pd.DataFrame, meta: dict, evidence_k: int) -> list[tuple]:
-    """One ``predictions`` row per series (``PREDICTIONS_SCHEMA`` order, ``scored_at`` null), aggregated as the run was."""
+def prediction_rows(scored: pd.DataFrame, patients: dict[str, str], meta: dict, evidence_k: int) -> list[tuple]:
+    """One ``predictions`` row per series (``PREDICTIONS_SCHEMA`` order, ``scored_at`` null), aggregated as the run was.
+
+    A series without any candidate scores 0, as such patients did in the run's evaluation.
+    """
     how, threshold = meta["aggregate"], float(meta["thresholds"]["ensemble"])
     rows = []
-    for (patient, uid), group in scored.groupby(["patient_pseudonym", "series_uid"]):
-        p = aggregate_probabilities(group["p"], how)
-        top = group.sort_values("p", ascending=False).head(evidence_k)
-        rows.append((meta["run_id"], patient, uid, int(len(group)), aggregate_probabilities(group["p_random_forest"], how),
-                     aggregate_probabilities(group["p_svm_ensemble"], how), p, threshold, bool(p >= threshold),
+    for uid, patient in sorted(patients.items()):
+        group = scored[scored["series_uid"] == uid]
+        p = {name: aggregate_probabilities(group[f"p_{name}"], how) if len(group) else 0.0
+             for name in ("random_forest", "svm_ensemble", "ensemble")}
+        top = group.sort_values("p_ensemble", ascending=False).head(evidence_k)
+        rows.append((meta["run_id"], patient, uid, int(len(group)), p["random_forest"], p["svm_ensemble"],
+                     p["ensemble"], threshold, bool(p["ensemble"] >= threshold),
                      [(r.patch_id, r.sop_uid, int(r.slice_index), float(r.center_row), float(r.center_col),
-                       float(r.p)) for r in top.itertuples()], None))
+                       float(r.p_ensemble)) for r in top.itertuples()], None))
     return rows

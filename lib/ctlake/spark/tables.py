@@ -371,7 +371,6 @@ def latest_run_id(spark: SparkSession, warehouse: str) -> str:
 
 # --------------------------------------------------------------------------- input CSVs
 
-CANDIDATES_CSV = "seriesuid string, coordX double, coordY double, coordZ double, `class` int"
 ANNOTATIONS_CSV = "seriesuid string, coordX double, coordY double, coordZ double, diameter_mm double"
 
 
@@ -391,14 +390,6 @@ def _read_csv(spark: SparkSession, path: str, what: str, **options) -> DataFrame
     return frame
 
 
-def read_candidates(spark: SparkSession, path: str) -> DataFrame:
-    """LUNA16 ``candidates.csv`` (patient mm) with ``series_uid`` and ``candidate_id``; malformed rows dropped."""
-    frame = _read_csv(spark, path, "candidates", schema=CANDIDATES_CSV, enforceSchema=False, mode="DROPMALFORMED")
-    frame = frame.withColumnRenamed("seriesuid", "series_uid")
-    return frame.withColumn("candidate_id", candidate_id(F.col("series_uid"), F.col("coordX"), F.col("coordY"),
-                                                         F.col("coordZ")))
-
-
 def read_annotations(spark: SparkSession, path: str) -> DataFrame:
     """LUNA16 ``annotations.csv``: the true nodules (patient mm, diameter) with ``series_uid``."""
     frame = _read_csv(spark, path, "annotations", schema=ANNOTATIONS_CSV, enforceSchema=False, mode="DROPMALFORMED")
@@ -410,7 +401,16 @@ def read_nodules(spark: SparkSession, path: str) -> DataFrame:
     nodules = _read_csv(spark, path, "nodules", inferSchema=False)
     coords = [F.col(c).cast("double") for c in ("coordX", "coordY", "coordZ")]
     return nodules.select(candidate_id(F.col("seriesuid"), *coords).alias("candidate_id"),
-                          F.col("label").alias("nodule_label"))
+                          F.col("label").alias("nodule_label"), F.col("diameter_mm").cast("double").alias("nodule_mm"),
+                          F.col("texture").cast("double").alias("nodule_texture"))
+
+
+def read_nodule_attributes(spark: SparkSession, path: str, attributes: tuple[str, ...]) -> DataFrame:
+    """``nodules.csv``: series, nodule key, label and the rendered ``attributes`` as doubles."""
+    nodules = _read_csv(spark, path, "nodules", inferSchema=False)
+    coords = [F.col(c).cast("double") for c in ("coordX", "coordY", "coordZ")]
+    return nodules.select(F.col("seriesuid").alias("series_uid"), candidate_id(F.col("seriesuid"), *coords)
+                          .alias("nodule_key"), "label", *[F.col(a).cast("double").alias(a) for a in attributes])
 
 
 def read_labels(spark: SparkSession, path: str) -> DataFrame:

@@ -1,11 +1,25 @@
-"""Training and evaluation job: patient-grouped splits, random forest, per-partition SVMs, ensemble.
+"""Training and evaluation job: two stages on the detector's candidates, judged on the scoring path.
 
-Patch target: 1 for a patch centred on a *malignant* nodule, 0 for benign
-nodules, non-nodule candidates and random negatives; patches of indeterminate
-nodules are left out of training (their label is what the readers could not
-agree on) but are scored. A patient's probability of cancer is an aggregate
-(max by default) of its patch probabilities, which is what is evaluated
-against the patient label (any malignant nodule).
+Stage ``nodule`` tells nodules from the detector's other candidates (false
+positive reduction); stage ``malignancy`` tells malignant from benign
+nodules.  Both are trained on what scoring sees: the detected candidates of
+the training patients (a candidate is a nodule when it lies within an
+annotated nodule's radius, LUNA16's hit rule) plus patches at the annotated
+nodules themselves.  Each stage has a random forest and a per-partition SVM
+ensemble; the ensemble averages them per stage.  A candidate's probability
+of cancer is P(nodule) x P(malignant), and a patient's is their aggregate
+(max by default).
+
+Indeterminate nodules (mean malignancy 2.5-3.5) are handled one way
+everywhere: they are nodules (stage ``nodule`` positives), their malignancy
+is unknown (left out of stage ``malignancy`` and of the malignant-vs-benign
+figures), and a patient whose nodules are all indeterminate or benign is a
+patient without cancer, as ``labels.csv`` says.
+
+Validation and test patients are evaluated on their *detected* candidates
+only, cut, featurized and scored by the same code a new scan goes through;
+thresholds are chosen on the validation patients.  Patches at the annotated
+nodules of test patients give one labelled diagnostic (the oracle).
 """
 from __future__ import annotations
 
@@ -24,19 +38,35 @@ from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.classification import RandomForestClassifier
 from pyspark.ml.evaluation import BinaryClassificationEvaluator
 from pyspark.ml.feature import StandardScaler, VectorAssembler
-from pyspark.ml.functions import vector_to_array
 from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from sklearn.metrics import roc_auc_score
 
 from ctlake.config import Settings, TrainSettings
-from ctlake.core.evaluation import aggregate, evaluate, top_patches
+from ctlake.core.detect import detector_hash
+from ctlake.core.evaluation import (
+    ATTRIBUTES,
+    FAMILIES,
+    STAGES,
+    aggregate,
+    attribute_ceiling,
+    by_group,
+    evaluate,
+    grouped_cv_patient_auc,
+    patient_group,
+    permutation_null,
+    top_patches,
+)
+from ctlake.core.froc import froc_report, match_candidates
+from ctlake.core.metrics import bootstrap_metrics, brier, calibration_bins, threshold_youden
 from ctlake.core.patch_tasks import params_hash, patch_geometry
 from ctlake.core.radiomics import feature_layout
 from ctlake.core.splits import split_patients, split_sizes
 from ctlake.core.svm_partition import svm_grid
 from ctlake.errors import InputError
 from ctlake.spark import tables
+from ctlake.spark.models import candidate_scores, model_path
 from ctlake.spark.partitioned_svc import PartitionedSVC, tune_partitioned_svc
 from ctlake.spark.report import write_report
 
@@ -45,37 +75,27 @@ log = logging.getLogger("ctlake.train")
 
 @dataclass
 class TrainingData:
-    """The rows a run trains and evaluates on, split by patient."""
+    """The rows one stage trains and tunes on, split by patient."""
 
     names: list[str]
-    assignment: pd.DataFrame
-    sizes: dict
-    frame: DataFrame
     train: DataFrame
     validation: DataFrame
-    evaluation: DataFrame
 
 
 def with_weights(frame: DataFrame, how: str) -> DataFrame:
-    """``frame`` plus a ``weight`` column for training and tuning.
+    """``frame`` plus a ``weight`` column: ``"balanced"`` gives each ``target`` class half the weight.
 
-    ``"groups"``: malignant nodules, benign nodules and everything else
-    (other candidates, random negatives) each carry a third of the total
-    weight.  Benign nodules are the negatives that look most like cancer but
-    are a few per cent of the negative patches; unweighted, a model learns
-    "nodule or not" and ranks benign nodules with the malignant ones
-    (measured: nodule-level AUC 0.79 unweighted, 0.87 with groups, grouped
-    cross-validation on the sample cohort).  ``"none"``: every row 1.
+    The nodule stage sees some 40 other candidates per nodule; unweighted, a
+    forest's votes and the SVM's margin favour "not a nodule" everywhere.
+    ``"none"``: every row 1.
     """
     if how == "none":
         return frame.withColumn("weight", F.lit(1.0))
-    group = (F.when(F.col("target") == 1.0, "malignant").when(F.col("nodule_label") == "benign", "benign")
-             .otherwise("other"))
-    counts = {r["g"]: r["count"] for r in frame.groupBy(group.alias("g")).count().collect()}
+    counts = {r["target"]: r["count"] for r in frame.groupBy("target").count().collect()}
     total = sum(counts.values())
     weight = F.lit(1.0)
-    for name, count in counts.items():
-        weight = F.when(group == name, F.lit(total / (len(counts) * count))).otherwise(weight)
+    for value, count in counts.items():
+        weight = F.when(F.col("target") == value, F.lit(total / (len(counts) * count))).otherwise(weight)
     return frame.withColumn("weight", weight)
 
 
@@ -88,30 +108,53 @@ def git_commit() -> str | None:
 
 
 def patient_labels(spark: SparkSession, settings: Settings) -> pd.DataFrame:
-    """One row per patient: pseudonym and cancer label (any labelled series positive)."""
+    """One row per patient: pseudonym, cancer label (any labelled series positive) and nodule count."""
     labels = tables.read_labels(spark, settings.train.labels)
     series = tables.read(spark, settings.warehouse, tables.SERIES).select("series_uid", "patient_pseudonym")
     joined = labels.join(series, labels["seriesuid"] == series["series_uid"])
-    frame = joined.groupBy("patient_pseudonym").agg(F.max("label").alias("label")).toPandas()
+    frame = joined.groupBy("patient_pseudonym").agg(F.max("label").alias("label"),
+                                                    F.sum("n_nodules").alias("n_nodules")).toPandas()
     return frame.rename(columns={"patient_pseudonym": "patient"})
 
 
+def candidate_matches(spark: SparkSession, settings: Settings) -> DataFrame:
+    """``candidate_id`` of every detected candidate -> ``nodule_key`` of the annotated nodule it hits (or null)."""
+    found = (tables.read(spark, settings.warehouse, tables.CANDIDATES)
+             .filter(F.col("detector_hash") == detector_hash(settings.detect.params()))
+             .select("candidate_id", "series_uid", "coord_x", "coord_y", "coord_z").toPandas())
+    annotations = tables.read_annotations(spark, settings.patches.annotations)
+    nodules = annotations.select("series_uid", "coordX", "coordY", "coordZ", "diameter_mm", tables.candidate_id(
+        *[annotations[c] for c in ("series_uid", "coordX", "coordY", "coordZ")]).alias("nodule_key")).toPandas()
+    hit = match_candidates(found, nodules)
+    found["nodule_key"] = [nodules["nodule_key"].iat[i] if i >= 0 else None for i in hit]
+    schema = "candidate_id string, nodule_key string"
+    return spark.createDataFrame(found[["candidate_id", "nodule_key"]].astype(object), schema)
+
+
 def training_frame(spark: SparkSession, settings: Settings, names: list[str], assignment: pd.DataFrame) -> DataFrame:
-    """Feature rows with split, fold, patch target and one named column per radiomics feature."""
+    """Detected and nodule patches' features with split, fold, nodule match, targets, one column per feature.
+
+    ``is_nodule``: the patch is at an annotated nodule (its own patch, or a
+    detected candidate within the nodule's radius); ``target``: that nodule
+    is malignant (the patch-level truth of the product's question).
+    """
     current = params_hash(settings.patches.params())
     features = (tables.read(spark, settings.warehouse, tables.FEATURES).filter(F.col("error").isNull())
-                .filter(F.col("mode").isin("candidate", "negative") & (F.col("params_hash") == current)))
-    nodules = tables.read_nodules(spark, settings.train.nodules)
+                .filter(F.col("mode").isin("detected", "nodule") & (F.col("params_hash") == current)))
+    nodules = tables.read_nodules(spark, settings.train.nodules).withColumnRenamed("candidate_id", "nodule_key")
     split = spark.createDataFrame(assignment.rename(columns={"patient": "patient_pseudonym",
                                                              "label": "patient_label"}))
-    frame = (features.join(F.broadcast(nodules), "candidate_id", "left")
+    frame = (features.join(F.broadcast(candidate_matches(spark, settings)), "candidate_id", "left")
+             .withColumn("nodule_key", F.when(F.col("mode") == "nodule", F.col("candidate_id"))
+                         .otherwise(F.col("nodule_key")))
+             .join(F.broadcast(nodules), "nodule_key", "left")
              .join(F.broadcast(split), "patient_pseudonym", "inner")
-             .withColumn("target", F.when(F.col("nodule_label") == "malignant", 1.0).otherwise(0.0))
-             .withColumn("trainable", F.col("nodule_label").isNull() | (F.col("nodule_label") != "indeterminate")))
+             .withColumn("is_nodule", F.col("nodule_key").isNotNull().cast("double"))
+             .withColumn("target", F.when(F.col("nodule_label") == "malignant", 1.0).otherwise(0.0)))
     return frame.select("*", *[F.col("radiomics")[i].alias(name) for i, name in enumerate(names)])
 
 
-def load_training_data(spark: SparkSession, settings: Settings) -> TrainingData:
+def load_training_data(spark: SparkSession, settings: Settings) -> tuple[list[str], pd.DataFrame, DataFrame]:
     """Split the patients, and lay their feature rows out the same way on every run (cached)."""
     if not tables.exists(spark, settings.warehouse, tables.FEATURES):
         raise InputError("no features table: run jobs/features.py first")
@@ -119,20 +162,30 @@ def load_training_data(spark: SparkSession, settings: Settings) -> TrainingData:
     if names != feature_layout(settings.features.pixel_size)["radiomics"]:
         raise InputError("features table layout differs from this ctlake version: re-run jobs/features.py")
     train = settings.train
-    assignment = split_patients(patient_labels(spark, settings), train.split, train.folds, train.seed)
-    sizes = split_sizes(assignment)
-    log.info("split (patients): %s", sizes)
+    labels = patient_labels(spark, settings)
+    assignment = split_patients(labels, train.split, train.folds, train.seed).merge(
+        labels[["patient", "n_nodules"]], on="patient")
+    log.info("split (patients): %s", split_sizes(assignment))
     # A fixed layout of rows over partitions: the forest's bootstrap is drawn per partition, and the
     # scaler's sums (whose last bits decide the SVM's partition hash) follow partition order. Without it
     # two runs on the same tables differed by 0.09 in SVM nodule AUC.
     frame = (training_frame(spark, settings, names, assignment)
              .repartition(train.partitions, "patch_id").sortWithinPartitions("patch_id").cache())
+    return names, assignment, frame
+
+
+def stage_data(names: list[str], frame: DataFrame, stage: str, weighting: str) -> TrainingData:
+    """One stage's rows: training patients' detected and nodule patches; validation patients' detected ones.
+
+    ``nodule``: target is_nodule over every candidate.  ``malignancy``: target
+    malignant over the nodules rated malignant or benign.
+    """
+    rows = frame if stage == "nodule" else frame.filter(F.col("nodule_label").isin("malignant", "benign"))
+    rows = rows.withColumn("target", F.col("is_nodule") if stage == "nodule" else F.col("target"))
     return TrainingData(
-        names=names, assignment=assignment, sizes=sizes, frame=frame,
-        train=with_weights(frame.filter((F.col("split") == "train") & F.col("trainable")), train.weighting),
-        validation=with_weights(frame.filter((F.col("split") == "validation") & F.col("trainable")),
-                                train.weighting),
-        evaluation=frame.filter(F.col("split").isin("validation", "test")))
+        names=names, train=with_weights(rows.filter(F.col("split") == "train"), weighting),
+        validation=with_weights(rows.filter((F.col("split") == "validation") & (F.col("mode") == "detected")),
+                                weighting))
 
 
 def rf_pipeline(names: list[str], seed: int) -> tuple[Pipeline, RandomForestClassifier]:
@@ -160,15 +213,6 @@ def evaluator() -> BinaryClassificationEvaluator:
     """Weighted ROC AUC of the positive-class probability: what both models are tuned on."""
     return BinaryClassificationEvaluator(labelCol="target", rawPredictionCol="probability",
                                          weightCol="weight", metricName="areaUnderROC")
-
-
-def scores(model: PipelineModel, frame: DataFrame) -> pd.DataFrame:
-    """Patch probabilities with what evaluation needs, brought to the driver (no pixels)."""
-    out = model.transform(frame).select(
-        "patch_id", "patient_pseudonym", "series_uid", "sop_uid", "slice_index", "center_row", "center_col",
-        "mode", "candidate_id", "nodule_label", "target", "patient_label", "split",
-        vector_to_array("probability")[1].alias("p"))
-    return out.toPandas()
 
 
 def fit_forest(data: TrainingData, train: TrainSettings) -> tuple[PipelineModel, dict]:
@@ -200,26 +244,6 @@ def fit_svm(data: TrainingData, train: TrainSettings) -> tuple[PipelineModel, di
     return model, {"svm_best": chosen, "svm_tuning": tuning}
 
 
-def shuffled_control(spark: SparkSession, data: TrainingData, train: TrainSettings, rf_best: dict
-                     ) -> tuple[pd.DataFrame, dict, dict[str, list[float]]]:
-    """The forest trained on permuted (target, weight) pairs: first scores and metrics, and every AUC.
-
-    One permutation is one draw of a noisy AUC (+-0.1 with 40 test patients),
-    so it is repeated and its spread reported.
-    """
-    control_aucs: dict[str, list[float]] = {}
-    for repeat in range(train.control_repeats):
-        control, control_forest = rf_pipeline(data.names, train.seed)
-        control_forest.setNumTrees(rf_best["numTrees"]).setMaxDepth(rf_best["maxDepth"])
-        scored = scores(control.fit(_shuffled(spark, data.train, train.seed + repeat)), data.evaluation)
-        result = evaluate(scored, train.aggregate, min(train.bootstrap, 200) if repeat == 0 else 20, train.seed)
-        if repeat == 0:
-            first_scores, first_result = scored, result
-        for level, metrics in result.items():
-            control_aucs.setdefault(level, []).append(round(metrics["auc"]["value"], 4))
-    return first_scores, first_result, control_aucs
-
-
 def run_and_report(spark: SparkSession, settings: Settings, if_no_run: bool = False) -> dict:
     """The train job: :func:`run`, then the HTML report of the run; the summary names the report.
 
@@ -235,53 +259,159 @@ def run_and_report(spark: SparkSession, settings: Settings, if_no_run: bool = Fa
     return summary
 
 
+#: What evaluation keeps of a scored row (the features are left behind).
+KEEP = ["patch_id", "patient_pseudonym", "series_uid", "sop_uid", "slice_index", "center_row", "center_col", "mode",
+        "candidate_id", "nodule_key", "nodule_label", "nodule_mm", "nodule_texture", "is_nodule", "target",
+        "patient_label", "split", "coord_x", "coord_y", "coord_z"]
+
+
+def fit_stages(names: list[str], frame: DataFrame, settings: Settings, models_path: str) -> tuple[dict, dict, dict]:
+    """Both stages x both families, fitted, tuned and saved: models, tuning records, seconds."""
+    train = settings.train
+    models, tuning, timings = {}, {}, {}
+    for stage in STAGES:
+        data = stage_data(names, frame, stage, train.weighting)
+        for family, fit in (("random_forest", fit_forest), ("svm_ensemble", fit_svm)):
+            started = time.monotonic()
+            model, record = fit(data, train)
+            model.write().overwrite().save(model_path(models_path, stage, family))
+            models[(stage, family)], tuning[f"{stage}/{family}"] = model, record
+            timings[f"{stage}/{family}"] = round(time.monotonic() - started, 1)
+    return models, tuning, timings
+
+
+def with_empty_patients(scored: pd.DataFrame, assignment: pd.DataFrame) -> pd.DataFrame:
+    """Scoring-path rows plus one row at probability 0 for each evaluated patient without any candidate.
+
+    A scan in which the detector finds nothing is a scan without cancer to
+    the product, and must count as one in every figure.
+    """
+    evaluated = assignment[assignment["split"].isin(["validation", "test"])]
+    missing = evaluated[~evaluated["patient"].isin(scored["patient_pseudonym"])]
+    empty = pd.DataFrame({"patient_pseudonym": missing["patient"], "patient_label": missing["label"],
+                          "split": missing["split"], "mode": "none", "target": 0.0, "is_nodule": 0.0})
+    for column in [c for c in scored.columns if c.startswith("p_")]:
+        empty[column] = 0.0
+    return pd.concat([scored, empty], ignore_index=True)
+
+
 def run(spark: SparkSession, settings: Settings) -> dict:
-    """Train, evaluate and record one run; the summary carries ``_meta`` and ``_scores`` for the report."""
+    """Train, evaluate on the scoring path and record one run; the summary carries ``_meta`` and ``_scores``."""
     started, clock = datetime.now(timezone.utc), time.monotonic()
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     train, models_path = settings.train, tables.models_path(settings.warehouse, run_id)
-    data = load_training_data(spark, settings)
-    counts = {r["split"]: r["count"] for r in data.frame.groupBy("split").count().collect()}
-    data.sizes["patches"] = counts
-    all_scores, timings, tuning = {}, {}, {}
-    for name, fit in (("random_forest", fit_forest), ("svm_ensemble", fit_svm)):
-        t = time.monotonic()
-        model, record = fit(data, train)
-        model.write().overwrite().save(f"{models_path}/{name}")
-        timings[name] = round(time.monotonic() - t, 1)
-        all_scores[name], tuning[name] = scores(model, data.evaluation), record
-        if name == "random_forest":
-            importances = sorted(zip(data.names, model.stages[-1].featureImportances.toArray().tolist()),
-                                 key=lambda kv: -kv[1])
-    # Ensemble of the two: average of their probabilities, aggregated the same way.
-    merged = all_scores["random_forest"].merge(all_scores["svm_ensemble"][["patch_id", "p"]], on="patch_id",
-                                               suffixes=("_rf", "_svm"))
-    merged["p"] = (merged["p_rf"] + merged["p_svm"]) / 2
-    all_scores["ensemble"] = merged.drop(columns=["p_rf", "p_svm"])
+    names, assignment, frame = load_training_data(spark, settings)
+    sizes = split_sizes(assignment)
+    sizes["patches"] = {r["split"]: r["count"] for r in frame.groupBy("split").count().collect()}
+    models, tuning, timings = fit_stages(names, frame, settings, models_path)
+    scored = candidate_scores(models, frame.filter(F.col("split").isin("validation", "test")), KEEP)
+    path = with_empty_patients(scored[scored["mode"] == "detected"], assignment)
+    all_scores = {name: path.assign(p=path[f"p_{name}"]) for name in (*FAMILIES, "ensemble")}
     results = {name: evaluate(s, train.aggregate, train.bootstrap, train.seed) for name, s in all_scores.items()}
-    rf_best = tuning["random_forest"]["rf_best"]
-    control_scores, results["shuffled_label_control"], control_aucs = shuffled_control(spark, data, train, rf_best)
-    meta = {"run_id": run_id, "feature_names": data.names,
+    results["oracle_nodule"] = oracle_nodules(scored[scored["mode"] == "nodule"], train)
+    patients = aggregate(all_scores["ensemble"], train.aggregate).merge(
+        assignment[["patient", "n_nodules"]].rename(columns={"patient": "patient_pseudonym"}), on="patient_pseudonym")
+    patients["group"] = [patient_group(label, n) for label, n in zip(patients["label"], patients["n_nodules"])]
+    test = patients[patients["split"] == "test"]
+    null_aucs = permutation_null(test["label"], test["p"], train.control_repeats, train.seed)
+    everyone = frame.select("patient_pseudonym", "patient_label", "mode", "is_nodule", "nodule_label", *names).toPandas()
+    cv_aucs = grouped_cv_patient_auc(everyone, names, train.cv_folds, train.cv_repeats, train.seed, train.aggregate)
+    forest = models[("malignancy", "random_forest")].stages[-1]
+    meta = {"run_id": run_id, "feature_names": names,
             "layout_hash": feature_layout(settings.features.pixel_size)["hash"],
             "patch_geometry": patch_geometry(settings.patches.params()),
+            "detector_hash": detector_hash(settings.detect.params()),
             "aggregate": train.aggregate, "weighting": train.weighting,
-            "thresholds": {name: r["patient"]["threshold"] for name, r in results.items()},
-            "rf_best": rf_best, "svm_best": tuning["svm_ensemble"]["svm_best"],
-            "svm_tuning": tuning["svm_ensemble"]["svm_tuning"], "control_aucs": control_aucs,
-            "rf_cv_auc": tuning["random_forest"]["rf_cv_auc"], "importances": importances,
-            "evidence": {name: top_patches(s, train.evidence_k) for name, s in all_scores.items()},
-            "results": results, "split_sizes": data.sizes, "timings_s": timings,
-            "patients": sorted(data.assignment["patient"])}
+            "thresholds": {name: results[name]["patient"]["threshold"] for name in all_scores},
+            "tuning": tuning, "null_aucs": null_aucs, "cv_patient_auc": cv_aucs,
+            "importances": sorted(zip(names, forest.featureImportances.toArray().tolist()), key=lambda kv: -kv[1]),
+            "evidence": {name: top_patches(s[s["mode"] == "detected"], train.evidence_k)
+                         for name, s in all_scores.items()},
+            "detection": detection_figures(spark, settings, scored, assignment),
+            "groups": by_group(patients, results["ensemble"]["patient"]["threshold"]),
+            "calibration": {"bins": calibration_bins(test["label"], test["p"]), "brier": brier(test["label"], test["p"])},
+            "baselines": baselines(spark, settings, assignment),
+            "patient_scores": patients[["patient_pseudonym", "split", "label", "group", "p"]].to_dict("records"),
+            "results": results, "split_sizes": sizes, "timings_s": timings,
+            "patients": sorted(assignment["patient"]), "git_commit": git_commit(),
+            "input_versions": {t: tables.version(spark, settings.warehouse, t)
+                               for t in (tables.SLICES, tables.CANDIDATES, tables.PATCHES, tables.FEATURES)}}
     record_run(spark, settings, meta, started, round(time.monotonic() - clock, 1))
-    data.frame.unpersist()
-    all_scores["shuffled_label_control"] = control_scores
+    frame.unpersist()
     return {"run_id": run_id, "models_path": models_path,
-            "split_patients": {k: v["patients"] for k, v in data.sizes.items() if k != "patches"},
-            "split_patches": counts, "metrics": _headline(results),
-            "shuffled_label_control_auc": {level: {"mean": round(float(np.mean(v)), 3), "min": min(v), "max": max(v),
-                                                   "permutations": len(v)} for level, v in control_aucs.items()},
-            "rf_best": rf_best, "svm_best": meta["svm_best"],
-            "train_seconds": timings, "_meta": meta, "_scores": all_scores}
+            "split_patients": {k: v["patients"] for k, v in sizes.items() if k != "patches"},
+            "split_patches": sizes["patches"], "metrics": _headline(results),
+            "detection_cpm_test": {k: round(meta["detection"][k]["all"]["cpm"], 3) for k in ("detector", "system")},
+            "null_control_auc": _spread(null_aucs), "cv_patient_auc": _spread(cv_aucs), "train_seconds": timings,
+            "_meta": meta, "_scores": all_scores}
+
+
+def _spread(values: list[float]) -> dict:
+    if not values:
+        return {}
+    return {"mean": round(float(np.mean(values)), 3), "p2.5": round(float(np.percentile(values, 2.5)), 3),
+            "p97.5": round(float(np.percentile(values, 97.5)), 3), "n": len(values)}
+
+
+def oracle_nodules(nodule_rows: pd.DataFrame, train: TrainSettings) -> dict:
+    """The labelled diagnostic: P(malignant) at the annotated centres of rated nodules (test; threshold on validation)."""
+    rated = nodule_rows[nodule_rows["nodule_label"].isin(["malignant", "benign"])]
+    val, test = rated[rated["split"] == "validation"], rated[rated["split"] == "test"]
+    if test["target"].nunique() < 2:
+        return {}
+    return {"nodule": bootstrap_metrics(test["target"].to_numpy(), test["p_malignancy"].to_numpy(),
+                                        test["patient_pseudonym"].to_numpy(),
+                                        threshold_youden(val["target"], val["p_malignancy"]), train.bootstrap,
+                                        train.seed)}
+
+
+def baselines(spark: SparkSession, settings: Settings, assignment: pd.DataFrame) -> dict:
+    """Test figures of two references: the detector's largest candidate alone, and the rendered attributes.
+
+    ``largest_candidate_diameter``: patient AUC of the largest diameter among
+    a scan's detected candidates (does "something big" already say cancer?).
+    ``attribute_ceiling``: nodule AUC of a forest on the true diameter and
+    the readers' ratings (``nodules.csv``), trained on the training patients'
+    nodules: about what the images can carry at best.
+    """
+    split = assignment.rename(columns={"patient": "patient_pseudonym"})[["patient_pseudonym", "split", "label"]]
+    series = tables.read(spark, settings.warehouse, tables.SERIES).select("series_uid", "patient_pseudonym")
+    largest = (tables.read(spark, settings.warehouse, tables.CANDIDATES)
+               .filter(F.col("detector_hash") == detector_hash(settings.detect.params()))
+               .groupBy("series_uid").agg(F.max("diameter_mm").alias("largest_mm"))
+               .join(series, "series_uid").toPandas().merge(split, on="patient_pseudonym", how="right")
+               .fillna({"largest_mm": 0.0}))
+    test = largest[largest["split"] == "test"]
+    nodules = (tables.read_nodule_attributes(spark, settings.train.nodules, ATTRIBUTES).join(series, "series_uid")
+               .toPandas().merge(split.drop(columns="label"), on="patient_pseudonym"))
+    return {"largest_candidate_diameter": float(roc_auc_score(test["label"], test["largest_mm"]))
+            if test["label"].nunique() == 2 else None,
+            "attribute_ceiling": attribute_ceiling(nodules, settings.train.seed)}
+
+
+def detection_figures(spark: SparkSession, settings: Settings, scored: pd.DataFrame, assignment: pd.DataFrame
+                      ) -> dict:
+    """FROC on the test patients' scans: the detector's own score, and the nodule stage's P(nodule)."""
+    test_patients = set(assignment.loc[assignment["split"] == "test", "patient"])
+    series = (tables.read(spark, settings.warehouse, tables.SERIES).select("series_uid", "patient_pseudonym")
+              .toPandas())
+    test_series = set(series.loc[series["patient_pseudonym"].isin(test_patients), "series_uid"])
+    found = (tables.read(spark, settings.warehouse, tables.CANDIDATES)
+             .filter(F.col("detector_hash") == detector_hash(settings.detect.params()))
+             .filter(F.col("series_uid").isin(sorted(test_series)))
+             .select("candidate_id", "series_uid", "coord_x", "coord_y", "coord_z", "score").toPandas())
+    annotations = tables.read_annotations(spark, settings.patches.annotations)
+    keyed = annotations.withColumn("nodule_key", tables.candidate_id(
+        *[annotations[c] for c in ("series_uid", "coordX", "coordY", "coordZ")]))
+    ratings = tables.read_nodules(spark, settings.train.nodules).withColumnRenamed("candidate_id", "nodule_key")
+    nodules = (keyed.join(ratings.select("nodule_key", F.col("nodule_texture").alias("texture")), "nodule_key", "left")
+               .toPandas())
+    nodules = nodules[nodules["series_uid"].isin(test_series)].reset_index(drop=True)
+    system = found.merge(scored[["candidate_id", "p_nodule"]], on="candidate_id", how="left").fillna({"p_nodule": 0.0})
+    n_scans = max(len(test_series), 1)
+    return {"detector": froc_report(found, nodules, n_scans),
+            "system": froc_report(system.assign(score=system["p_nodule"]), nodules, n_scans),
+            "candidates_per_scan": round(len(found) / n_scans, 1)}
 
 
 def _headline(results: dict) -> dict:
@@ -295,22 +425,11 @@ def record_run(spark: SparkSession, settings: Settings, meta: dict, started: dat
     warehouse, run_id = settings.warehouse, meta["run_id"]
     models_path = tables.models_path(warehouse, run_id)
     tables.write_text(spark, f"{models_path}/run.json", json.dumps(meta, default=_json_default, indent=1))
-    versions = {t: tables.version(spark, warehouse, t) for t in (tables.SLICES, tables.PATCHES, tables.FEATURES)}
-    row = [(run_id, started.replace(tzinfo=None), git_commit(), json.dumps(settings.source, default=str), versions,
+    row = [(run_id, started.replace(tzinfo=None), meta["git_commit"], json.dumps(settings.source, default=str),
+            meta["input_versions"],
             json.dumps(meta["split_sizes"]), json.dumps(meta["results"], default=_json_default), models_path,
             seconds)]
     tables.merge_insert(spark, warehouse, tables.RUNS, spark.createDataFrame(row, tables.RUNS_SCHEMA), ["run_id"])
-
-
-def _shuffled(spark: SparkSession, train: DataFrame, seed: int) -> DataFrame:
-    """The training rows with their (target, weight) pairs permuted together (seeded)."""
-    rows = train.select("patch_id", "target", "weight").orderBy("patch_id").toPandas()
-    order = np.random.default_rng(seed).permutation(len(rows))
-    mapping = spark.createDataFrame(pd.DataFrame({"patch_id": rows["patch_id"],
-                                                  "shuffled": rows["target"].to_numpy()[order].astype(float),
-                                                  "shuffled_weight": rows["weight"].to_numpy()[order]}))
-    return (train.join(F.broadcast(mapping), "patch_id").drop("target", "weight")
-            .withColumnRenamed("shuffled", "target").withColumnRenamed("shuffled_weight", "weight"))
 
 
 def _json_default(value):
