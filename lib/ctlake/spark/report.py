@@ -89,20 +89,27 @@ def importance_figure(importances: list, path: Path, top: int = 20) -> None:
     plt.close(fig)
 
 
-def evidence_picture(spark: SparkSession, warehouse: str, evidence: list[dict], size_mm: float, path: Path,
+def evidence_slices(spark: SparkSession, warehouse: str, evidence: list[dict]) -> dict:
+    """The slices every evidence item lies on, read in one pass (pictures of many scans share it)."""
+    wanted = sorted({e["sop_uid"] for e in evidence})
+    if not wanted:
+        return {}
+    rows = (tables.read(spark, warehouse, tables.SLICES).filter(F.col("sop_uid").isin(wanted))
+            .select("sop_uid", "pixels", "pixel_shape", "pixel_spacing_row", "pixel_spacing_col", "image_position",
+                    "image_orientation").collect())
+    return {r["sop_uid"]: r for r in rows}
+
+
+def evidence_picture(by_sop: dict, evidence: list[dict], size_mm: float, path: Path,
                      nodules: list[dict] | None = None) -> bool:
     """The top candidates of one scan as red boxes on their slices (lung window), side by side.
 
-    ``nodules`` (patient mm ``coordX/Y/Z``, ``diameter_mm``): the true nodules,
-    drawn as green circles (their section) on every panel whose slice cuts them.
+    ``by_sop``: :func:`evidence_slices`.  ``nodules`` (patient mm ``coordX/Y/Z``,
+    ``diameter_mm``): the true nodules, drawn as green circles (their section)
+    on every panel whose slice cuts them.
     """
     if not evidence:
         return False
-    wanted = {(e["sop_uid"]) for e in evidence}
-    rows = (tables.read(spark, warehouse, tables.SLICES).filter(F.col("sop_uid").isin(list(wanted)))
-            .select("sop_uid", "pixels", "pixel_shape", "pixel_spacing_row", "pixel_spacing_col", "image_position",
-                    "image_orientation").collect())
-    by_sop = {r["sop_uid"]: r for r in rows}
     panels = []
     for rank, e in enumerate(evidence, 1):
         row = by_sop.get(e["sop_uid"])
@@ -202,12 +209,15 @@ def write_report(spark: SparkSession, settings: Settings, summary: dict, meta: d
     curve_figures(patients, scores, aggregate_fn, folder)
     importance_figure(meta["importances"], folder / "importances.png")
     nodules = tables.read_annotations(spark, settings.patches.annotations).toPandas()
+    chosen = patients_that_matter(patients, meta["thresholds"]["ensemble"])
+    by_sop = evidence_slices(spark, settings.warehouse, [e for _, patient in chosen
+                                                         for e in meta["evidence"]["ensemble"].get(patient, [])])
     evidence_rows = []
-    for index, (reason, patient) in enumerate(patients_that_matter(patients, meta["thresholds"]["ensemble"])):
+    for index, (reason, patient) in enumerate(chosen):
         items = meta["evidence"]["ensemble"].get(patient, [])
         name = f"evidence_{index}.png"
         truth = nodules[nodules["series_uid"].isin({e["series_uid"] for e in items})].to_dict("records")
-        if evidence_picture(spark, settings.warehouse, items, settings.patches.size_mm, folder / name, truth):
+        if evidence_picture(by_sop, items, settings.patches.size_mm, folder / name, truth):
             info = patients[patients["patient_pseudonym"] == patient].iloc[0]
             evidence_rows.append((reason, patient, info["group"], float(info["p"]), name))
     path = folder / tables.REPORT_HTML

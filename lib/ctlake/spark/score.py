@@ -26,7 +26,7 @@ from ctlake.core.radiomics import feature_layout
 from ctlake.errors import InputError
 from ctlake.spark import detect, features, patches, preprocess, tables
 from ctlake.spark.models import candidate_scores, load_models
-from ctlake.spark.report import evidence_picture
+from ctlake.spark.report import evidence_picture, evidence_slices
 
 #: The ``--run-id`` that means the newest run of the configured warehouse.
 LATEST = "latest"
@@ -108,9 +108,10 @@ def score_series(spark: SparkSession, settings: Settings, meta: dict, series: li
     predictions = (spark.createDataFrame(rows, tables.PREDICTIONS_SCHEMA)
                    .withColumn("scored_at", F.current_timestamp()))
     tables.merge_upsert(spark, settings.warehouse, tables.PREDICTIONS, predictions, ["run_id", "series_uid"])
+    by_sop = evidence_slices(spark, settings.warehouse, [{"sop_uid": e[1]} for r in rows for e in r[9]])
     return {"run_id": run_id, "mode": mode, "series_scored": len(rows), "patches_scored": int(len(scored)),
             "predictions": {r[2][-12:]: {"p_ensemble": round(r[6], 3), "cancer_predicted": r[8],
-                                         "evidence_picture": evidence_file(spark, settings, run_id, r)} for r in rows}}
+                                         "evidence_picture": evidence_file(by_sop, settings, run_id, r)} for r in rows}}
 
 
 def against_labels(spark: SparkSession, settings: Settings, run_id: str, labels_path: str) -> dict:
@@ -132,12 +133,12 @@ def against_labels(spark: SparkSession, settings: Settings, run_id: str, labels_
                for m in ("auc", "sensitivity", "specificity")}}
 
 
-def evidence_file(spark: SparkSession, settings: Settings, run_id: str, row: tuple) -> str | None:
+def evidence_file(by_sop: dict, settings: Settings, run_id: str, row: tuple) -> str | None:
     """The prediction's evidence candidates boxed on their slices: ``<report.folder>/scored/<run>/<series>.png``."""
     evidence = [dict(zip(("patch_id", "sop_uid", "slice_index", "center_row", "center_col", "p"), e)) for e in row[9]]
     path = Path(settings.report.folder) / "scored" / run_id / f"series_{row[2][-12:]}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    return str(path) if evidence_picture(spark, settings.warehouse, evidence, settings.patches.size_mm, path) else None
+    return str(path) if evidence_picture(by_sop, evidence, settings.patches.size_mm, path) else None
 
 
 def candidate_rows(spark: SparkSession, settings: Settings, meta: dict, series: list[str], mode: str) -> pd.DataFrame:
