@@ -5,9 +5,9 @@
 1. Reads the ``features`` table of the configured warehouse (filled by ``make run``) and builds the
    training frame exactly as ``jobs/train.py`` does (``ctlake.spark.train.patient_labels``,
    ``ctlake.core.splits.split_patients`` with ``train.split``/``train.folds``/``train.seed``,
-   ``ctlake.spark.train.training_frame``): the models train on the trainable rows of the training
-   patients and are evaluated on every patch of the test patients (patch level, target = centred on
-   a malignant nodule; as in train.py, indeterminate patches count as negatives there).
+   ``ctlake.spark.train.training_frame``) for train.py's larger stage, *nodule*: the models train on
+   every row of the training patients (detected candidates and annotated nodules; target = at a
+   nodule) and are evaluated on the test patients' detected candidates, the rows scoring meets.
 2. Runs everything twice: on the real training rows (N=1) and on ``--replicate N`` stacked copies of
    them (the real rows plus N-1 copies with Gaussian noise of ``--jitter`` x each feature's training
    standard deviation, seeded), so that fixed Spark overheads do not decide the timings. The test
@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- data -----------------------------------------------------------------------------------------
 
 def load_rows(spark, config: Settings) -> tuple[list[str], pd.DataFrame, pd.DataFrame]:
-    """Feature names, training rows (train split, trainable) and test rows, as train.py builds them."""
+    """Feature names, the nodule stage's training rows and the test patients' detected rows, as train.py builds them."""
     from pyspark.sql import functions as F
 
     from ctlake.core.radiomics import feature_layout
@@ -116,14 +116,14 @@ def load_rows(spark, config: Settings) -> tuple[list[str], pd.DataFrame, pd.Data
         raise InputError("features table layout differs from this ctlake version: re-run jobs/features.py")
     assignment = split_patients(patient_labels(spark, config), config.train.split, config.train.folds,
                                 config.train.seed)
-    frame = training_frame(spark, config, names, assignment)
+    frame = training_frame(spark, config, names, assignment).withColumn("target", F.col("is_nodule"))
     columns = ["patch_id", "patient_pseudonym", "target", *names]
-    train = (frame.filter((F.col("split") == "train") & F.col("trainable")).select(*columns).toPandas()
+    train = (frame.filter(F.col("split") == "train").select(*columns).toPandas()
              .sort_values("patch_id", ignore_index=True))
-    test = (frame.filter(F.col("split") == "test").select(*columns).toPandas()
+    test = (frame.filter((F.col("split") == "test") & (F.col("mode") == "detected")).select(*columns).toPandas()
             .sort_values("patch_id", ignore_index=True))
     if train["target"].nunique() < 2 or test["target"].nunique() < 2:
-        raise InputError("training and test rows must both hold malignant and other patches")
+        raise InputError("training and test rows must both hold nodule and other candidates")
     return names, train, test
 
 
