@@ -11,9 +11,8 @@ def test_an_annotation_and_its_nodule_get_the_same_id(spark, tmp_path):
                                               "1.2.3,-12.5,40.125,-100.0,6.0\n1.2.3,1.0,2.0,3.0,4.0\n")
     (tmp_path / "nodules.csv").write_text("seriesuid,nodule_id,coordX,coordY,coordZ,diameter_mm,label,texture\n"
                                           "1.2.3,n1,-12.500,40.125,-100.000,6.000,malignant,5\n")
-    annotations = tables.read_annotations(spark, str(tmp_path / "annotations.csv"))
-    keyed = annotations.withColumn("candidate_id", tables.candidate_id(*[annotations[c] for c in (
-        "series_uid", "coordX", "coordY", "coordZ")]))
+    keyed = tables.read_annotations(spark, str(tmp_path / "annotations.csv")).withColumnRenamed(
+        "nodule_key", "candidate_id")
     nodules = tables.read_nodules(spark, str(tmp_path / "nodules.csv"))
     joined = keyed.join(nodules, "candidate_id").select("diameter_mm", "nodule_label", "nodule_texture").collect()
     assert [(r["diameter_mm"], r["nodule_label"], r["nodule_texture"]) for r in joined] == [(6.0, "malignant", 5.0)]

@@ -98,7 +98,7 @@ def run(spark: SparkSession, settings: Settings) -> dict:
     new = status.agg(F.count("*").alias("series"), F.sum("n_candidates").alias("candidates"),
                      F.sum(F.col("error").isNotNull().cast("int")).alias("errors"),
                      F.avg("seconds").alias("seconds")).first()
-    table = tables.read(spark, warehouse, tables.CANDIDATES).filter(F.col("detector_hash") == p_hash)
+    table = tables.read_candidates(spark, warehouse, p_hash)
     totals = table.agg(F.count("*").alias("n"), F.countDistinct("series_uid").alias("series")).first()
     return {"detector_hash": p_hash, "series_detected": new["series"], "candidates_found": new["candidates"] or 0,
             "series_errors": new["errors"] or 0, "seconds_per_series": round(new["seconds"] or 0.0, 2),

@@ -173,8 +173,7 @@ def detected_tasks(spark: SparkSession, settings: Settings, meta: DataFrame, ser
     ``nodules.csv``; a detected patch's is the detection's.
     """
     patches = settings.patches
-    found = (tables.read(spark, settings.warehouse, tables.CANDIDATES)
-             .filter(F.col("detector_hash") == detector_hash(settings.detect.params())))
+    found = tables.read_candidates(spark, settings.warehouse, detector_hash(settings.detect.params()))
     if series:
         found = found.filter(F.col("series_uid").isin(series))
     columns = ["series_uid", "coordX", "coordY", "coordZ", "candidate_id", "mode", "label", "radius_mm"]
@@ -182,9 +181,7 @@ def detected_tasks(spark: SparkSession, settings: Settings, meta: DataFrame, ser
                         F.col("coord_z").alias("coordZ"), "candidate_id", F.lit("detected").alias("mode"),
                         F.lit(None).cast("int").alias("label"), (F.col("diameter_mm") / 2).alias("radius_mm"))
     if not series:
-        nodules = (tables.read_annotations(spark, patches.annotations)
-                   .withColumn("candidate_id", tables.candidate_id(F.col("series_uid"), F.col("coordX"),
-                                                                   F.col("coordY"), F.col("coordZ")))
+        nodules = (tables.read_annotations(spark, patches.annotations).withColumnRenamed("nodule_key", "candidate_id")
                    .withColumn("mode", F.lit("nodule")).withColumn("label", F.lit(1))
                    .withColumn("radius_mm", F.col("diameter_mm") / 2))
         rows = rows.unionByName(nodules.select(*columns))

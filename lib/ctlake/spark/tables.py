@@ -391,9 +391,18 @@ def _read_csv(spark: SparkSession, path: str, what: str, **options) -> DataFrame
 
 
 def read_annotations(spark: SparkSession, path: str) -> DataFrame:
-    """LUNA16 ``annotations.csv``: the true nodules (patient mm, diameter) with ``series_uid``."""
+    """LUNA16 ``annotations.csv``: the true nodules (patient mm, diameter) with ``series_uid`` and ``nodule_key``.
+
+    ``nodule_key`` is the nodule's key in ``nodules.csv`` (:func:`candidate_id` of its centre).
+    """
     frame = _read_csv(spark, path, "annotations", schema=ANNOTATIONS_CSV, enforceSchema=False, mode="DROPMALFORMED")
-    return frame.withColumnRenamed("seriesuid", "series_uid")
+    frame = frame.withColumnRenamed("seriesuid", "series_uid")
+    return frame.withColumn("nodule_key", candidate_id(*[frame[c] for c in ("series_uid", "coordX", "coordY", "coordZ")]))
+
+
+def read_candidates(spark: SparkSession, warehouse: str, detector: str) -> DataFrame:
+    """The ``candidates`` rows found under one detector parameter hash (the others are another detector's)."""
+    return read(spark, warehouse, CANDIDATES).filter(F.col("detector_hash") == detector)
 
 
 def read_nodules(spark: SparkSession, path: str) -> DataFrame:

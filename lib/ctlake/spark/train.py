@@ -119,12 +119,9 @@ def patient_labels(spark: SparkSession, settings: Settings) -> pd.DataFrame:
 
 def candidate_matches(spark: SparkSession, settings: Settings) -> DataFrame:
     """``candidate_id`` of every detected candidate -> ``nodule_key`` of the annotated nodule it hits (or null)."""
-    found = (tables.read(spark, settings.warehouse, tables.CANDIDATES)
-             .filter(F.col("detector_hash") == detector_hash(settings.detect.params()))
+    found = (tables.read_candidates(spark, settings.warehouse, detector_hash(settings.detect.params()))
              .select("candidate_id", "series_uid", "coord_x", "coord_y", "coord_z").toPandas())
-    annotations = tables.read_annotations(spark, settings.patches.annotations)
-    nodules = annotations.select("series_uid", "coordX", "coordY", "coordZ", "diameter_mm", tables.candidate_id(
-        *[annotations[c] for c in ("series_uid", "coordX", "coordY", "coordZ")]).alias("nodule_key")).toPandas()
+    nodules = tables.read_annotations(spark, settings.patches.annotations).toPandas()
     hit = match_candidates(found, nodules)
     found["nodule_key"] = [nodules["nodule_key"].iat[i] if i >= 0 else None for i in hit]
     schema = "candidate_id string, nodule_key string"
@@ -180,8 +177,10 @@ def stage_data(names: list[str], frame: DataFrame, stage: str, weighting: str) -
     ``nodule``: target is_nodule over every candidate.  ``malignancy``: target
     malignant over the nodules rated malignant or benign.
     """
-    rows = frame if stage == "nodule" else frame.filter(F.col("nodule_label").isin("malignant", "benign"))
-    rows = rows.withColumn("target", F.col("is_nodule") if stage == "nodule" else F.col("target"))
+    if stage == "nodule":
+        rows = frame.withColumn("target", F.col("is_nodule"))
+    else:
+        rows = frame.filter(F.col("nodule_label").isin("malignant", "benign"))
     return TrainingData(
         names=names, train=with_weights(rows.filter(F.col("split") == "train"), weighting),
         validation=with_weights(rows.filter((F.col("split") == "validation") & (F.col("mode") == "detected")),
@@ -376,8 +375,7 @@ def baselines(spark: SparkSession, settings: Settings, assignment: pd.DataFrame)
     """
     split = assignment.rename(columns={"patient": "patient_pseudonym"})[["patient_pseudonym", "split", "label"]]
     series = tables.read(spark, settings.warehouse, tables.SERIES).select("series_uid", "patient_pseudonym")
-    largest = (tables.read(spark, settings.warehouse, tables.CANDIDATES)
-               .filter(F.col("detector_hash") == detector_hash(settings.detect.params()))
+    largest = (tables.read_candidates(spark, settings.warehouse, detector_hash(settings.detect.params()))
                .groupBy("series_uid").agg(F.max("diameter_mm").alias("largest_mm"))
                .join(series, "series_uid").toPandas().merge(split, on="patient_pseudonym", how="right")
                .fillna({"largest_mm": 0.0}))
@@ -396,13 +394,10 @@ def detection_figures(spark: SparkSession, settings: Settings, scored: pd.DataFr
     series = (tables.read(spark, settings.warehouse, tables.SERIES).select("series_uid", "patient_pseudonym")
               .toPandas())
     test_series = set(series.loc[series["patient_pseudonym"].isin(test_patients), "series_uid"])
-    found = (tables.read(spark, settings.warehouse, tables.CANDIDATES)
-             .filter(F.col("detector_hash") == detector_hash(settings.detect.params()))
+    found = (tables.read_candidates(spark, settings.warehouse, detector_hash(settings.detect.params()))
              .filter(F.col("series_uid").isin(sorted(test_series)))
              .select("candidate_id", "series_uid", "coord_x", "coord_y", "coord_z", "score").toPandas())
-    annotations = tables.read_annotations(spark, settings.patches.annotations)
-    keyed = annotations.withColumn("nodule_key", tables.candidate_id(
-        *[annotations[c] for c in ("series_uid", "coordX", "coordY", "coordZ")]))
+    keyed = tables.read_annotations(spark, settings.patches.annotations)
     ratings = tables.read_nodules(spark, settings.train.nodules).withColumnRenamed("candidate_id", "nodule_key")
     nodules = (keyed.join(ratings.select("nodule_key", F.col("nodule_texture").alias("texture")), "nodule_key", "left")
                .toPandas())
