@@ -2,7 +2,9 @@
 import pandas as pd
 import pytest
 
-from ctlake.core.patch_tasks import PatchParams, locate_candidates, params_hash, patch_geometry
+import numpy as np
+
+from ctlake.core.patch_tasks import PatchParams, jittered_nodules, locate_candidates, params_hash, patch_geometry
 
 
 def series(z_positions, spacing=0.5):
@@ -40,6 +42,23 @@ def test_slices_in_storage_order_and_no_input_give_the_same_answer():
 
 def test_the_parameter_hash_keys_existing_tables():
     """A changed hash re-cuts every patch of every warehouse: it must follow the parameters only."""
-    assert params_hash(PatchParams(size_mm=32.0, out_px=32, neighbours=1, depth_mm=32.0)) == "a855c7f5e6ac"
-    assert params_hash(PatchParams(size_mm=32.0, out_px=32, neighbours=1, depth_mm=0.0)) != "a855c7f5e6ac"
+    assert params_hash(PatchParams(size_mm=32.0, out_px=32, neighbours=1, depth_mm=32.0, jitter_copies=2,
+                                   jitter_fraction=0.05)) == "2cb42bc7ea7f"
+    assert params_hash(PatchParams(size_mm=32.0, out_px=32, neighbours=1, depth_mm=0.0)) != "2cb42bc7ea7f"
     assert patch_geometry(PatchParams(window_stride_mm=8.0)) == patch_geometry(PatchParams())
+    assert patch_geometry(PatchParams(jitter_copies=2)) == patch_geometry(PatchParams())
+
+
+def test_jittered_copies_are_displaced_by_the_fraction_of_the_diameter_and_repeat():
+    nodules = pd.DataFrame({"candidate_id": ["a", "b"], "coordX": [1.0, -4.0], "coordY": [2.0, 0.0],
+                            "coordZ": [3.0, 9.0], "diameter_mm": [10.0, 20.0], "series_uid": ["s", "t"]})
+    copies = jittered_nodules(nodules, 2000, 0.05)
+    assert list(copies.columns) == list(nodules.columns) and len(copies) == 4000
+    for nodule in nodules.itertuples():
+        mine = copies[copies["candidate_id"] == nodule.candidate_id]
+        offsets = mine[["coordX", "coordY", "coordZ"]].to_numpy() - [nodule.coordX, nodule.coordY, nodule.coordZ]
+        assert np.abs(offsets.mean(axis=0)).max() < 0.1 * nodule.diameter_mm * 0.05
+        assert offsets.std(axis=0) == pytest.approx([0.05 * nodule.diameter_mm] * 3, rel=0.06)
+        assert (mine[["series_uid", "diameter_mm"]] == [nodule.series_uid, nodule.diameter_mm]).all().all()
+    pd.testing.assert_frame_equal(jittered_nodules(nodules, 2000, 0.05), copies)
+    assert jittered_nodules(nodules, 0, 0.05).empty

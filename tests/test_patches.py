@@ -8,7 +8,7 @@ from pyspark.sql import functions as F
 
 from ctlake.core.dicom_parse import hu_frame
 from ctlake.core.patch_geometry import SliceGeometry, extract_patch_stack, resample_planes, world_to_voxel
-from ctlake.core.patch_tasks import PAD_HU, plane_offsets_mm
+from ctlake.core.patch_tasks import PAD_HU, jittered_nodules, plane_offsets_mm
 from ctlake.errors import ConfigError
 from ctlake.spark import detect, patches, preprocess, tables
 
@@ -41,7 +41,7 @@ def slices_by_series(spark, config):
 
 @pytest.mark.parametrize("depth_mm", [0, 32])
 def test_detected_and_nodule_patches_match_the_pure_cut_with_full_lineage(spark, preprocessed, depth_mm):
-    config = preprocessed.updated({"patches.depth_mm": depth_mm})
+    config = preprocessed.updated({"patches.depth_mm": depth_mm, "patches.jitter.copies": 0})
     summary = patches.run(spark, config)
     params = config.patches.params()
     series = slices_by_series(spark, config)
@@ -92,6 +92,21 @@ def test_detected_and_nodule_patches_match_the_pure_cut_with_full_lineage(spark,
     assert Path(summary["patch_grid"]).is_file()
     if depth_mm:
         assert got["patch_shape"] == [33, 32, 32]
+
+
+def test_each_annotated_nodule_is_also_cut_at_its_displaced_copies(spark, preprocessed):
+    summary = patches.run(spark, preprocessed)
+    table = tables.read(spark, preprocessed.warehouse, tables.PATCHES).filter(F.col("params_hash") == summary["params_hash"])
+    centres = {r["candidate_id"]: r for r in table.filter(F.col("mode") == "nodule").collect()}
+    copies = table.filter(F.col("mode") == "jittered").collect()
+    nodules = tables.read_annotations(spark, preprocessed.patches.annotations).toPandas().rename(
+        columns={"nodule_key": "candidate_id"})
+    expected = jittered_nodules(nodules, preprocessed.patches.jitter.copies, preprocessed.patches.jitter.fraction)
+    on_slab = [(r["candidate_id"], round(r["coordX"], 9)) for r in expected.to_dict("records")
+               if r["candidate_id"] in centres]
+    assert centres and sorted((r["candidate_id"], round(r["coord_x"], 9)) for r in copies) == sorted(on_slab)
+    assert all(r["label"] == 1 and r["series_uid"] == centres[r["candidate_id"]]["series_uid"] for r in copies)
+    assert summary["patches_by_mode_label"]["jittered/1"] == len(copies)
 
 
 def test_a_series_to_score_gets_its_detected_patches_only(spark, preprocessed):

@@ -311,6 +311,12 @@ class WindowSettings:
 
 
 @dataclass(frozen=True)
+class JitterSettings:
+    copies: int = field(metadata=_range(0, 20))
+    fraction: float = field(metadata=_range(0.0, 0.5))
+
+
+@dataclass(frozen=True)
 class PatchSettings:
     annotations: str
     size_mm: float = field(metadata=_range(0.0, low_open=True))
@@ -319,6 +325,7 @@ class PatchSettings:
     neighbours: int = field(metadata=_range(0, 3))
     max_slice_distance_mm: float = field(metadata=_range(0.0))
     window: WindowSettings
+    jitter: JitterSettings
     arrow_max_bytes_per_batch: Bytes
     progress_seconds: float = field(metadata=_range(0.0))
 
@@ -330,7 +337,8 @@ class PatchSettings:
         """What the pure patch cutter needs; its hash keys the ``patches`` rows."""
         return PatchParams(size_mm=self.size_mm, out_px=self.out_px, neighbours=self.neighbours,
                            depth_mm=self.depth_mm, window_stride_mm=self.window.stride_mm,
-                           window_min_mask_fraction=self.window.min_mask_fraction)
+                           window_min_mask_fraction=self.window.min_mask_fraction,
+                           jitter_copies=self.jitter.copies, jitter_fraction=self.jitter.fraction)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Per-slice patch tasks: pure Python that turns one slice (plus neighbours) into patches.
 
 A *slice task* carries one slice's HU pixels, its neighbours for 2.5D, its
-lung mask, and what to cut from it: explicit centres (candidates), a number of
-random negatives with the nodules to stay away from, or a sliding window.
+lung mask, and what to cut from it: explicit centres (candidates and
+annotated nodules) or a sliding window.
 Cutting all patches of a slice in one place means a slice is decoded once and
 held once, however many patches come from it, and a Python worker never holds
 more than one slice stack at a time.
@@ -29,6 +29,10 @@ from ctlake.errors import InputError
 
 #: Hounsfield units of air: what a patch is padded with beyond the image.
 PAD_HU = -1000.0
+#: Patches cut at annotated nodules: their centres, and displaced copies (training only).
+ANNOTATED_MODES = ("nodule", "jittered")
+#: What the models learn from: the detector's candidates and the annotated nodules.
+TRAINING_MODES = ("detected", *ANNOTATED_MODES)
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,43 @@ class PatchParams:
     depth_mm: float = 0.0
     window_stride_mm: float = 16.0
     window_min_mask_fraction: float = 0.5
+    jitter_copies: int = 0
+    jitter_fraction: float = 0.0
+
+
+def jittered_nodules(nodules: pd.DataFrame, copies: int, fraction: float) -> pd.DataFrame:
+    """Each annotated nodule at ``copies`` centres displaced the way the detector misplaces it.
+
+    The detector's candidate on a nodule lies off the annotated centre by an
+    amount that grows with the nodule (on the default cohort: median 0.06,
+    90th percentile 0.17 of the diameter), and the models see that candidate
+    when they score a scan.  Training also on displaced copies teaches them
+    what a nodule looks like from where the detector will stand.  The offset
+    is normal per axis with standard deviation ``fraction`` x diameter, drawn
+    from a generator seeded by the nodule's key, so a rerun cuts the same
+    patches.
+
+    Parameters
+    ----------
+    nodules : DataFrame
+        ``candidate_id`` (the nodule's key), ``coordX/Y/Z`` (mm), ``diameter_mm``
+        and any other columns, which the copies keep.
+    copies, fraction : int, float
+        Copies per nodule and the offset's scale relative to the diameter.
+
+    Returns
+    -------
+    DataFrame
+        ``copies`` rows per nodule with displaced ``coordX/Y/Z``.
+    """
+    rows = []
+    for nodule in nodules.to_dict("records"):
+        seed = int.from_bytes(hashlib.sha256(nodule["candidate_id"].encode()).digest()[:8], "little")
+        offsets = np.random.default_rng(seed).normal(0.0, fraction * nodule["diameter_mm"], (copies, 3))
+        for dx, dy, dz in offsets:
+            rows.append({**nodule, "coordX": nodule["coordX"] + dx, "coordY": nodule["coordY"] + dy,
+                         "coordZ": nodule["coordZ"] + dz})
+    return pd.DataFrame(rows, columns=nodules.columns)
 
 
 def plane_offsets_mm(params: PatchParams) -> np.ndarray:

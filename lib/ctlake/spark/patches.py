@@ -25,7 +25,16 @@ from pyspark.sql import types as T
 
 from ctlake.config import Settings
 from ctlake.core.detect import detector_hash
-from ctlake.core.patch_tasks import PatchParams, locate_candidates, params_hash, patch_id, row_tasks, task_patches
+from ctlake.core.patch_tasks import (
+    TRAINING_MODES,
+    PatchParams,
+    jittered_nodules,
+    locate_candidates,
+    params_hash,
+    patch_id,
+    row_tasks,
+    task_patches,
+)
 from ctlake.core.pictures import patch_grid
 from ctlake.errors import ConfigError
 from ctlake.spark import tables
@@ -169,8 +178,11 @@ def detected_tasks(spark: SparkSession, settings: Settings, meta: DataFrame, ser
 
     The annotated nodules (``patches.annotations``, patient mm) are cut only
     when no series is given: they are training data, and a scan being scored
-    has no annotations.  Their ``candidate_id`` is the nodule's key in
-    ``nodules.csv``; a detected patch's is the detection's.
+    has no annotations.  Each is cut at its centre (mode ``nodule``) and at
+    ``patches.jitter.copies`` displaced centres (mode ``jittered``,
+    :func:`ctlake.core.patch_tasks.jittered_nodules`).  Their ``candidate_id``
+    is the nodule's key in ``nodules.csv``; a detected patch's is the
+    detection's.
     """
     patches = settings.patches
     found = tables.read_candidates(spark, settings.warehouse, detector_hash(settings.detect.params()))
@@ -183,8 +195,12 @@ def detected_tasks(spark: SparkSession, settings: Settings, meta: DataFrame, ser
     if not series:
         nodules = (tables.read_annotations(spark, patches.annotations).withColumnRenamed("nodule_key", "candidate_id")
                    .withColumn("mode", F.lit("nodule")).withColumn("label", F.lit(1))
-                   .withColumn("radius_mm", F.col("diameter_mm") / 2))
-        rows = rows.unionByName(nodules.select(*columns))
+                   .withColumn("radius_mm", F.col("diameter_mm") / 2)).select(*columns, "diameter_mm")
+        rows = rows.unionByName(nodules.drop("diameter_mm"))
+        if patches.jitter.copies:
+            displaced = jittered_nodules(nodules.toPandas(), patches.jitter.copies, patches.jitter.fraction)
+            rows = rows.unionByName(spark.createDataFrame(displaced.assign(mode="jittered")[columns],
+                                                          rows.schema))
     located = locate(rows, meta).cache()
     usable = located.filter(F.col("distance_mm") <= patches.max_slice_distance_mm)
     requests = (usable.groupBy("series_uid", "slice_index")
@@ -229,7 +245,7 @@ def run(spark: SparkSession, settings: Settings, mode: str = "detected", series:
     else:
         tasks, stats = window_tasks(spark, warehouse, meta, series), {"series": len(series) if series else "all"}
     # A slice task is all-or-nothing, so a slice with this mode's patches under these parameters is done.
-    produced = ["window"] if mode == "window" else ["detected", "nodule"]
+    produced = ["window"] if mode == "window" else list(TRAINING_MODES)
     existing = (tables.read(spark, warehouse, tables.PATCHES)
                 .filter((F.col("params_hash") == p_hash) & F.col("mode").isin(produced))
                 .select("series_uid", "slice_index").distinct())

@@ -60,7 +60,7 @@ from ctlake.core.evaluation import (
 )
 from ctlake.core.froc import froc_report, match_candidates
 from ctlake.core.metrics import bootstrap_metrics, brier, calibration_bins, threshold_youden
-from ctlake.core.patch_tasks import params_hash, patch_geometry
+from ctlake.core.patch_tasks import ANNOTATED_MODES, TRAINING_MODES, params_hash, patch_geometry
 from ctlake.core.radiomics import feature_layout
 from ctlake.core.splits import split_patients, split_sizes
 from ctlake.core.svm_partition import svm_grid
@@ -137,12 +137,12 @@ def training_frame(spark: SparkSession, settings: Settings, names: list[str], as
     """
     current = params_hash(settings.patches.params())
     features = (tables.read(spark, settings.warehouse, tables.FEATURES).filter(F.col("error").isNull())
-                .filter(F.col("mode").isin("detected", "nodule") & (F.col("params_hash") == current)))
+                .filter(F.col("mode").isin(*TRAINING_MODES) & (F.col("params_hash") == current)))
     nodules = tables.read_nodules(spark, settings.train.nodules).withColumnRenamed("candidate_id", "nodule_key")
     split = spark.createDataFrame(assignment.rename(columns={"patient": "patient_pseudonym",
                                                              "label": "patient_label"}))
     frame = (features.join(F.broadcast(candidate_matches(spark, settings)), "candidate_id", "left")
-             .withColumn("nodule_key", F.when(F.col("mode") == "nodule", F.col("candidate_id"))
+             .withColumn("nodule_key", F.when(F.col("mode").isin(*ANNOTATED_MODES), F.col("candidate_id"))
                          .otherwise(F.col("nodule_key")))
              .join(F.broadcast(nodules), "nodule_key", "left")
              .join(F.broadcast(split), "patient_pseudonym", "inner")
