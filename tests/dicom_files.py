@@ -69,3 +69,61 @@ def build_mixed_folder(folder: Path) -> dict[str, str]:
     _modified_ct_small(folder, "skewed.dcm", skew)
     expected["skewed.dcm"] = "bad_geometry"
     return expected
+
+
+def build_hostile_folder(folder: Path, zeros_bytes: int = 40 * 2**20) -> dict[str, str]:
+    """Files crafted to cost a worker memory or time, or to carry identity in their pixels: {name: outcome}.
+
+    Each must end in its quarantine reason from its header alone (the caps are
+    ``ctlake.core.dicom_parse.ParsePolicy``'s defaults).
+    """
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import EnhancedCTImageStorage, RLELossless, SecondaryCaptureImageStorage
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def rle_huge(ds):
+        # 1 KB on disk, 65535 x 65535 x 16 bits declared: 8.6 GB if decoded.
+        ds.file_meta.TransferSyntaxUID = RLELossless
+        ds.Rows = ds.Columns = 65535
+        ds.PixelData = encapsulate([bytes(64)])
+        ds["PixelData"].VR = "OB"
+
+    def many_frames(ds):
+        # Consistent: 1 x 1 pixels, 100000 frames and exactly their bytes. 100000 rows if accepted.
+        ds.SOPClassUID = EnhancedCTImageStorage
+        ds.Rows = ds.Columns = 1
+        ds.NumberOfFrames = 100_000
+        ds.PixelData = bytes(2 * 100_000)
+
+    def frames_in_ct_image(ds):
+        ds.NumberOfFrames = 3
+        ds.PixelData = ds.PixelData * 3
+
+    def burned_in(ds):
+        ds.BurnedInAnnotation = "YES"
+
+    def secondary_capture(ds):
+        ds.SOPClassUID = SecondaryCaptureImageStorage
+
+    def derived(ds):
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+
+    def screen_save(ds):
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "SCREEN SAVE"]
+
+    expected = {}
+    for name, change, outcome in (
+            ("rle_65535x65535.dcm", rle_huge, "too_large_decoded"),
+            ("enhanced_1x1_100000_frames.dcm", many_frames, "too_large_decoded"),
+            ("ct_image_with_3_frames.dcm", frames_in_ct_image, "unsupported_pixels"),
+            ("burned_in_annotation.dcm", burned_in, "burned_in_annotation"),
+            ("secondary_capture_modality_ct.dcm", secondary_capture, "secondary_image"),
+            ("derived_secondary.dcm", derived, "secondary_image"),
+            ("screen_save.dcm", screen_save, "secondary_image")):
+        _modified_ct_small(folder, name, change)
+        expected[name] = outcome
+    with open(folder / "zeros.dcm", "wb") as handle:
+        handle.truncate(zeros_bytes)
+    expected["zeros.dcm"] = "not_dicom"
+    return expected

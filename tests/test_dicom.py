@@ -2,10 +2,10 @@
 import numpy as np
 import pydicom
 import pytest
-from dicom_files import build_mixed_folder, real
+from dicom_files import build_hostile_folder, build_mixed_folder, real
 
 from ctlake.core.deid import DEV_KEY, Pseudonymizer
-from ctlake.core.dicom_parse import Rejection, _rescale_integral, hu_frame, parse_dicom
+from ctlake.core.dicom_parse import ParsePolicy, Rejection, _rescale_integral, hu_frame, parse_dicom
 
 pseudonymize = Pseudonymizer(DEV_KEY)
 
@@ -85,3 +85,21 @@ def test_integer_rescale_equals_the_float_path(dtype, intercept):
 ])
 def test_integer_rescale_declines_what_only_the_float_path_gets_right(stored, slope, intercept):
     assert not _rescale_integral(stored, slope, intercept, np.empty(stored.shape, np.int16))
+
+
+def test_hostile_files_are_refused_from_their_headers(tmp_path):
+    expected = build_hostile_folder(tmp_path, zeros_bytes=4 * 2**20)
+    assert {name: outcome(tmp_path / name) for name in expected} == expected
+    huge = parse_dicom((tmp_path / "rle_65535x65535.dcm").read_bytes(), pseudonymize)
+    assert "65535 x 65535 x 1 frames at 16 bits declare 8589672450 bytes" in huge.message
+
+
+def test_configuration_accepts_what_it_names_and_caps_what_it_sets(tmp_path):
+    build_hostile_folder(tmp_path, zeros_bytes=1024)
+    content = {name: (tmp_path / name).read_bytes() for name in ("burned_in_annotation.dcm", "screen_save.dcm")}
+    lenient = ParsePolicy(accept_burned_in_annotation=True, accept_secondary_images=True)
+    assert all(len(parse_dicom(c, pseudonymize, lenient)) == 1 for c in content.values())
+    small = ParsePolicy(max_decoded_bytes=128 * 128 * 2 - 1)
+    assert parse_dicom(real("CT_small.dcm").read_bytes(), pseudonymize, small).reason == "too_large_decoded"
+    assert len(parse_dicom(real("CT_small.dcm").read_bytes(), pseudonymize,
+                           ParsePolicy(max_decoded_bytes=128 * 128 * 2))) == 1

@@ -1,10 +1,11 @@
 """Ingestion on a real local Spark session into real Delta tables."""
+import os
 import shutil
 
 import pydicom
 import pytest
 from delta.tables import DeltaTable
-from dicom_files import build_mixed_folder, pydicom_test_folder, real
+from dicom_files import build_hostile_folder, build_mixed_folder, pydicom_test_folder, real
 from pyspark.sql import functions as F
 
 from ctlake.core.deid import IDENTIFYING_ATTRIBUTES
@@ -112,9 +113,48 @@ def test_local_listing_sees_every_file_in_binaryfile_path_form(spark, tmp_path):
     (tmp_path / "empty.dcm").write_bytes(b"")
     expected = sorted(f"file:{tmp_path}/{n}" for n in ("a.dcm", ".hidden.dcm", "_underscore.dcm", "sub/b.dcm",
                                                        "empty.dcm"))
-    assert [f.path for f in ingest.list_files(spark, str(tmp_path))] == expected
-    assert [f.path for f in ingest.list_files(spark, f"file://{tmp_path}")] == expected
-    assert [f.path for f in ingest.list_files(spark, f"{tmp_path}/{{a,sub}}*")] == [expected[2], expected[4]]
+    assert [f.path for f in ingest.list_files(spark, str(tmp_path)).files] == expected
+    assert [f.path for f in ingest.list_files(spark, f"file://{tmp_path}").files] == expected
+    assert [f.path for f in ingest.list_files(spark, f"{tmp_path}/{{a,sub}}*").files] == [expected[2], expected[4]]
     seen = spark.read.format("binaryFile").load(str(tmp_path / "a.dcm")).select("path").first()["path"]
     assert seen == expected[2]
-    assert {f.length for f in ingest.list_files(spark, str(tmp_path))} == {0, 1}
+    assert {f.length for f in ingest.list_files(spark, str(tmp_path)).files} == {0, 1}
+
+
+def test_a_walk_through_link_loops_and_dead_links_ends_and_counts_them(spark, config, tmp_path):
+    folder = tmp_path / "input"
+    (folder / "a").mkdir(parents=True)
+    shutil.copy(real("CT_small.dcm"), folder / "a" / "ct.dcm")
+    (folder / "a" / "up").symlink_to(folder)                 # a loop through an ancestor
+    (folder / "self").symlink_to(folder / "self")            # a link to itself: ELOOP on stat
+    (folder / "gone").symlink_to(tmp_path / "missing.dcm")   # a dead link
+    (folder / "again.dcm").symlink_to(folder / "a" / "ct.dcm")  # the same file by another name
+    summary = ingest.run(spark, config, str(folder))
+    assert summary["walk_skipped"] == {"broken_link": 2, "same_file": 1, "symlink_loop": 1}
+    assert (summary["files_seen"], summary["files_ingested"], summary["accounted_for"]) == (1, 1, True)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="permissions do not bind root")
+def test_unreadable_folders_and_files_are_counted_and_read_once_they_can_be(spark, config, tmp_path):
+    folder = tmp_path / "input"
+    (folder / "locked").mkdir(parents=True)
+    shutil.copy(real("CT_small.dcm"), folder / "locked" / "ct.dcm")
+    shutil.copy(real("693_J2KR.dcm"), folder / "private.dcm")
+    (folder / "locked").chmod(0)
+    (folder / "private.dcm").chmod(0)
+    try:
+        summary = ingest.run(spark, config, str(folder))
+        assert summary["walk_skipped"] == {"unreadable_file": 1, "unreadable_folder": 1}
+        assert summary["files_seen"] == 0
+    finally:
+        (folder / "locked").chmod(0o755)
+        (folder / "private.dcm").chmod(0o644)
+    assert ingest.run(spark, config, str(folder))["files_ingested"] == 2
+
+
+def test_hostile_files_end_in_quarantine_with_their_reasons(spark, config, tmp_path):
+    folder = tmp_path / "hostile"
+    expected = build_hostile_folder(folder)
+    summary = ingest.run(spark, config, str(folder))
+    assert outcomes(spark, config) == expected
+    assert summary["accounted_for"] and summary["files_ingested"] == 0

@@ -27,6 +27,7 @@ import yaml
 from ctlake.cohort.plan import CohortSettings
 from ctlake.core.deid import DEV_KEY
 from ctlake.core.detect import DetectorParams
+from ctlake.core.dicom_parse import ParsePolicy
 from ctlake.core.patch_tasks import PatchParams
 from ctlake.core.slice_ops import PreprocessChain
 from ctlake.core.splits import SPLITS
@@ -267,6 +268,16 @@ class IngestSettings:
     max_partition_bytes: Bytes
     arrow_max_bytes_per_batch: Bytes
     progress_seconds: float = field(metadata=_range(0.0))
+    max_decoded_bytes: Bytes
+    max_frames: int = field(metadata=_range(1))
+    accept_burned_in_annotation: bool
+    accept_secondary_images: bool
+
+    def policy(self) -> ParsePolicy:
+        """What the pure parser may spend on a file and accept from it."""
+        return ParsePolicy(max_decoded_bytes=self.max_decoded_bytes, max_frames=self.max_frames,
+                           accept_burned_in_annotation=self.accept_burned_in_annotation,
+                           accept_secondary_images=self.accept_secondary_images)
 
 
 @dataclass(frozen=True)

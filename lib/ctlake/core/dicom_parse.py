@@ -5,6 +5,12 @@ Pure Python (pydicom + numpy), no Spark: the ingestion job calls
 directly on real files.  A file yields either one record per image frame
 (Enhanced multi-frame CT gives several) or exactly one :class:`Rejection`;
 nothing raises for a bad file.
+
+A file is hostile until its header says otherwise: what it would cost to
+decode is decided from the header before any pixel is touched
+(:class:`ParsePolicy`), bytes that cannot start a DICOM file are turned away
+without being parsed, and objects whose pixels may show identity (burned-in
+annotation, screen captures) are refused unless configuration accepts them.
 """
 from __future__ import annotations
 
@@ -25,6 +31,9 @@ CT_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
 }
 
+#: Parts of ImageType that mark a picture of something rather than an acquired CT image.
+SECONDARY_IMAGE_TYPES = ("SECONDARY", "SCREEN SAVE")
+
 #: Quarantine reason classes, in the order a file is checked.
 REASONS = (
     "too_large",          # bigger than the reader accepts; never opened
@@ -33,6 +42,9 @@ REASONS = (
     "truncated",          # the file ends before its declared content does
     "unreadable_header",  # the header does not parse for another reason
     "not_ct",             # a valid DICOM object but not a CT image
+    "burned_in_annotation",  # BurnedInAnnotation YES: text (a name, a date) may be in the pixels
+    "secondary_image",    # Modality CT outside the CT image storage classes, or ImageType SECONDARY / SCREEN SAVE
+    "too_large_decoded",  # Rows x Columns x Frames x BitsAllocated over the cap; never decoded
     "no_pixel_data",      # a CT header without pixels
     "unsupported_pixels", # colour or floating-point pixels, which CT does not use
     "decode_failed",      # the transfer syntax could not be decoded
@@ -42,6 +54,24 @@ REASONS = (
 
 #: Orientation cosines must be unit length and orthogonal to this tolerance.
 _ORIENTATION_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class ParsePolicy:
+    """What a file may cost and show before it is refused.
+
+    ``max_decoded_bytes`` caps Rows x Columns x Frames x BitsAllocated / 8 x
+    SamplesPerPixel as the header declares it: a 1 KB RLE file declaring
+    65535 x 65535 pixels would otherwise allocate 8.6 GB before failing.
+    Decoding takes about three times the declared size at its peak (the
+    stored array, the HU array and the record bytes).  ``max_frames`` caps
+    the rows one file can become.
+    """
+
+    max_decoded_bytes: int = 1 << 30
+    max_frames: int = 5000
+    accept_burned_in_annotation: bool = False
+    accept_secondary_images: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,7 +92,8 @@ class _Reject(Exception):
         self.reason = reason
 
 
-def parse_dicom(content: bytes, pseudonymize: Callable[[str | None, str], str]) -> list[dict] | Rejection:
+def parse_dicom(content: bytes, pseudonymize: Callable[[str | None, str], str],
+                policy: ParsePolicy = ParsePolicy()) -> list[dict] | Rejection:
     """Parse one file: a list of frame records (see ``SLICES_SCHEMA``) or a Rejection.
 
     Parameters
@@ -72,6 +103,8 @@ def parse_dicom(content: bytes, pseudonymize: Callable[[str | None, str], str]) 
     pseudonymize : callable
         ``(patient_id, study_uid) -> pseudonym``; the raw Patient ID never
         leaves this function.
+    policy : ParsePolicy
+        The caps and what is accepted beyond acquired CT images.
 
     Returns
     -------
@@ -81,16 +114,35 @@ def parse_dicom(content: bytes, pseudonymize: Callable[[str | None, str], str]) 
     ds = None
     try:
         ds = _read(content)
-        _check_ct(ds)
+        _check_ct(ds, policy)
+        _check_cost(ds, policy)
         frames_hu = _decode_hu(ds)
         return _records(ds, frames_hu, pseudonymize)
     except _Reject as exc:
         return _rejection(exc.reason, str(exc), ds)
+    except MemoryError:
+        # The worker's address space is capped (spark.executor.pyspark.memory): the file, not the run, fails.
+        return _rejection("too_large_decoded", "decoding ran out of the Python worker's memory "
+                          "(spark.executor.pyspark.memory)", ds)
     except Exception as exc:  # any other failure is still a value, never a crashed task
         return _rejection("unreadable_header", f"{type(exc).__name__}: {exc}", ds)
 
 
+def _could_start_dicom(content: bytes) -> bool:
+    """A preamble and ``DICM``, or a first element of group 0002 or 0008 (a raw dataset), either byte order.
+
+    Decided from the first bytes: forcing pydicom through a 200 MB file of
+    zeros took 209 s to call it not DICOM.
+    """
+    if content[128:132] == b"DICM":
+        return True
+    return len(content) >= 8 and (int.from_bytes(content[:2], "little") in (0x0002, 0x0008)
+                                  or int.from_bytes(content[:2], "big") == 0x0008)
+
+
 def _read(content: bytes) -> pydicom.Dataset:
+    if not _could_start_dicom(content):
+        raise _Reject("not_dicom", "no DICOM preamble and no plausible first element")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -125,12 +177,22 @@ def _looks_truncated(message: str) -> bool:
                                       "not enough", "buffer is too small", "too short"))
 
 
-def _check_ct(ds: pydicom.Dataset) -> None:
+def _check_ct(ds: pydicom.Dataset, policy: ParsePolicy) -> None:
     sop_class = str(ds.get("SOPClassUID", ""))
     modality = str(ds.get("Modality", "")).upper()
     if sop_class not in CT_SOP_CLASSES and modality != "CT":
         what = modality or "no Modality"
         raise _Reject("not_ct", f"modality {what}, SOP class {sop_class or 'missing'}: not a CT image")
+    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES" and not policy.accept_burned_in_annotation:
+        raise _Reject("burned_in_annotation", "BurnedInAnnotation YES: the pixels may show identifying text "
+                      "(ingest.accept_burned_in_annotation accepts it)")
+    image_type = [str(v).strip().upper() for v in _values(ds.get("ImageType"))]
+    secondary = [t for t in SECONDARY_IMAGE_TYPES if t in image_type]
+    if (sop_class not in CT_SOP_CLASSES or secondary) and not policy.accept_secondary_images:
+        why = (f"ImageType {'/'.join(secondary)}" if secondary
+               else f"SOP class {sop_class or 'missing'} is not a CT image storage class")
+        raise _Reject("secondary_image", f"{why}: a picture of an image, which may carry burned-in identity "
+                      "(ingest.accept_secondary_images accepts it)")
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise _Reject("no_pixel_data", "CT header without Pixel Data")
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
@@ -139,6 +201,34 @@ def _check_ct(ds: pydicom.Dataset) -> None:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if samples != 1 or not photometric.startswith("MONOCHROME"):
         raise _Reject("unsupported_pixels", f"{samples} samples per pixel, {photometric}: CT is monochrome")
+
+
+def _values(value) -> list:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+
+
+def _check_cost(ds: pydicom.Dataset, policy: ParsePolicy) -> None:
+    """Refuse, from the header alone, a file whose pixels would cost more than the policy allows."""
+    try:
+        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(ds.get("BitsAllocated") or 16)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        raise _Reject("unreadable_header", f"matrix size is not a number: {exc}") from exc
+    if min(rows, cols, frames, bits, samples) <= 0:
+        raise _Reject("bad_geometry", f"matrix {rows} x {cols}, {frames} frames, {bits} bits: not an image")
+    if frames > 1 and str(ds.get("SOPClassUID", "")) == "1.2.840.10008.5.1.4.1.1.2":
+        raise _Reject("unsupported_pixels", f"{frames} frames in a CT Image Storage object, which holds one; "
+                      "multi-frame CT is Enhanced CT")
+    if frames > policy.max_frames:
+        raise _Reject("too_large_decoded", f"{frames} frames declared, over ingest.max_frames {policy.max_frames}")
+    declared = rows * cols * frames * samples * ((bits + 7) // 8)
+    if declared > policy.max_decoded_bytes:
+        raise _Reject("too_large_decoded", f"{rows} x {cols} x {frames} frames at {bits} bits declare {declared} "
+                      f"bytes decoded, over ingest.max_decoded_bytes {policy.max_decoded_bytes}")
 
 
 def _decode_hu(ds: pydicom.Dataset) -> np.ndarray:

@@ -34,7 +34,7 @@ from pyspark.sql import functions as F
 
 from ctlake.config import IngestSettings, Settings
 from ctlake.core.deid import Pseudonymizer
-from ctlake.core.dicom_parse import Rejection, parse_dicom
+from ctlake.core.dicom_parse import ParsePolicy, Rejection, parse_dicom
 from ctlake.core.series_layout import series_row
 from ctlake.errors import ConfigError, InputError
 from ctlake.spark import tables
@@ -67,7 +67,24 @@ class ListedFile(NamedTuple):
     length: int
 
 
-def list_files(spark: SparkSession, input_path: str) -> list[ListedFile]:
+class Listing(NamedTuple):
+    """The files to account for, and the entries of the walk that are not files to read, by kind.
+
+    ``skipped`` kinds: ``symlink_loop`` (a folder reached again, through a link
+    to itself or to an ancestor), ``same_file`` (a file reached again through
+    another link: ingested once), ``unreadable_folder`` (listing it failed),
+    ``unreadable_file`` (this process may not read it) and ``broken_link`` (a
+    link to nothing, or a link chain that loops).  None of them is recorded in
+    a table: each is counted again on every run until it is fixed, and then
+    ingested, which a quarantine row (never retried) would prevent.  A file
+    binaryFile could not read would fail the whole run.
+    """
+
+    files: list[ListedFile]
+    skipped: dict[str, int]
+
+
+def list_files(spark: SparkSession, input_path: str) -> Listing:
     """Every file under ``input_path`` (folder, glob or Hadoop URI), without reading contents, sorted by path.
 
     Not listed with ``binaryFile``: Spark's file sources silently drop empty
@@ -78,19 +95,24 @@ def list_files(spark: SparkSession, input_path: str) -> list[ListedFile]:
       ``file:``) is walked with ``os.scandir`` in this process: it sees empty,
       hidden and ``_`` files, follows symbolic links like Hadoop's local
       filesystem, and costs no JVM round trip per file (Hadoop's ``listFiles``
-      through py4j took 5 ms per file).
+      through py4j took 5 ms per file).  The walk enters each folder once (by
+      device and inode), so a link loop ends it instead of failing the run, and
+      an entry it cannot read is counted, not raised.
     - A glob, or any other scheme (``hdfs:``, ``s3a:``, ...), is expanded with
       Hadoop's ``globStatus`` (Hadoop glob syntax, ``{a,b}`` included); matched
       local folders are then walked in Python, other filesystems with
       Hadoop's recursive ``listFiles`` (one flat listing on object stores).
     """
+    walk = _LocalWalk()
     local = _local_path(spark, input_path)
     if local is not None and not _GLOB_CHARS.search(local):
         root = os.path.abspath(local)
         if not os.path.exists(root):
             raise InputError(f"input path not found: {input_path}")
-        return sorted(_walk_local(root))
-    return sorted(_list_hadoop(spark, input_path))
+        files = list(walk.files(root))
+    else:
+        files = list(_list_hadoop(spark, input_path, walk))
+    return Listing(sorted(files), dict(sorted(walk.skipped.items())))
 
 
 def _local_path(spark: SparkSession, input_path: str) -> str | None:
@@ -110,18 +132,52 @@ def _local_path(spark: SparkSession, input_path: str) -> str | None:
     return rest
 
 
-def _walk_local(root: str) -> Iterator[ListedFile]:
-    if not os.path.isdir(root):
-        yield _local_listing(root, os.stat(root))
-        return
-    folders = [root]
-    while folders:
-        with os.scandir(folders.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir():
+class _LocalWalk:
+    """A walk of local folders that visits each folder and file once and counts what it skips."""
+
+    def __init__(self):
+        self.skipped: Counter = Counter()
+        self._seen: set[tuple[int, int]] = set()
+
+    def _first_visit(self, stat: os.stat_result) -> bool:
+        key = (stat.st_dev, stat.st_ino)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+    def files(self, root: str) -> Iterator[ListedFile]:
+        stat = os.stat(root)
+        if not os.path.isdir(root):
+            if self._first_visit(stat):
+                yield _local_listing(root, stat)
+            return
+        self._first_visit(stat)
+        folders = [root]
+        while folders:
+            folder = folders.pop()
+            try:
+                with os.scandir(folder) as entries:
+                    listed = list(entries)
+            except OSError:
+                self.skipped["unreadable_folder"] += 1
+                continue
+            for entry in listed:
+                try:
+                    stat = entry.stat()  # follows links, like Hadoop's local filesystem
+                except OSError:
+                    self.skipped["broken_link"] += 1
+                    continue
+                if not self._first_visit(stat):
+                    self.skipped["symlink_loop" if entry.is_dir() else "same_file"] += 1
+                elif entry.is_dir():
                     folders.append(entry.path)
-                elif entry.is_file():
-                    yield _local_listing(entry.path, entry.stat())
+                elif not entry.is_file():
+                    continue
+                elif os.access(entry.path, os.R_OK):
+                    yield _local_listing(entry.path, stat)
+                else:
+                    self.skipped["unreadable_file"] += 1
 
 
 def _local_listing(path: str, stat: os.stat_result) -> ListedFile:
@@ -130,7 +186,7 @@ def _local_listing(path: str, stat: os.stat_result) -> ListedFile:
     return ListedFile("file:" + path, mtime, stat.st_size)
 
 
-def _list_hadoop(spark: SparkSession, input_path: str) -> Iterator[ListedFile]:
+def _list_hadoop(spark: SparkSession, input_path: str, walk: _LocalWalk) -> Iterator[ListedFile]:
     jvm = spark._jvm
     pattern = jvm.org.apache.hadoop.fs.Path(input_path)
     fs = pattern.getFileSystem(spark._jsc.hadoopConfiguration())
@@ -140,7 +196,7 @@ def _list_hadoop(spark: SparkSession, input_path: str) -> Iterator[ListedFile]:
     local = fs.getScheme() == "file"
     for status in statuses:
         if local:
-            yield from _walk_local(status.getPath().toUri().getPath())
+            yield from walk.files(status.getPath().toUri().getPath())
         elif status.isFile():
             yield _hadoop_listing(status)
         else:
@@ -171,7 +227,7 @@ def _escape_glob(path: str) -> str:
     return re.sub(r"([\[\]{}*?\\])", r"\\\1", path)
 
 
-def parse_partition(key: bytes, max_batch_bytes: int):
+def parse_partition(key: bytes, max_batch_bytes: int, policy: ParsePolicy):
     """The mapInPandas body: parse each file, emit frame rows or one rejection row per file.
 
     Input rows are ``binaryFile`` rows.  Output batches are cut by bytes of
@@ -185,7 +241,7 @@ def parse_partition(key: bytes, max_batch_bytes: int):
             for path, mtime, length, content in zip(batch["path"], batch["modificationTime"],
                                                      batch["length"], batch["content"]):
                 source = {"source_path": path, "source_size": int(length), "source_mtime": mtime}
-                result = parse_dicom(bytes(content), pseudonymize)
+                result = parse_dicom(bytes(content), pseudonymize, policy)
                 if isinstance(result, Rejection):
                     out.append({**source, "reason": result.reason, "message": result.message,
                                 "sop_uid": result.sop_uid, "series_uid": result.series_uid,
@@ -236,14 +292,17 @@ def run(spark: SparkSession, settings: Settings, input_path: str | None = None) 
     validate(settings, input_path)
     warehouse = settings.warehouse
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    listing = list_files(spark, input_path)
+    listing, skipped = list_files(spark, input_path)
     known = _ingested_paths(spark, warehouse, listing)
     new_files = [f for f in listing if f.path not in known]
     log.info("%d files under %s, %d not ingested yet", len(listing), input_path, len(new_files))
 
     summary = {"run_id": run_id, "input": input_path, "files_seen": len(listing),
                "already_ingested": len(listing) - len(new_files), "new_files": len(new_files),
-               "files_ingested": 0, "slices_written": 0, "series_updated": 0, "quarantined": {}}
+               "files_ingested": 0, "slices_written": 0, "series_updated": 0, "quarantined": {},
+               "walk_skipped": skipped}
+    if skipped:
+        log.warning("the walk skipped entries that are not files to read: %s", skipped)
     if not listing:
         summary["warning"] = f"no files under {input_path}"
     if new_files:
@@ -288,8 +347,7 @@ def _ingest_new(spark: SparkSession, settings: Settings, new_files: list[ListedF
             quarantine_rows.append(_quarantine_row(listed, *reason))
     accepted_paths, slices_written = set(), 0
     if readable:
-        parsed = _parse(spark, readable, settings.privacy.key(),
-                        settings.ingest.arrow_max_bytes_per_batch).persist(PARSED_STORAGE)
+        parsed = _parse(spark, readable, settings.privacy.key(), settings.ingest).persist(PARSED_STORAGE)
         try:
             # The one pass over the files: parses them, fills the cache the slices are written from,
             # and brings back the small part of each row that decides where the file goes.
@@ -371,7 +429,7 @@ def _ingested_paths(spark: SparkSession, warehouse: str, listing: list[ListedFil
     return {row[0] for row in known.collect()}
 
 
-def _parse(spark: SparkSession, files: list[ListedFile], key: bytes, max_batch_bytes: int) -> DataFrame:
+def _parse(spark: SparkSession, files: list[ListedFile], key: bytes, ingest: IngestSettings) -> DataFrame:
     """The new files' parsed rows (``PARSED_SCHEMA``), lazily.
 
     Files are read with Spark's ``binaryFile`` source, one escaped path per
@@ -380,7 +438,8 @@ def _parse(spark: SparkSession, files: list[ListedFile], key: bytes, max_batch_b
     """
     source = (spark.read.format("binaryFile").option("ignoreMissingFiles", "true")
               .load([_escape_glob(f.path) for f in files]))
-    return source.mapInPandas(parse_partition(key, max_batch_bytes), tables.PARSED_SCHEMA)
+    return source.mapInPandas(parse_partition(key, ingest.arrow_max_bytes_per_batch, ingest.policy()),
+                              tables.PARSED_SCHEMA)
 
 
 def _find_duplicates(spark: SparkSession, warehouse: str, frames: list) -> dict[str, str]:
