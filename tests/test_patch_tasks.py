@@ -1,8 +1,7 @@
 """Patch tasks outside Spark: candidates located on slices, the parameter hash and geometry."""
+import numpy as np
 import pandas as pd
 import pytest
-
-import numpy as np
 
 from ctlake.core.patch_tasks import PatchParams, jittered_nodules, locate_candidates, params_hash, patch_geometry
 
