@@ -168,14 +168,15 @@ def write_loop(files: list[Path], target: Path, max_batch_bytes: int) -> dict:
     import pyarrow.parquet as pq
     from pyspark.sql.pandas.types import to_arrow_schema
 
-    from ctlake.core.deid import DEV_KEY, Pseudonymizer
+    from ctlake.core.deid import DEV_KEY, Pseudonymizer, key_fingerprint
     from ctlake.core.dicom_parse import Rejection, parse_dicom
     from ctlake.spark import tables
 
     schema = to_arrow_schema(tables.SLICES_SCHEMA, timezone="UTC")
     pseudonymize = Pseudonymizer(DEV_KEY)
     fresh(target.parent).mkdir(parents=True)
-    stamp = {"ingested_at": datetime.now(UTC), "ingest_run": "bench-write-loop"}
+    stamp = {"ingested_at": datetime.now(UTC), "ingest_run": "bench-write-loop",
+             "key_fingerprint": key_fingerprint(DEV_KEY)}
     ok = frames = 0
     write_seconds = 0.0
     started = time.perf_counter()

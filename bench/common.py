@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import shutil
 import sys
 import threading
@@ -104,6 +105,9 @@ def cohort_settings(args: argparse.Namespace, changes: dict[str, Any]) -> Settin
     """
     from ctlake.spark.cohort import lidc_db
 
+    # Benchmarks ingest copies of their cohort (outside its marked folder) into scratch warehouses:
+    # a throwaway key of their own, unless the environment gives one.
+    os.environ.setdefault("CTLAKE_PSEUDONYM_KEY", secrets.token_hex(32))
     settings = load_settings(args.conf, overrides(args)).updated({
         "cohort.patients": args.patients, "cohort.slices": args.slices, "cohort.matrix": args.matrix,
         "ingest.progress_seconds": 0, **changes})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -13,9 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def base_config() -> Settings:
-    """conf/local.yaml with test-sized Spark settings."""
+def key_file(tmp_path_factory) -> Path:
+    """A real secret for the session: most tests ingest files that are not a synthetic cohort."""
+    path = tmp_path_factory.mktemp("secrets") / "pseudonym.key"
+    path.write_text(secrets.token_hex(32))
+    return path
+
+
+@pytest.fixture(scope="session")
+def base_config(key_file) -> Settings:
+    """conf/local.yaml with test-sized Spark settings and the session's key."""
     return load_settings(ROOT / "conf" / "local.yaml").updated({
+        "privacy.key_file": str(key_file),
         "spark.master": "local[2]",
         "spark.delta_jars_dir": str(ROOT / ".cache" / "delta-jars"),
         "spark.conf.spark.sql.shuffle.partitions": 2,

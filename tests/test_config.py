@@ -9,6 +9,7 @@ import yaml
 from conftest import ROOT
 
 from ctlake.config import load_config, load_settings, merged, parse_settings
+from ctlake.core.deid import DEV_KEY, SYNTHETIC_MARKER
 from ctlake.errors import ConfigError
 
 JOBS = ("make_cohort", "ingest", "preprocess", "detect", "patches", "features", "train", "score")
@@ -141,3 +142,41 @@ def test_the_cluster_configuration_refuses_to_run_without_a_key():
     assert result.returncode == 2 and "no pseudonymization key" in result.stderr
     assert load_settings(ROOT / "conf" / "cluster.yaml").privacy.allow_dev_key is False
 
+
+
+def test_the_development_key_serves_a_marked_synthetic_cohort_only(tmp_path):
+    privacy = load_settings(ROOT / "conf" / "local.yaml").privacy
+    (tmp_path / "cohort" / "dicom").mkdir(parents=True)
+    (tmp_path / "cohort" / SYNTHETIC_MARKER).write_text("synthetic")
+    (tmp_path / "hospital").mkdir()
+    os.environ.pop(privacy.key_env, None)
+    assert privacy.key(str(tmp_path / "cohort" / "dicom")) == DEV_KEY
+    assert privacy.key(str(tmp_path / "cohort" / "dicom" / "*.dcm")) == DEV_KEY
+    with pytest.raises(ConfigError, match="development key is only for a synthetic cohort"):
+        privacy.key(str(tmp_path / "hospital"))
+    result = run_job("ingest", "--check", "--input", str(tmp_path / "hospital"), env={privacy.key_env: ""})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no pseudonymization key" in result.stderr
+
+
+def test_keys_shorter_than_32_bytes_and_a_dev_key_by_set_are_refused_in_one_line(tmp_path):
+    short = run_job("ingest", "--check", "--input", str(tmp_path), env={"CTLAKE_PSEUDONYM_KEY": "x"})
+    assert short.returncode == 2 and "holds a key of 1 bytes; use at least 32" in short.stderr
+    (tmp_path / "key").write_text("k" * 31)
+    filed = run_job("ingest", "--check", "--input", str(tmp_path), "--set", f"privacy.key_file={tmp_path / 'key'}",
+                    env={"CTLAKE_PSEUDONYM_KEY": ""})
+    assert filed.returncode == 2 and "holds a key of 31 bytes" in filed.stderr
+    forced = run_job("ingest", "--conf", "conf/cluster.yaml", "--check", "--set", "privacy.allow_dev_key=true",
+                     env={"CTLAKE_PSEUDONYM_KEY": ""})
+    assert forced.returncode == 2 and "privacy.allow_dev_key is set in a configuration file" in forced.stderr
+    good = run_job("ingest", "--check", "--input", str(tmp_path), env={"CTLAKE_PSEUDONYM_KEY": "k" * 32})
+    assert good.returncode == 0, good.stderr
+
+
+def test_secrets_are_redacted_from_what_runs_and_reports_keep(base_config):
+    config = base_config.updated({"spark.conf.spark.executorEnv.CTLAKE_PSEUDONYM_KEY": "s" * 40,
+                                  "spark.conf.spark.hadoop.fs.s3a.secret.key": "aws-secret"})
+    shown = config.redacted()
+    assert shown["spark"]["conf"]["spark.executorEnv.CTLAKE_PSEUDONYM_KEY"] == "[redacted]"
+    assert shown["spark"]["conf"]["spark.hadoop.fs.s3a.secret.key"] == "[redacted]"
+    assert shown["privacy"] == config.source["privacy"] and shown["cohort"] == config.source["cohort"]
+    assert "s" * 40 not in json.dumps(shown) and config.source["spark"]["conf"]["spark.hadoop.fs.s3a.secret.key"]

@@ -1,6 +1,8 @@
 """Ingestion on a real local Spark session into real Delta tables."""
+import logging
 import os
 import shutil
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -8,8 +10,8 @@ from delta.tables import DeltaTable
 from dicom_files import build_hostile_folder, build_mixed_folder, pydicom_test_folder, real
 from pyspark.sql import functions as F
 
-from ctlake.core.deid import IDENTIFYING_ATTRIBUTES
-from ctlake.errors import InputError
+from ctlake.core.deid import DEV_KEY, IDENTIFYING_ATTRIBUTES, SYNTHETIC_MARKER, key_fingerprint
+from ctlake.errors import ConfigError, InputError
 from ctlake.spark import ingest, tables
 
 
@@ -158,3 +160,34 @@ def test_hostile_files_end_in_quarantine_with_their_reasons(spark, config, tmp_p
     summary = ingest.run(spark, config, str(folder))
     assert outcomes(spark, config) == expected
     assert summary["accounted_for"] and summary["files_ingested"] == 0
+
+
+def test_rows_name_the_key_of_their_pseudonyms_and_another_key_is_refused(spark, config, mixed, tmp_path):
+    folder, _ = mixed
+    summary = ingest.run(spark, config, str(folder))
+    fingerprint = key_fingerprint(config.privacy.key())
+    assert (summary["key_fingerprint"], summary["development_key"]) == (fingerprint, False)
+    for table in (tables.SLICES, tables.QUARANTINE):
+        assert {r[0] for r in tables.read(spark, config.warehouse, table).select("key_fingerprint").collect()} == {
+            fingerprint}
+    other = tmp_path / "other.key"
+    other.write_text("o" * 64)
+    with pytest.raises(InputError, match=f"pseudonymized under key {fingerprint} and this run's key is k-"):
+        ingest.run(spark, config.updated({"privacy.key_file": str(other)}), str(folder))
+
+
+def test_the_sample_cohort_alone_is_pseudonymized_with_the_development_key_and_says_so(
+        spark, ingested_cohort, tmp_path, caplog):
+    dev = ingested_cohort.updated({"privacy.key_file": None, "warehouse": str(tmp_path / "warehouse")})
+    cohort_folder = Path(ingested_cohort.cohort.output)
+    assert (cohort_folder / SYNTHETIC_MARKER).is_file()
+    with caplog.at_level(logging.WARNING, logger="ctlake.ingest"):
+        summary = ingest.run(spark, dev, str(cohort_folder / "dicom"))
+    assert summary["development_key"] and summary["key_fingerprint"] == key_fingerprint(DEV_KEY)
+    assert [r.message for r in caplog.records if "development key" in r.message] == [
+        f"pseudonymizing with the public development key ({key_fingerprint(DEV_KEY)}): acceptable for the "
+        "synthetic sample cohort only"]
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(cohort_folder / "dicom", elsewhere)
+    with pytest.raises(ConfigError, match="development key is only for a synthetic cohort"):
+        ingest.run(spark, dev, str(elsewhere))

@@ -103,7 +103,7 @@ def run_job(parser: argparse.ArgumentParser, run: Callable, argv: list[str] | No
         print(f"{job}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.check:
-        print(json.dumps({"job": job, "status": "valid", "conf": args.conf, "settings": settings.source},
+        print(json.dumps({"job": job, "status": "valid", "conf": args.conf, "settings": settings.redacted()},
                          default=str))
         return EXIT_OK
     return _run_with_session(job, run, settings, args)

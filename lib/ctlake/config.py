@@ -25,7 +25,7 @@ from typing import Any, Literal, NewType
 import yaml
 
 from ctlake.cohort.plan import CohortSettings
-from ctlake.core.deid import DEV_KEY
+from ctlake.core.deid import DEV_KEY, MIN_KEY_BYTES, in_synthetic_cohort
 from ctlake.core.detect import DetectorParams
 from ctlake.core.dicom_parse import ParsePolicy
 from ctlake.core.patch_tasks import PatchParams
@@ -58,6 +58,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if key.strip() == "privacy.allow_dev_key":
+            raise ConfigError("privacy.allow_dev_key is set in a configuration file, not with --set: it decides "
+                              "whether patients are pseudonymized with a published key")
         config = with_value(config, key.strip(), value)
     return config
 
@@ -216,29 +219,37 @@ class PrivacySettings:
     key_file: str | None
     allow_dev_key: bool
 
-    def key(self) -> bytes:
+    def key(self, input_path: str | None = None) -> bytes:
         """The pseudonymization key: environment variable, then secret file, then (if allowed) the dev key.
 
-        The development key is accepted only where the configuration says
-        ``privacy.allow_dev_key: true`` (``conf/local.yaml``); a cluster
-        configuration without a key is refused before any data is read.
+        The development key is public, so pseudonyms made with it are
+        reversible by enumeration: it is accepted only where the
+        configuration file says ``privacy.allow_dev_key: true``
+        (``conf/local.yaml``; ``--set`` cannot say it) *and* the input lies
+        in a synthetic cohort the generator marked
+        (:data:`~ctlake.core.deid.SYNTHETIC_MARKER`).  Any other input
+        without a key of at least 32 bytes is refused before data is read.
         """
         if self.key_env and os.environ.get(self.key_env):
-            return os.environ[self.key_env].encode("utf-8")
+            return _long_enough(os.environ[self.key_env].encode("utf-8"), f"the environment variable {self.key_env}")
         if self.key_file:
             path = Path(self.key_file)
             if not path.is_file():
                 raise ConfigError(f"privacy.key_file {self.key_file} does not exist")
-            key = path.read_bytes().strip()
-            if len(key) < 16:
-                raise ConfigError(f"privacy.key_file {self.key_file} holds {len(key)} bytes; use at least 16")
-            return key
-        if self.allow_dev_key:
+            return _long_enough(path.read_bytes().strip(), f"privacy.key_file {self.key_file}")
+        if self.allow_dev_key and input_path and in_synthetic_cohort(input_path):
             return DEV_KEY
-        raise ConfigError(
-            f"no pseudonymization key: set the environment variable {self.key_env} or privacy.key_file "
-            "(the development key is allowed only in local configuration)"
-        )
+        where = ("" if not self.allow_dev_key
+                 else f"; the development key is only for a synthetic cohort, and {input_path} is not one")
+        raise ConfigError(f"no pseudonymization key: set the environment variable {self.key_env} "
+                          f"({MIN_KEY_BYTES} bytes or more, e.g. `openssl rand -hex 32`) or privacy.key_file{where}")
+
+
+def _long_enough(key: bytes, source: str) -> bytes:
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(f"{source} holds a key of {len(key)} bytes; use at least {MIN_KEY_BYTES} "
+                          "(e.g. `openssl rand -hex 32`)")
+    return key
 
 
 @dataclass(frozen=True)
@@ -426,12 +437,29 @@ class Settings:
     train: TrainSettings
     source: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
+    def redacted(self) -> dict:
+        """The merged mapping with every secret-looking entry replaced: what runs, reports and logs may hold."""
+        return _redact(self.source, "")
+
     def updated(self, changes: dict[str, Any]) -> Settings:
         """These settings with dotted keys changed, parsed and validated again."""
         raw = self.source
         for key, value in changes.items():
             raw = with_value(raw, key, value)
         return parse_settings(raw)
+
+
+#: Configuration keys whose values are secrets (matched against the dotted key): Spark's own
+#: redaction pattern plus the environments handed to executors and drivers, where a key travels.
+SECRET_KEYS = r"(?i)secret|password|token|credential|access[.]?key|executorEnv|appMasterEnv|driverEnv|pseudonym"
+
+
+def _redact(value, path: str):
+    if isinstance(value, dict):
+        return {k: _redact(v, f"{path}{k}.") for k, v in value.items()}
+    if not re.search(SECRET_KEYS, path.rstrip(".")):
+        return copy.deepcopy(value)
+    return "[redacted]"
 
 
 def parse_settings(raw: dict) -> Settings:

@@ -14,9 +14,40 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import re
 
-#: Public, fixed, and therefore worthless as a secret: only for the synthetic local cohort.
+#: Public, fixed, and therefore worthless as a secret: only for the synthetic sample cohort.
 DEV_KEY = b"ctlake-development-key-NOT-SECRET"
+
+#: Shortest key accepted from any source: 8-digit MRNs are enumerable, so the key must not be.
+MIN_KEY_BYTES = 32
+
+#: The file the cohort generator writes at the top of a synthetic cohort; the development key is
+#: accepted for input inside such a folder only.
+SYNTHETIC_MARKER = "CTLAKE_SYNTHETIC_COHORT"
+
+
+def key_fingerprint(key: bytes) -> str:
+    """``k-`` + 16 hex digits of HMAC-SHA256(key, a constant): names a key without revealing it.
+
+    Stored next to every pseudonym, so anyone can tell which key made which
+    pseudonyms, and a run under another key is refused instead of silently
+    splitting every patient in two.
+    """
+    return "k-" + hmac.new(key, b"ctlake key fingerprint", hashlib.sha256).hexdigest()[:16]
+
+
+def in_synthetic_cohort(path: str) -> bool:
+    """``path`` (a local file, folder or glob) lies inside a folder the cohort generator marked."""
+    folder = os.path.abspath(re.split(r"[*?\[{]", path, maxsplit=1)[0] or ".")
+    while True:
+        if os.path.isfile(os.path.join(folder, SYNTHETIC_MARKER)):
+            return True
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return False
+        folder = parent
 
 #: Attributes copied from a DICOM header into the ``slices`` table (plus pixel data and geometry).
 KEPT_ATTRIBUTES = (

@@ -33,7 +33,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from ctlake.config import IngestSettings, Settings
-from ctlake.core.deid import Pseudonymizer
+from ctlake.core.deid import DEV_KEY, Pseudonymizer, key_fingerprint
 from ctlake.core.dicom_parse import ParsePolicy, Rejection, parse_dicom
 from ctlake.core.series_layout import series_row
 from ctlake.errors import ConfigError, InputError
@@ -51,7 +51,7 @@ def validate(settings: Settings, input_path: str | None) -> None:
     """Check everything ingestion needs before any Spark work: fail in milliseconds, not minutes."""
     if not (input_path or settings.ingest.input):
         raise ConfigError("no input: pass --input PATH or set ingest.input")
-    settings.privacy.key()
+    settings.privacy.key(input_path or settings.ingest.input)
 
 
 #: Characters that make a Hadoop path a glob pattern.
@@ -292,6 +292,12 @@ def run(spark: SparkSession, settings: Settings, input_path: str | None = None) 
     validate(settings, input_path)
     warehouse = settings.warehouse
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    key = settings.privacy.key(input_path)
+    fingerprint = key_fingerprint(key)
+    if key == DEV_KEY:
+        log.warning("pseudonymizing with the public development key (%s): acceptable for the synthetic "
+                    "sample cohort only", fingerprint)
+    check_key(spark, warehouse, fingerprint)
     listing, skipped = list_files(spark, input_path)
     known = _ingested_paths(spark, warehouse, listing)
     new_files = [f for f in listing if f.path not in known]
@@ -300,14 +306,14 @@ def run(spark: SparkSession, settings: Settings, input_path: str | None = None) 
     summary = {"run_id": run_id, "input": input_path, "files_seen": len(listing),
                "already_ingested": len(listing) - len(new_files), "new_files": len(new_files),
                "files_ingested": 0, "slices_written": 0, "series_updated": 0, "quarantined": {},
-               "walk_skipped": skipped}
+               "walk_skipped": skipped, "key_fingerprint": fingerprint, "development_key": key == DEV_KEY}
     if skipped:
         log.warning("the walk skipped entries that are not files to read: %s", skipped)
     if not listing:
         summary["warning"] = f"no files under {input_path}"
     if new_files:
         with session_conf(spark, _read_conf(spark, settings.ingest)):
-            outcome = _ingest_new(spark, settings, new_files, run_id)
+            outcome = _ingest_new(spark, settings, new_files, run_id, key)
         summary.update(outcome, series_updated=update_series(spark, warehouse))
         accounted = summary["files_ingested"] + sum(summary["quarantined"].values())
         if accounted != len(new_files):
@@ -335,7 +341,20 @@ def _read_conf(spark: SparkSession, ingest: IngestSettings) -> dict:
     }
 
 
-def _ingest_new(spark: SparkSession, settings: Settings, new_files: list[ListedFile], run_id: str) -> dict:
+def check_key(spark: SparkSession, warehouse: str, fingerprint: str) -> None:
+    """Refuse a key other than the one that made the warehouse's pseudonyms: it would split every patient."""
+    if not tables.exists(spark, warehouse, tables.SLICES):
+        return
+    other = (tables.read(spark, warehouse, tables.SLICES).select("key_fingerprint")
+             .filter(F.col("key_fingerprint") != fingerprint).limit(1).collect())
+    if other:
+        raise InputError(f"the slices table was pseudonymized under key {other[0][0]} and this run's key is "
+                         f"{fingerprint}: the same patient would get two pseudonyms. Use the key that made the "
+                         "warehouse, or a new warehouse")
+
+
+def _ingest_new(spark: SparkSession, settings: Settings, new_files: list[ListedFile], run_id: str,
+                key: bytes) -> dict:
     """Parse the new files once, write the accepted frames to ``slices`` and the rest to ``quarantine``."""
     warehouse = settings.warehouse
     readable, quarantine_rows = [], []
@@ -347,7 +366,7 @@ def _ingest_new(spark: SparkSession, settings: Settings, new_files: list[ListedF
             quarantine_rows.append(_quarantine_row(listed, *reason))
     accepted_paths, slices_written = set(), 0
     if readable:
-        parsed = _parse(spark, readable, settings.privacy.key(), settings.ingest).persist(PARSED_STORAGE)
+        parsed = _parse(spark, readable, key, settings.ingest).persist(PARSED_STORAGE)
         try:
             # The one pass over the files: parses them, fills the cache the slices are written from,
             # and brings back the small part of each row that decides where the file goes.
@@ -359,12 +378,13 @@ def _ingest_new(spark: SparkSession, settings: Settings, new_files: list[ListedF
             quarantine_rows += rejected
             if accepted_paths:
                 with StageProgress(spark.sparkContext, "ingest: writing slices", settings.ingest.progress_seconds):
-                    _write_slices(spark, warehouse, parsed, duplicates, run_id)
+                    _write_slices(spark, warehouse, parsed, duplicates, run_id, key_fingerprint(key))
         finally:
             parsed.unpersist()
     if quarantine_rows:
         quarantine = (spark.createDataFrame(quarantine_rows, _QUARANTINE_ROW)
-                      .withColumn("quarantined_at", F.current_timestamp()).withColumn("ingest_run", F.lit(run_id)))
+                      .withColumn("quarantined_at", F.current_timestamp()).withColumn("ingest_run", F.lit(run_id))
+                      .withColumn("key_fingerprint", F.lit(key_fingerprint(key))))
         tables.merge_insert(spark, warehouse, tables.QUARANTINE, quarantine, ["source_path"])
     # Counted from this run's own rows, not re-read from the tables: exact for one writer at a time.
     # Rows a concurrent run inserted first are skipped by the MERGEs but still counted here.
@@ -403,14 +423,14 @@ def route_outcomes(outcomes: list, duplicates: dict[str, str],
 
 
 def _write_slices(spark: SparkSession, warehouse: str, parsed: DataFrame, duplicates: dict[str, str],
-                  run_id: str) -> None:
+                  run_id: str, fingerprint: str) -> None:
     accepted = parsed.filter(F.col("reason").isNull())
     if duplicates:
         # At most one small row per file: broadcast it, so the pixels are not shuffled.
         duplicate_paths = spark.createDataFrame([(p,) for p in duplicates], "source_path string")
         accepted = accepted.join(F.broadcast(duplicate_paths), "source_path", "left_anti")
     slices_new = (accepted.withColumn("ingested_at", F.current_timestamp())
-                  .withColumn("ingest_run", F.lit(run_id)))
+                  .withColumn("ingest_run", F.lit(run_id)).withColumn("key_fingerprint", F.lit(fingerprint)))
     tables.merge_insert(spark, warehouse, tables.SLICES, slices_new, ["sop_uid", "frame"])
 
 

@@ -301,7 +301,8 @@ def intro(settings: Settings, summary: dict, meta: dict) -> str:
                f"(range {min(cv):.3f}-{max(cv):.3f})." if cv else "")
     return f"""<h1>ctlake training run <code>{summary['run_id']}</code></h1>{notice}
 <p><a href='../../index.html'>all runs</a> · commit <code>{html.escape(str(meta.get('git_commit')))}</code> ·
-input Delta versions {html.escape(json.dumps(meta.get('input_versions', {})))}</p>
+input Delta versions {html.escape(json.dumps(meta.get('input_versions', {})))} ·
+pseudonyms under key {html.escape(', '.join(meta.get('key_fingerprints', [])) or 'unknown')}</p>
 <p><b>Every headline figure is measured on the scoring path</b>: the validation and test patients' scans went
 through the same preprocessing, candidate detection, patch cutting, features and models as a new scan, and
 a patient's probability of cancer is the {html.escape(meta['aggregate'])} over the detected candidates of
@@ -363,5 +364,5 @@ the candidates that drove each ensemble score as red boxes on their slices, the 
 {evidence_html}
 <h2>Preprocessing and patches</h2>{pictures}
 <h2>Configuration of this run</h2><details><summary>the merged settings</summary><pre>{html.escape(json.dumps(
-settings.source, indent=1, default=str))}</pre></details>
+settings.redacted(), indent=1, default=str))}</pre></details>
 </body></html>"""

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 from pyspark.sql import SparkSession
 
-from ctlake.config import SparkSettings
+from ctlake.config import SECRET_KEYS, SparkSettings
 from ctlake.errors import ConfigError
 from ctlake.spark.jars import DELTA_COORDINATE, cached_jars
 
@@ -20,6 +20,9 @@ BASE_CONF = {
     "spark.ui.showConsoleProgress": "false",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     "spark.sql.session.timeZone": "UTC",
+    # Event logs, the UI and logged properties show these entries as *********(redacted): the
+    # pseudonymization key handed to executors by spark.executorEnv.* included.
+    "spark.redaction.regex": SECRET_KEYS,
 }
 
 

@@ -68,6 +68,8 @@ SOURCE_FIELDS = [
 SLICES_SCHEMA = T.StructType(FRAME_FIELDS + SOURCE_FIELDS + [
     T.StructField("ingested_at", T.TimestampType()),
     T.StructField("ingest_run", T.StringType()),
+    # ctlake.core.deid.key_fingerprint of the key that made patient_pseudonym.
+    T.StructField("key_fingerprint", T.StringType()),
 ])
 
 #: What the parsing UDF emits: a frame row (``reason`` null) or one rejected file.
@@ -86,6 +88,7 @@ QUARANTINE_SCHEMA = T.StructType(SOURCE_FIELDS + [
     T.StructField("transfer_syntax", T.StringType()),
     T.StructField("quarantined_at", T.TimestampType()),
     T.StructField("ingest_run", T.StringType()),
+    T.StructField("key_fingerprint", T.StringType()),
 ])
 
 #: ``series``: one row per series, recomputed whenever it gains slices.
@@ -214,6 +217,8 @@ RUNS_SCHEMA = T.StructType([
     T.StructField("metrics", T.StringType()),
     T.StructField("models_path", T.StringType()),
     T.StructField("seconds", T.DoubleType()),
+    # The key fingerprints of the pseudonyms the run trained on (ctlake.core.deid.key_fingerprint).
+    T.StructField("key_fingerprints", T.ArrayType(T.StringType())),
 ])
 
 #: ``predictions``: one row per scored series and run, with the patches that drove the score.

@@ -334,7 +334,9 @@ def run(spark: SparkSession, settings: Settings) -> dict:
             "results": results, "split_sizes": sizes, "timings_s": timings,
             "patients": sorted(assignment["patient"]), "git_commit": git_commit(),
             "input_versions": {t: tables.version(spark, settings.warehouse, t)
-                               for t in (tables.SLICES, tables.CANDIDATES, tables.PATCHES, tables.FEATURES)}}
+                               for t in (tables.SLICES, tables.CANDIDATES, tables.PATCHES, tables.FEATURES)},
+            "key_fingerprints": sorted(r[0] for r in tables.read(spark, settings.warehouse, tables.SLICES)
+                                       .select("key_fingerprint").distinct().collect() if r[0])}
     record_run(spark, settings, meta, started, round(time.monotonic() - clock, 1))
     frame.unpersist()
     return {"run_id": run_id, "models_path": models_path,
@@ -420,10 +422,10 @@ def record_run(spark: SparkSession, settings: Settings, meta: dict, started: dat
     warehouse, run_id = settings.warehouse, meta["run_id"]
     models_path = tables.models_path(warehouse, run_id)
     tables.write_text(spark, f"{models_path}/run.json", json.dumps(meta, default=_json_default, indent=1))
-    row = [(run_id, started.replace(tzinfo=None), meta["git_commit"], json.dumps(settings.source, default=str),
+    row = [(run_id, started.replace(tzinfo=None), meta["git_commit"], json.dumps(settings.redacted(), default=str),
             meta["input_versions"],
             json.dumps(meta["split_sizes"]), json.dumps(meta["results"], default=_json_default), models_path,
-            seconds)]
+            seconds, meta["key_fingerprints"])]
     tables.merge_insert(spark, warehouse, tables.RUNS, spark.createDataFrame(row, tables.RUNS_SCHEMA), ["run_id"])
 
 
