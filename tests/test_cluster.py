@@ -73,7 +73,7 @@ def test_ingest_job_on_a_standalone_cluster(cluster, tmp_path):
                "--set", f"spark.executor_python={sys.executable}",
                "--set", "spark.conf.spark.executor.memory=1g", "--set", "ingest.progress_seconds=0"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"})
+                            env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "CTLAKE_PSEUDONYM_KEY": "c" * 32})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["status"] == "succeeded"
