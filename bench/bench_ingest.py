@@ -168,7 +168,7 @@ def write_loop(files: list[Path], target: Path, max_batch_bytes: int) -> dict:
     import pyarrow.parquet as pq
     from pyspark.sql.pandas.types import to_arrow_schema
 
-    from ctlake.core.deid import DEV_KEY, Pseudonymizer, key_fingerprint
+    from ctlake.core.deid import DEV_KEY, Pseudonymizer, key_fingerprint, source_id
     from ctlake.core.dicom_parse import Rejection, parse_dicom
     from ctlake.spark import tables
 
@@ -184,10 +184,7 @@ def write_loop(files: list[Path], target: Path, max_batch_bytes: int) -> dict:
         writer = pq.ParquetWriter(sink, schema, compression=WRITE_LOOP_CODEC)
         rows, size = [], 0
         for index, path in enumerate(files):
-            stat = path.stat()
-            # Whole milliseconds, like binaryFile's modificationTime.
-            source = {"source_path": "file:" + str(path.resolve()), "source_size": stat.st_size,
-                      "source_mtime": datetime.fromtimestamp(stat.st_mtime_ns // 1_000_000 / 1000, tz=UTC)}
+            source = {"source_id": source_id(DEV_KEY, "file:" + str(path.resolve())), "source_size": path.stat().st_size}
             result = parse_dicom(path.read_bytes(), pseudonymize)
             if not isinstance(result, Rejection):
                 ok += 1

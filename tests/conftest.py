@@ -26,6 +26,7 @@ def base_config(key_file) -> Settings:
     """conf/local.yaml with test-sized Spark settings and the session's key."""
     return load_settings(ROOT / "conf" / "local.yaml").updated({
         "privacy.key_file": str(key_file),
+        "privacy.restricted_warehouse": None,
         "spark.master": "local[2]",
         "spark.delta_jars_dir": str(ROOT / ".cache" / "delta-jars"),
         "spark.conf.spark.sql.shuffle.partitions": 2,
@@ -47,7 +48,8 @@ def spark(base_config):
 @pytest.fixture
 def config(base_config, tmp_path) -> Settings:
     """The base configuration with a fresh warehouse folder for this test."""
-    return base_config.updated({"warehouse": str(tmp_path / "warehouse")})
+    return base_config.updated({"warehouse": str(tmp_path / "warehouse"),
+                                "privacy.restricted_warehouse": str(tmp_path / "restricted")})
 
 
 def tiny_cohort_config(base_config: Settings, root: Path) -> Settings:
@@ -55,6 +57,7 @@ def tiny_cohort_config(base_config: Settings, root: Path) -> Settings:
     return base_config.updated({
         "cohort.patients": 4, "cohort.slices": 8, "cohort.matrix": 96, "cohort.no_nodule_fraction": 0.25,
         "cohort.rle_fraction": 0.25, "cohort.output": str(root / "cohort"), "warehouse": str(root / "warehouse"),
+        "privacy.restricted_warehouse": str(root / "restricted"),
         "patches.annotations": str(root / "cohort" / "annotations.csv"),
         "report.folder": str(root / "report"),
     })

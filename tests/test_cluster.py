@@ -71,7 +71,8 @@ def test_ingest_job_on_a_standalone_cluster(cluster, tmp_path):
     command = [sys.executable, "jobs/ingest.py", "--input", str(tmp_path / "input"),
                "--set", f"spark.master={cluster}", "--set", f"warehouse={tmp_path / 'warehouse'}",
                "--set", f"spark.executor_python={sys.executable}",
-               "--set", "spark.conf.spark.executor.memory=1g", "--set", "ingest.progress_seconds=0"]
+               "--set", "spark.conf.spark.executor.memory=1g", "--set", "ingest.progress_seconds=0",
+               "--set", f"privacy.restricted_warehouse={tmp_path / 'restricted'}"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "CTLAKE_PSEUDONYM_KEY": "c" * 32})
     assert result.returncode == 0, result.stderr[-3000:]

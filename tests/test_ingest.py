@@ -16,11 +16,14 @@ from ctlake.spark import ingest, tables
 
 
 def outcomes(spark, config):
-    sliced = tables.read(spark, config.warehouse, tables.SLICES).groupBy("source_path").count().collect()
-    quarantined = tables.read(spark, config.warehouse, tables.QUARANTINE).select("source_path", "reason").collect()
-    result = {r["source_path"].rsplit("/", 1)[-1]: f"slices:{r['count']}" for r in sliced}
+    """{file name: slices:<frames> or quarantine reason}, through the restricted source map."""
+    names = {r["source_id"]: r["source_path"].rsplit("/", 1)[-1] for r in
+             tables.read(spark, config.privacy.restricted_warehouse, tables.SOURCE_MAP).collect()}
+    sliced = tables.read(spark, config.warehouse, tables.SLICES).groupBy("source_id").count().collect()
+    quarantined = tables.read(spark, config.warehouse, tables.QUARANTINE).select("source_id", "reason").collect()
+    result = {names[r["source_id"]]: f"slices:{r['count']}" for r in sliced}
     for r in quarantined:
-        name = r["source_path"].rsplit("/", 1)[-1]
+        name = names[r["source_id"]]
         assert name not in result, f"{name} is in both slices and quarantine"
         result[name] = r["reason"]
     return result
@@ -41,8 +44,10 @@ def test_every_file_lands_in_exactly_one_table_with_the_expected_outcome(spark, 
     assert summary["files_ingested"] + sum(summary["quarantined"].values()) == len(expected)
     assert summary["quarantined"] == {"bad_geometry": 1, "duplicate": 2, "no_pixel_data": 1, "not_ct": 1,
                                       "not_dicom": 2, "truncated": 1}
-    dup = tables.read(spark, config.warehouse, tables.QUARANTINE).filter(F.col("source_path").endswith("693_UNCR.dcm")).first()
-    assert dup["message"].endswith("693_J2KR.dcm")
+    ids = {r["source_path"].rsplit("/", 1)[-1]: r["source_id"] for r in
+           tables.read(spark, config.privacy.restricted_warehouse, tables.SOURCE_MAP).collect()}
+    dup = tables.read(spark, config.warehouse, tables.QUARANTINE).filter(F.col("source_id") == ids["693_UNCR.dcm"]).first()
+    assert dup["message"].endswith(f"already ingested from source {ids['693_J2KR.dcm']}")
 
 
 def test_rerun_writes_nothing_and_new_files_add_exactly_their_rows(spark, config, mixed):

@@ -218,6 +218,9 @@ class PrivacySettings:
     key_env: str
     key_file: str | None
     allow_dev_key: bool
+    #: Where the source id -> path map is kept (a Delta table ``source_map``), outside the warehouse;
+    #: null keeps none.
+    restricted_warehouse: str | None
 
     def key(self, input_path: str | None = None) -> bytes:
         """The pseudonymization key: environment variable, then secret file, then (if allowed) the dev key.

@@ -38,6 +38,16 @@ def key_fingerprint(key: bytes) -> str:
     return "k-" + hmac.new(key, b"ctlake key fingerprint", hashlib.sha256).hexdigest()[:16]
 
 
+def source_id(key: bytes, path: str) -> str:
+    """``f-`` + 24 hex digits of HMAC-SHA256(key, path): names a source file without its path.
+
+    Receivers name folders after patients (``DOE_JANE_19010203_MRN42/``), so a
+    path is identifying; the tables keep this instead, and only a restricted
+    map outside the warehouse turns it back into a path.
+    """
+    return "f-" + hmac.new(key, b"source:" + path.encode("utf-8"), hashlib.sha256).hexdigest()[:24]
+
+
 def in_synthetic_cohort(path: str) -> bool:
     """``path`` (a local file, folder or glob) lies inside a folder the cohort generator marked."""
     folder = os.path.abspath(re.split(r"[*?\[{]", path, maxsplit=1)[0] or ".")

@@ -128,7 +128,7 @@ def parse_dicom(content: bytes, pseudonymize: Callable[[str | None, str], str],
         return _rejection("unreadable_header", f"{type(exc).__name__}: {exc}", ds)
 
 
-def _could_start_dicom(content: bytes) -> bool:
+def could_start_dicom(content: bytes) -> bool:
     """A preamble and ``DICM``, or a first element of group 0002 or 0008 (a raw dataset), either byte order.
 
     Decided from the first bytes: forcing pydicom through a 200 MB file of
@@ -141,7 +141,7 @@ def _could_start_dicom(content: bytes) -> bool:
 
 
 def _read(content: bytes) -> pydicom.Dataset:
-    if not _could_start_dicom(content):
+    if not could_start_dicom(content):
         raise _Reject("not_dicom", "no DICOM preamble and no plausible first element")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -3,14 +3,16 @@
 The run is incremental and idempotent by construction:
 
 1. list the input (metadata only, no bytes read; local folders with ``os.scandir``);
-2. drop every path already recorded in ``slices`` or ``quarantine``;
+2. name each file by its source id (a keyed hash of its path: paths name patients) and
+   drop every id already recorded in ``slices`` or ``quarantine``; record the new ids'
+   paths in the restricted ``source_map``, outside the warehouse, if one is configured;
 3. read and parse only the new files on the executors, once: the parsed rows are
    persisted (memory, spilling to local disk) while the driver collects the
    small part of each row that decides where the file goes;
 4. a file whose SOP instance is already ingested (or claimed by another new
    file) goes to ``quarantine`` as a ``duplicate``; the rest are MERGEd from
    the persisted rows into ``slices`` keyed on (sop_uid, frame); rejections
-   are MERGEd into ``quarantine`` keyed on source path (no write when there
+   are MERGEd into ``quarantine`` keyed on source id (no write when there
    are none, so a re-run commits nothing);
 5. ``series`` rows are recomputed for the series that gained slices.
 
@@ -33,8 +35,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from ctlake.config import IngestSettings, Settings
-from ctlake.core.deid import DEV_KEY, Pseudonymizer, key_fingerprint
-from ctlake.core.dicom_parse import ParsePolicy, Rejection, parse_dicom
+from ctlake.core.deid import DEV_KEY, Pseudonymizer, key_fingerprint, source_id
+from ctlake.core.dicom_parse import ParsePolicy, Rejection, could_start_dicom, parse_dicom
 from ctlake.core.series_layout import series_row
 from ctlake.errors import ConfigError, InputError
 from ctlake.spark import tables
@@ -60,10 +62,15 @@ _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):")
 
 
 class ListedFile(NamedTuple):
-    """One input file as listed: ``path`` in the form of ``binaryFile``'s ``path`` column (``file:/abs``)."""
+    """One input file as listed: ``path`` in the form of ``binaryFile``'s ``path`` column (``file:/abs``).
+
+    The path lives in the driver's memory only (and in the restricted source
+    map): the tables name the file by :func:`ctlake.core.deid.source_id`.
+    Its modification time is not kept: it is the time a scan arrived, a date
+    PS3.15 removes, and incrementality keys on the id.
+    """
 
     path: str
-    modificationTime: datetime
     length: int
 
 
@@ -181,9 +188,7 @@ class _LocalWalk:
 
 
 def _local_listing(path: str, stat: os.stat_result) -> ListedFile:
-    # Hadoop reports whole milliseconds, and so does binaryFile's modificationTime.
-    mtime = datetime.fromtimestamp(stat.st_mtime_ns // 1_000_000 / 1000, tz=UTC)
-    return ListedFile("file:" + path, mtime, stat.st_size)
+    return ListedFile("file:" + path, stat.st_size)
 
 
 def _list_hadoop(spark: SparkSession, input_path: str, walk: _LocalWalk) -> Iterator[ListedFile]:
@@ -206,8 +211,7 @@ def _list_hadoop(spark: SparkSession, input_path: str, walk: _LocalWalk) -> Iter
 
 
 def _hadoop_listing(status) -> ListedFile:
-    mtime = datetime.fromtimestamp(status.getModificationTime() / 1000, tz=UTC)
-    return ListedFile(status.getPath().toString(), mtime, int(status.getLen()))
+    return ListedFile(status.getPath().toString(), int(status.getLen()))
 
 
 def _skip_reason(path: str, length: int) -> tuple[str, str] | None:
@@ -230,18 +234,19 @@ def _escape_glob(path: str) -> str:
 def parse_partition(key: bytes, max_batch_bytes: int, policy: ParsePolicy):
     """The mapInPandas body: parse each file, emit frame rows or one rejection row per file.
 
-    Input rows are ``binaryFile`` rows.  Output batches are cut by bytes of
-    pixel data, so a partition of large 512x512 multi-frame files never builds
-    one huge Arrow batch.
+    Input rows are either listing rows (``source_id``, ``path``, ``length`` of
+    local files, which it reads itself) or ``binaryFile`` rows (``path``,
+    ``length``, ``content``).  Output batches are cut by bytes of pixel data,
+    so a partition of large 512x512 multi-frame files never builds one huge
+    Arrow batch.
     """
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         pseudonymize = Pseudonymizer(key)
         out, size = [], 0
         for batch in batches:
-            for path, mtime, length, content in zip(batch["path"], batch["modificationTime"],
-                                                     batch["length"], batch["content"]):
-                source = {"source_path": path, "source_size": int(length), "source_mtime": mtime}
-                result = parse_dicom(bytes(content), pseudonymize, policy)
+            for identifier, length, content in _contents(batch, key):
+                source = {"source_id": identifier, "source_size": int(length)}
+                result = parse_dicom(content, pseudonymize, policy)
                 if isinstance(result, Rejection):
                     out.append({**source, "reason": result.reason, "message": result.message,
                                 "sop_uid": result.sop_uid, "series_uid": result.series_uid,
@@ -257,6 +262,24 @@ def parse_partition(key: bytes, max_batch_bytes: int, policy: ParsePolicy):
             yield _frame(out)
 
     return run
+
+
+def _contents(batch: pd.DataFrame, key: bytes) -> Iterator[tuple[str, int, bytes]]:
+    """(source id, size, bytes) of each file of a batch; a local file deleted since listing yields nothing."""
+    if "content" in batch.columns:
+        for path, length, content in zip(batch["path"], batch["length"], batch["content"]):
+            yield source_id(key, path), length, bytes(content)
+        return
+    for identifier, path, length in zip(batch["source_id"], batch["path"], batch["length"]):
+        try:
+            with open(path, "rb") as handle:
+                # 132 bytes decide whether the rest is worth reading: a 200 MB file of zeros is not.
+                content = handle.read(132)
+                if could_start_dicom(content):
+                    content += handle.read()
+        except OSError:
+            continue  # gone (or unreadable) since it was listed: counted as unaccounted, listed again next run
+        yield identifier, length, content
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
@@ -280,9 +303,9 @@ SLICES_CODEC = "lz4_raw"
 
 
 #: Columns of the parsed rows the driver needs (one small row per frame or rejected file).
-_OUTCOME_COLUMNS = ["source_path", "frame", "sop_uid", "series_uid", "modality", "transfer_syntax",
+_OUTCOME_COLUMNS = ["source_id", "frame", "sop_uid", "series_uid", "modality", "transfer_syntax",
                     "reason", "message"]
-_QUARANTINE_ROW = ("source_path string, source_size long, source_mtime timestamp, reason string, message string,"
+_QUARANTINE_ROW = ("source_id string, source_size long, reason string, message string,"
                    " sop_uid string, series_uid string, modality string, transfer_syntax string")
 
 
@@ -299,9 +322,12 @@ def run(spark: SparkSession, settings: Settings, input_path: str | None = None) 
                     "sample cohort only", fingerprint)
     check_key(spark, warehouse, fingerprint)
     listing, skipped = list_files(spark, input_path)
-    known = _ingested_paths(spark, warehouse, listing)
-    new_files = [f for f in listing if f.path not in known]
-    log.info("%d files under %s, %d not ingested yet", len(listing), input_path, len(new_files))
+    by_id = {source_id(key, f.path): f for f in listing}
+    known = _ingested_ids(spark, warehouse, list(by_id))
+    new_files = {i: f for i, f in by_id.items() if i not in known}
+    log.info("%d files under the input, %d not ingested yet", len(listing), len(new_files))
+    if new_files and settings.privacy.restricted_warehouse:
+        record_sources(spark, settings.privacy.restricted_warehouse, new_files, run_id)
 
     summary = {"run_id": run_id, "input": input_path, "files_seen": len(listing),
                "already_ingested": len(listing) - len(new_files), "new_files": len(new_files),
@@ -353,18 +379,26 @@ def check_key(spark: SparkSession, warehouse: str, fingerprint: str) -> None:
                          "warehouse, or a new warehouse")
 
 
-def _ingest_new(spark: SparkSession, settings: Settings, new_files: list[ListedFile], run_id: str,
+def record_sources(spark: SparkSession, restricted: str, files: dict[str, ListedFile], run_id: str) -> None:
+    """Source id -> path of this run's new files, in the restricted warehouse (keyed MERGE: re-runs add nothing)."""
+    rows = spark.createDataFrame([(i, f.path, run_id) for i, f in files.items()],
+                                 "source_id string, source_path string, ingest_run string")
+    tables.merge_insert(spark, restricted, tables.SOURCE_MAP, rows.withColumn("listed_at", F.current_timestamp()),
+                        ["source_id"])
+
+
+def _ingest_new(spark: SparkSession, settings: Settings, new_files: dict[str, ListedFile], run_id: str,
                 key: bytes) -> dict:
-    """Parse the new files once, write the accepted frames to ``slices`` and the rest to ``quarantine``."""
+    """Parse the new files (by source id) once, write the accepted frames to ``slices``, the rest to ``quarantine``."""
     warehouse = settings.warehouse
-    readable, quarantine_rows = [], []
-    for listed in new_files:
+    readable, quarantine_rows = {}, []
+    for identifier, listed in new_files.items():
         reason = _skip_reason(listed.path, listed.length)
         if reason is None:
-            readable.append(listed)
+            readable[identifier] = listed
         else:
-            quarantine_rows.append(_quarantine_row(listed, *reason))
-    accepted_paths, slices_written = set(), 0
+            quarantine_rows.append(_quarantine_row(identifier, listed, *reason))
+    accepted, slices_written = set(), 0
     if readable:
         parsed = _parse(spark, readable, key, settings.ingest).persist(PARSED_STORAGE)
         try:
@@ -372,11 +406,10 @@ def _ingest_new(spark: SparkSession, settings: Settings, new_files: list[ListedF
             # and brings back the small part of each row that decides where the file goes.
             with StageProgress(spark.sparkContext, "ingest: parsing DICOM", settings.ingest.progress_seconds):
                 outcomes = parsed.select(*_OUTCOME_COLUMNS).collect()
-            duplicates = _find_duplicates(spark, warehouse, [o for o in outcomes if o["reason"] is None])
-            rejected, accepted_paths, slices_written = route_outcomes(outcomes, duplicates,
-                                                                      {f.path: f for f in readable})
+            duplicates = _find_duplicates(spark, warehouse, [o for o in outcomes if o["reason"] is None], readable)
+            rejected, accepted, slices_written = route_outcomes(outcomes, duplicates, readable)
             quarantine_rows += rejected
-            if accepted_paths:
+            if accepted:
                 with StageProgress(spark.sparkContext, "ingest: writing slices", settings.ingest.progress_seconds):
                     _write_slices(spark, warehouse, parsed, duplicates, run_id, key_fingerprint(key))
         finally:
@@ -385,41 +418,42 @@ def _ingest_new(spark: SparkSession, settings: Settings, new_files: list[ListedF
         quarantine = (spark.createDataFrame(quarantine_rows, _QUARANTINE_ROW)
                       .withColumn("quarantined_at", F.current_timestamp()).withColumn("ingest_run", F.lit(run_id))
                       .withColumn("key_fingerprint", F.lit(key_fingerprint(key))))
-        tables.merge_insert(spark, warehouse, tables.QUARANTINE, quarantine, ["source_path"])
+        tables.merge_insert(spark, warehouse, tables.QUARANTINE, quarantine, ["source_id"])
     # Counted from this run's own rows, not re-read from the tables: exact for one writer at a time.
     # Rows a concurrent run inserted first are skipped by the MERGEs but still counted here.
-    by_reason = Counter(row[3] for row in quarantine_rows)
-    return {"files_ingested": len(accepted_paths), "slices_written": slices_written,
+    by_reason = Counter(row[2] for row in quarantine_rows)
+    return {"files_ingested": len(accepted), "slices_written": slices_written,
             "quarantined": dict(sorted(by_reason.items()))}
 
 
-def _quarantine_row(listed: ListedFile, reason: str, message: str | None, sop_uid: str | None = None,
+def _quarantine_row(identifier: str, listed: ListedFile, reason: str, message: str | None, sop_uid: str | None = None,
                     series_uid: str | None = None, modality: str | None = None,
                     transfer_syntax: str | None = None) -> tuple:
     """One ``_QUARANTINE_ROW`` for a listed file."""
-    return (listed.path, listed.length, listed.modificationTime, reason, message, sop_uid, series_uid, modality,
+    return (identifier, listed.length, reason, message, sop_uid, series_uid, modality,
             transfer_syntax)
 
 
 def route_outcomes(outcomes: list, duplicates: dict[str, str],
-                   listed_by_path: dict[str, ListedFile]) -> tuple[list[tuple], set[str], int]:
-    """Where each parsed file goes: (quarantine rows, accepted paths, accepted frames).
+                   listed_by_id: dict[str, ListedFile]) -> tuple[list[tuple], set[str], int]:
+    """Where each parsed file goes: (quarantine rows, accepted source ids, accepted frames).
 
     A rejected file and a duplicate file each give one quarantine row (a
     duplicate multi-frame file once, not once per frame); every other frame is
     accepted.
     """
-    quarantine_rows, accepted_paths, frames = [], set(), 0
+    quarantine_rows, accepted, frames = [], set(), 0
     for o in outcomes:
-        if o["reason"] is None and o["source_path"] not in duplicates:
-            accepted_paths.add(o["source_path"])
+        identifier = o["source_id"]
+        if o["reason"] is None and identifier not in duplicates:
+            accepted.add(identifier)
             frames += 1
         elif o["reason"] is not None or o["frame"] == 1:
             reason, message = ((o["reason"], o["message"]) if o["reason"] is not None
-                               else ("duplicate", duplicates[o["source_path"]]))
-            quarantine_rows.append(_quarantine_row(listed_by_path[o["source_path"]], reason, message, o["sop_uid"],
+                               else ("duplicate", duplicates[identifier]))
+            quarantine_rows.append(_quarantine_row(identifier, listed_by_id[identifier], reason, message, o["sop_uid"],
                                                    o["series_uid"], o["modality"], o["transfer_syntax"]))
-    return quarantine_rows, accepted_paths, frames
+    return quarantine_rows, accepted, frames
 
 
 def _write_slices(spark: SparkSession, warehouse: str, parsed: DataFrame, duplicates: dict[str, str],
@@ -427,64 +461,82 @@ def _write_slices(spark: SparkSession, warehouse: str, parsed: DataFrame, duplic
     accepted = parsed.filter(F.col("reason").isNull())
     if duplicates:
         # At most one small row per file: broadcast it, so the pixels are not shuffled.
-        duplicate_paths = spark.createDataFrame([(p,) for p in duplicates], "source_path string")
-        accepted = accepted.join(F.broadcast(duplicate_paths), "source_path", "left_anti")
+        duplicate_ids = spark.createDataFrame([(i,) for i in duplicates], "source_id string")
+        accepted = accepted.join(F.broadcast(duplicate_ids), "source_id", "left_anti")
     slices_new = (accepted.withColumn("ingested_at", F.current_timestamp())
                   .withColumn("ingest_run", F.lit(run_id)).withColumn("key_fingerprint", F.lit(fingerprint)))
     tables.merge_insert(spark, warehouse, tables.SLICES, slices_new, ["sop_uid", "frame"])
 
 
-def _ingested_paths(spark: SparkSession, warehouse: str, listing: list[ListedFile]) -> set[str]:
-    """Paths under the listing's common prefix already recorded in ``slices`` or ``quarantine``.
+def _ingested_ids(spark: SparkSession, warehouse: str, ids: list[str]) -> set[str]:
+    """The listed source ids already recorded in ``slices`` or ``quarantine``.
 
-    Only the ``source_path`` column is read (Parquet column pruning), and only
-    paths that could match the listing reach the driver.
+    Only the ``source_id`` column is read (Parquet column pruning), and only
+    ids of this listing reach the driver.
     """
-    if not listing:
+    if not ids:
         return set()
-    prefix = os.path.commonprefix([listing[0].path, listing[-1].path])  # the listing is sorted
-    known = (tables.read(spark, warehouse, tables.SLICES).select("source_path")
-             .union(tables.read(spark, warehouse, tables.QUARANTINE).select("source_path"))
-             .filter(F.col("source_path").startswith(prefix)).distinct())
+    listed = spark.createDataFrame([(i,) for i in ids], "source_id string")
+    known = (tables.read(spark, warehouse, tables.SLICES).select("source_id")
+             .union(tables.read(spark, warehouse, tables.QUARANTINE).select("source_id"))
+             .join(listed, "source_id", "left_semi").distinct())
     return {row[0] for row in known.collect()}
 
 
-def _parse(spark: SparkSession, files: list[ListedFile], key: bytes, ingest: IngestSettings) -> DataFrame:
+#: Listing rows the local reader takes: the path is data of the tasks, never part of a plan.
+_LOCAL_FILES = "source_id string, path string, length long"
+
+
+def _parse(spark: SparkSession, files: dict[str, ListedFile], key: bytes, ingest: IngestSettings) -> DataFrame:
     """The new files' parsed rows (``PARSED_SCHEMA``), lazily.
 
-    Files are read with Spark's ``binaryFile`` source, one escaped path per
-    new file, so only new files are opened; a file deleted since it was listed
-    is skipped (``ignoreMissingFiles``) and re-listed as missing next run.
+    Local files (the usual receiver's folder, on a shared filesystem for a
+    cluster) are read by the Python workers themselves from listing rows: the
+    paths stay data, where Spark's ``binaryFile`` source would write every one
+    of them into the plan's metadata, which the event log keeps unredacted
+    (``InMemoryFileIndex[file:/.../DOE_JANE/...]``); and the bytes skip the
+    copy from the JVM.  Partitions hold about ``ingest.max_partition_bytes`` of
+    files each, at least one per core.  Files on other filesystems (``hdfs:``,
+    ``s3a:``) are read with ``binaryFile``, one escaped path per new file (a
+    file deleted since it was listed is skipped and listed again next run).
     """
-    source = (spark.read.format("binaryFile").option("ignoreMissingFiles", "true")
-              .load([_escape_glob(f.path) for f in files]))
-    return source.mapInPandas(parse_partition(key, ingest.arrow_max_bytes_per_batch, ingest.policy()),
-                              tables.PARSED_SCHEMA)
+    parse = parse_partition(key, ingest.arrow_max_bytes_per_batch, ingest.policy())
+    if all(f.path.startswith("file:") for f in files.values()):
+        total = sum(f.length for f in files.values())
+        slices = min(len(files), max(spark.sparkContext.defaultParallelism, -(-total // ingest.max_partition_bytes)))
+        rows = [(identifier, f.path[len("file:"):], f.length)
+                for identifier, f in sorted(files.items(), key=lambda item: item[1].path)]
+        source = spark.createDataFrame(spark.sparkContext.parallelize(rows, slices), _LOCAL_FILES)
+    else:
+        source = (spark.read.format("binaryFile").option("ignoreMissingFiles", "true")
+                  .load([_escape_glob(f.path) for f in files.values()]))
+    return source.mapInPandas(parse, tables.PARSED_SCHEMA)
 
 
-def _find_duplicates(spark: SparkSession, warehouse: str, frames: list) -> dict[str, str]:
-    """``{source_path: quarantine message}`` for each new file whose SOP instance is already claimed.
+def _find_duplicates(spark: SparkSession, warehouse: str, frames: list,
+                     listed_by_id: dict[str, ListedFile]) -> dict[str, str]:
+    """``{source_id: quarantine message}`` for each new file whose SOP instance is already claimed.
 
     A file is the unit: it is a duplicate if its SOP instance is in ``slices``
-    already (from another path), or another new file with the same instance
-    sorts before it.
+    already (from another file), or another new file with the same instance
+    sorts before it by path.  Messages name files by source id, never by path.
     """
-    sop_of = {f["source_path"]: f["sop_uid"] for f in frames}
+    sop_of = {f["source_id"]: f["sop_uid"] for f in frames}
     first_claim: dict[str, str] = {}
-    for path in sorted(sop_of):
-        first_claim.setdefault(sop_of[path], path)
+    for identifier in sorted(sop_of, key=lambda i: listed_by_id[i].path):
+        first_claim.setdefault(sop_of[identifier], identifier)
     claimed_by = {}
     if first_claim and tables.exists(spark, warehouse, tables.SLICES):
         run_uids = spark.createDataFrame([(u,) for u in first_claim], "sop_uid string")
-        claimed_by = {r["sop_uid"]: r["source_path"] for r in (
+        claimed_by = {r["sop_uid"]: r["source_id"] for r in (
             tables.read(spark, warehouse, tables.SLICES).filter(F.col("frame") == 1)
-            .select("sop_uid", "source_path").join(F.broadcast(run_uids), "sop_uid", "left_semi").collect())}
+            .select("sop_uid", "source_id").join(F.broadcast(run_uids), "sop_uid", "left_semi").collect())}
     duplicates = {}
-    for path, sop_uid in sop_of.items():
+    for identifier, sop_uid in sop_of.items():
         in_run, existing = first_claim[sop_uid], claimed_by.get(sop_uid)
-        if in_run != path or (existing is not None and existing != path):
-            holder = in_run if in_run != path else existing
-            duplicates[path] = f"SOP instance {sop_uid} already ingested from {holder}"
+        if in_run != identifier or (existing is not None and existing != identifier):
+            holder = in_run if in_run != identifier else existing
+            duplicates[identifier] = f"SOP instance {sop_uid} already ingested from source {holder}"
     return duplicates
 
 

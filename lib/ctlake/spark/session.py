@@ -12,6 +12,9 @@ from ctlake.config import SECRET_KEYS, SparkSettings
 from ctlake.errors import ConfigError
 from ctlake.spark.jars import DELTA_COORDINATE, cached_jars
 
+#: A filesystem URI as Spark writes it into plan strings (file:/..., hdfs://..., s3a://...).
+PATH_PATTERN = r"(?i)\b(?:file|hdfs|s3a?|s3n|abfss?|wasbs?|gs|viewfs|dbfs|local):/[^\s,\]\)\}\"']*"
+
 #: Settings every ctlake session gets unless the configuration overrides them.
 BASE_CONF = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
@@ -23,6 +26,10 @@ BASE_CONF = {
     # Event logs, the UI and logged properties show these entries as *********(redacted): the
     # pseudonymization key handed to executors by spark.executorEnv.* included.
     "spark.redaction.regex": SECRET_KEYS,
+    # Paths name patients (receivers sort into <PatientName>/ folders): plan strings in logs, the UI
+    # and the event log show every URI as *********(redacted), input files and tables alike.
+    "spark.sql.redaction.string.regex": PATH_PATTERN,
+    "spark.redaction.string.regex": PATH_PATTERN,
 }
 
 

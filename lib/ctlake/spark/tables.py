@@ -26,6 +26,7 @@ DETECTIONS = "detections"
 PATCHES = "patches"
 FEATURES = "features"
 RUNS = "runs"
+SOURCE_MAP = "source_map"
 PREDICTIONS = "predictions"
 
 #: Columns of one image frame that come from parsing (pure ``ctlake.core.dicom_parse`` output).
@@ -58,11 +59,19 @@ FRAME_FIELDS = [
     T.StructField("pixels", T.BinaryType()),
 ]
 
+#: A file is named by ``ctlake.core.deid.source_id`` (a keyed hash of its path), never by the path.
 SOURCE_FIELDS = [
-    T.StructField("source_path", T.StringType()),
+    T.StructField("source_id", T.StringType()),
     T.StructField("source_size", T.LongType()),
-    T.StructField("source_mtime", T.TimestampType()),
 ]
+
+#: ``source_map`` (in ``privacy.restricted_warehouse``, never the warehouse): source_id -> path.
+SOURCE_MAP_SCHEMA = T.StructType([
+    T.StructField("source_id", T.StringType()),
+    T.StructField("source_path", T.StringType()),
+    T.StructField("ingest_run", T.StringType()),
+    T.StructField("listed_at", T.TimestampType()),
+])
 
 #: ``slices``: one row per image frame, pixels in HU as little-endian int16 bytes.
 SLICES_SCHEMA = T.StructType(FRAME_FIELDS + SOURCE_FIELDS + [
@@ -247,7 +256,7 @@ PREDICTIONS_SCHEMA = T.StructType([
 SCHEMAS = {SLICES: SLICES_SCHEMA, SERIES: SERIES_SCHEMA, QUARANTINE: QUARANTINE_SCHEMA,
            PREPROCESSED: PREPROCESSED_SCHEMA, CANDIDATES: CANDIDATES_SCHEMA, DETECTIONS: DETECTIONS_SCHEMA,
            PATCHES: PATCHES_SCHEMA, FEATURES: FEATURES_SCHEMA,
-           RUNS: RUNS_SCHEMA, PREDICTIONS: PREDICTIONS_SCHEMA}
+           RUNS: RUNS_SCHEMA, PREDICTIONS: PREDICTIONS_SCHEMA, SOURCE_MAP: SOURCE_MAP_SCHEMA}
 
 #: The names of the feature vectors' elements live in this metadata key of their columns.
 FEATURE_NAMES_KEY = "ctlake.feature_names"
