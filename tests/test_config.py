@@ -141,6 +141,8 @@ def test_the_cluster_configuration_refuses_to_run_without_a_key():
     result = run_job("ingest", "--conf", "conf/cluster.yaml", "--check", env={"CTLAKE_PSEUDONYM_KEY": ""})
     assert result.returncode == 2 and "no pseudonymization key" in result.stderr
     assert load_settings(ROOT / "conf" / "cluster.yaml").privacy.allow_dev_key is False
+    assert load_settings(ROOT / "conf" / "cluster.yaml").privacy.uids == "replace"
+    assert load_settings(ROOT / "conf" / "local.yaml").privacy.uids == "retain"
 
 
 

@@ -1,10 +1,12 @@
 """Parsing real and broken DICOM files into slice records or quarantine reasons (no Spark)."""
+import re
+
 import numpy as np
 import pydicom
 import pytest
 from dicom_files import build_hostile_folder, build_mixed_folder, real
 
-from ctlake.core.deid import DEV_KEY, Pseudonymizer
+from ctlake.core.deid import DEV_KEY, Pseudonymizer, UidReplacer
 from ctlake.core.dicom_parse import ParsePolicy, Rejection, _rescale_integral, hu_frame, parse_dicom
 
 pseudonymize = Pseudonymizer(DEV_KEY)
@@ -103,3 +105,19 @@ def test_configuration_accepts_what_it_names_and_caps_what_it_sets(tmp_path):
     assert parse_dicom(real("CT_small.dcm").read_bytes(), pseudonymize, small).reason == "too_large_decoded"
     assert len(parse_dicom(real("CT_small.dcm").read_bytes(), pseudonymize,
                            ParsePolicy(max_decoded_bytes=128 * 128 * 2))) == 1
+
+
+def test_replaced_uids_are_keyed_valid_and_stable():
+    replace = UidReplacer(DEV_KEY)
+    records = parse_dicom(real("eCT_Supplemental.dcm").read_bytes(), pseudonymize, uids=replace)
+    ds = pydicom.dcmread(real("eCT_Supplemental.dcm"), stop_before_pixels=True)
+    for record in records:
+        assert record["series_uid"] == replace(str(ds.SeriesInstanceUID)) != str(ds.SeriesInstanceUID)
+        assert record["sop_uid"] == replace(str(ds.SOPInstanceUID))
+        assert record["study_uid"] == replace(str(ds.StudyInstanceUID))
+        for uid in (record["series_uid"], record["sop_uid"], record["study_uid"], record["frame_of_reference_uid"]):
+            assert re.fullmatch(r"2\.25\.(0|[1-9][0-9]*)", uid) and len(uid) <= 64
+    kept = parse_dicom(real("eCT_Supplemental.dcm").read_bytes(), pseudonymize)
+    assert [r["pixels"] for r in records] == [r["pixels"] for r in kept]
+    assert UidReplacer(b"another key of thirty-two bytes!")(str(ds.SOPInstanceUID)) != records[0]["sop_uid"]
+    assert replace(None) is None

@@ -196,3 +196,25 @@ def test_the_sample_cohort_alone_is_pseudonymized_with_the_development_key_and_s
     shutil.copytree(cohort_folder / "dicom", elsewhere)
     with pytest.raises(ConfigError, match="development key is only for a synthetic cohort"):
         ingest.run(spark, dev, str(elsewhere))
+
+
+def test_replaced_uids_keep_series_whole_and_duplicates_found_without_any_archive_uid(spark, config, mixed):
+    folder, expected = mixed
+    replaced = config.updated({"privacy.uids": "replace"})
+    summary = ingest.run(spark, replaced, str(folder))
+    assert outcomes(spark, replaced) == expected and summary["quarantined"]["duplicate"] == 2
+    archive = set()
+    for path in folder.iterdir():
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        except Exception:
+            continue
+        archive |= {str(ds.get(k)) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                                             "FrameOfReferenceUID") if ds.get(k)}
+    assert len(archive) > 10
+    for table in (tables.SLICES, tables.SERIES, tables.QUARANTINE):
+        for row in tables.read(spark, replaced.warehouse, table).drop("pixels").collect():
+            assert not archive & {str(v) for v in row}, table
+    slices = tables.read(spark, replaced.warehouse, tables.SLICES)
+    assert slices.filter(~F.col("series_uid").startswith("2.25.")).count() == 0
+    assert tables.read(spark, replaced.warehouse, tables.SERIES).count() == slices.select("series_uid").distinct().count()

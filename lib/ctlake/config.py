@@ -221,6 +221,8 @@ class PrivacySettings:
     #: Where the source id -> path map is kept (a Delta table ``source_map``), outside the warehouse;
     #: null keeps none.
     restricted_warehouse: str | None
+    #: PS3.15: keep the archive's UIDs (linkable back to it), or replace them by keyed 2.25. UIDs.
+    uids: Literal["retain", "replace"]
 
     def key(self, input_path: str | None = None) -> bytes:
         """The pseudonymization key: environment variable, then secret file, then (if allowed) the dev key.

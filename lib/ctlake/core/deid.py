@@ -7,8 +7,9 @@ institutions, physicians, accession numbers, dates and free text cannot reach
 a table by accident.  Patient ID is replaced by an HMAC-SHA256 pseudonym, so
 the same patient gets the same pseudonym in every run (joins across tables and
 runs work) while nobody without the key can recompute or reverse it.
-UIDs are kept (PS3.15 "Retain UIDs Option") because lineage from a patch back
-to its slice depends on them; the cohort's UIDs are synthetic.
+UIDs are kept (PS3.15 "Retain UIDs Option") or replaced by keyed ``2.25.``
+UIDs (:class:`UidReplacer`), as ``privacy.uids`` says; lineage from a patch
+back to its slice holds either way.
 """
 from __future__ import annotations
 
@@ -46,6 +47,26 @@ def source_id(key: bytes, path: str) -> str:
     map outside the warehouse turns it back into a path.
     """
     return "f-" + hmac.new(key, b"source:" + path.encode("utf-8"), hashlib.sha256).hexdigest()[:24]
+
+
+class UidReplacer:
+    """Keyed replacement UIDs (PS3.15 without the Retain UIDs Option): ``2.25.`` + a 128-bit HMAC as an integer.
+
+    Deterministic under one key, so a series stays whole across files and
+    runs and lineage holds; without the key a replaced UID cannot be linked
+    back to the archive's (whose UIDs can embed device serials and times).
+    ``2.25.`` is the root PS3.5 B.2 gives UUID-derived UIDs; at most 44
+    characters, within the 64 a UID may have.
+    """
+
+    def __init__(self, key: bytes):
+        self.key = key
+
+    def __call__(self, uid: str | None) -> str | None:
+        if not uid:
+            return uid
+        digest = hmac.new(self.key, b"uid:" + uid.encode("ascii", "replace"), hashlib.sha256).digest()
+        return "2.25." + str(int.from_bytes(digest[:16], "big"))
 
 
 def in_synthetic_cohort(path: str) -> bool:

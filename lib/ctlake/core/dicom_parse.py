@@ -92,8 +92,13 @@ class _Reject(Exception):
         self.reason = reason
 
 
+def _retain(uid: str | None) -> str | None:
+    return uid
+
+
 def parse_dicom(content: bytes, pseudonymize: Callable[[str | None, str], str],
-                policy: ParsePolicy = ParsePolicy()) -> list[dict] | Rejection:
+                policy: ParsePolicy = ParsePolicy(),
+                uids: Callable[[str | None], str | None] | None = None) -> list[dict] | Rejection:
     """Parse one file: a list of frame records (see ``SLICES_SCHEMA``) or a Rejection.
 
     Parameters
@@ -105,27 +110,31 @@ def parse_dicom(content: bytes, pseudonymize: Callable[[str | None, str], str],
         leaves this function.
     policy : ParsePolicy
         The caps and what is accepted beyond acquired CT images.
+    uids : callable, optional
+        What the study, series, SOP instance and frame of reference UIDs
+        become, for example :class:`ctlake.core.deid.UidReplacer`; None keeps
+        them (PS3.15 Retain UIDs Option).
 
     Returns
     -------
     list of dict or Rejection
         Frame records carry HU pixels as little-endian int16 bytes, C order.
     """
-    ds = None
+    ds, uids = None, uids or _retain
     try:
         ds = _read(content)
         _check_ct(ds, policy)
         _check_cost(ds, policy)
         frames_hu = _decode_hu(ds)
-        return _records(ds, frames_hu, pseudonymize)
+        return _records(ds, frames_hu, pseudonymize, uids)
     except _Reject as exc:
-        return _rejection(exc.reason, str(exc), ds)
+        return _rejection(exc.reason, str(exc), ds, uids)
     except MemoryError:
         # The worker's address space is capped (spark.executor.pyspark.memory): the file, not the run, fails.
         return _rejection("too_large_decoded", "decoding ran out of the Python worker's memory "
-                          "(spark.executor.pyspark.memory)", ds)
+                          "(spark.executor.pyspark.memory)", ds, uids)
     except Exception as exc:  # any other failure is still a value, never a crashed task
-        return _rejection("unreadable_header", f"{type(exc).__name__}: {exc}", ds)
+        return _rejection("unreadable_header", f"{type(exc).__name__}: {exc}", ds, uids)
 
 
 def could_start_dicom(content: bytes) -> bool:
@@ -355,7 +364,7 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
     return str(value).strip() or None if value is not None else None
 
 
-def _records(ds: pydicom.Dataset, frames_hu: np.ndarray, pseudonymize) -> list[dict]:
+def _records(ds: pydicom.Dataset, frames_hu: np.ndarray, pseudonymize, uids) -> list[dict]:
     study_uid = _text(ds, "StudyInstanceUID")
     sop_uid = _text(ds, "SOPInstanceUID")
     series_uid = _text(ds, "SeriesInstanceUID")
@@ -363,6 +372,7 @@ def _records(ds: pydicom.Dataset, frames_hu: np.ndarray, pseudonymize) -> list[d
         raise _Reject("unreadable_header", "missing SOPInstanceUID or SeriesInstanceUID")
     geometries = [_geometry(ds, i) for i in range(frames_hu.shape[0])]
     patient = pseudonymize(_text(ds, "PatientID"), study_uid or series_uid)
+    study_uid, sop_uid, series_uid = uids(study_uid), uids(sop_uid), uids(series_uid)
     instance = ds.get("InstanceNumber")
     sop_class = str(ds.get("SOPClassUID", ""))
     common = {
@@ -371,7 +381,7 @@ def _records(ds: pydicom.Dataset, frames_hu: np.ndarray, pseudonymize) -> list[d
         "series_uid": series_uid,
         "sop_uid": sop_uid,
         "sop_class": CT_SOP_CLASSES.get(sop_class, sop_class or None),
-        "frame_of_reference_uid": _text(ds, "FrameOfReferenceUID"),
+        "frame_of_reference_uid": uids(_text(ds, "FrameOfReferenceUID")),
         "transfer_syntax": _transfer_syntax(ds),
         "instance_number": int(instance) if instance not in (None, "") else None,
         "modality": _text(ds, "Modality") or "CT",
@@ -397,7 +407,7 @@ def _records(ds: pydicom.Dataset, frames_hu: np.ndarray, pseudonymize) -> list[d
     return records
 
 
-def _rejection(reason: str, message: str, ds: pydicom.Dataset | None) -> Rejection:
+def _rejection(reason: str, message: str, ds: pydicom.Dataset | None, uids) -> Rejection:
     known = {}
     if ds is not None:
         for key, keyword in (("sop_uid", "SOPInstanceUID"), ("series_uid", "SeriesInstanceUID"),
@@ -406,11 +416,12 @@ def _rejection(reason: str, message: str, ds: pydicom.Dataset | None) -> Rejecti
                 known[key] = _text(ds, keyword)
             except Exception:
                 known[key] = None
+        known["sop_uid"], known["series_uid"] = uids(known["sop_uid"]), uids(known["series_uid"])
         known["transfer_syntax"] = _transfer_syntax(ds)
-    return Rejection(reason=reason, message=scrub(message, ds)[:500], **known)
+    return Rejection(reason=reason, message=scrub(message, ds, uids)[:500], **known)
 
 
-def scrub(message: str, ds: pydicom.Dataset | None) -> str:
+def scrub(message: str, ds: pydicom.Dataset | None, uids=_retain) -> str:
     """Remove the values of identifying attributes from an error message.
 
     pydicom quotes offending values in some errors ("Invalid value 'DOE^JOHN'"),
@@ -426,6 +437,12 @@ def scrub(message: str, ds: pydicom.Dataset | None) -> str:
         for text in {str(value), str(value).replace("^", " ")} if value not in (None, "") else ():
             if len(text) >= 2:
                 message = message.replace(text, "[removed]")
+    if uids is not _retain:
+        # A message may quote a UID the tables hold only replaced.
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+            value = _text(ds, keyword) if keyword in ds else None
+            if value:
+                message = message.replace(value, uids(value))
     return message
 
 

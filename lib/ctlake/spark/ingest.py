@@ -35,7 +35,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from ctlake.config import IngestSettings, Settings
-from ctlake.core.deid import DEV_KEY, Pseudonymizer, key_fingerprint, source_id
+from ctlake.core.deid import DEV_KEY, Pseudonymizer, UidReplacer, key_fingerprint, source_id
 from ctlake.core.dicom_parse import ParsePolicy, Rejection, could_start_dicom, parse_dicom
 from ctlake.core.series_layout import series_row
 from ctlake.errors import ConfigError, InputError
@@ -231,7 +231,7 @@ def _escape_glob(path: str) -> str:
     return re.sub(r"([\[\]{}*?\\])", r"\\\1", path)
 
 
-def parse_partition(key: bytes, max_batch_bytes: int, policy: ParsePolicy):
+def parse_partition(key: bytes, max_batch_bytes: int, policy: ParsePolicy, replace_uids: bool):
     """The mapInPandas body: parse each file, emit frame rows or one rejection row per file.
 
     Input rows are either listing rows (``source_id``, ``path``, ``length`` of
@@ -241,12 +241,12 @@ def parse_partition(key: bytes, max_batch_bytes: int, policy: ParsePolicy):
     Arrow batch.
     """
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        pseudonymize = Pseudonymizer(key)
+        pseudonymize, uids = Pseudonymizer(key), (UidReplacer(key) if replace_uids else None)
         out, size = [], 0
         for batch in batches:
             for identifier, length, content in _contents(batch, key):
                 source = {"source_id": identifier, "source_size": int(length)}
-                result = parse_dicom(content, pseudonymize, policy)
+                result = parse_dicom(content, pseudonymize, policy, uids)
                 if isinstance(result, Rejection):
                     out.append({**source, "reason": result.reason, "message": result.message,
                                 "sop_uid": result.sop_uid, "series_uid": result.series_uid,
@@ -400,7 +400,8 @@ def _ingest_new(spark: SparkSession, settings: Settings, new_files: dict[str, Li
             quarantine_rows.append(_quarantine_row(identifier, listed, *reason))
     accepted, slices_written = set(), 0
     if readable:
-        parsed = _parse(spark, readable, key, settings.ingest).persist(PARSED_STORAGE)
+        parsed = _parse(spark, readable, key, settings.ingest, settings.privacy.uids == "replace").persist(
+            PARSED_STORAGE)
         try:
             # The one pass over the files: parses them, fills the cache the slices are written from,
             # and brings back the small part of each row that decides where the file goes.
@@ -487,7 +488,8 @@ def _ingested_ids(spark: SparkSession, warehouse: str, ids: list[str]) -> set[st
 _LOCAL_FILES = "source_id string, path string, length long"
 
 
-def _parse(spark: SparkSession, files: dict[str, ListedFile], key: bytes, ingest: IngestSettings) -> DataFrame:
+def _parse(spark: SparkSession, files: dict[str, ListedFile], key: bytes, ingest: IngestSettings,
+           replace_uids: bool) -> DataFrame:
     """The new files' parsed rows (``PARSED_SCHEMA``), lazily.
 
     Local files (the usual receiver's folder, on a shared filesystem for a
@@ -500,7 +502,7 @@ def _parse(spark: SparkSession, files: dict[str, ListedFile], key: bytes, ingest
     ``s3a:``) are read with ``binaryFile``, one escaped path per new file (a
     file deleted since it was listed is skipped and listed again next run).
     """
-    parse = parse_partition(key, ingest.arrow_max_bytes_per_batch, ingest.policy())
+    parse = parse_partition(key, ingest.arrow_max_bytes_per_batch, ingest.policy(), replace_uids)
     if all(f.path.startswith("file:") for f in files.values()):
         total = sum(f.length for f in files.values())
         slices = min(len(files), max(spark.sparkContext.defaultParallelism, -(-total // ingest.max_partition_bytes)))
