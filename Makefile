@@ -91,10 +91,11 @@ test: setup ## run the test suite (real Spark in local mode, real Delta tables)
 lint: setup ## static checks
 	$(VENV)/bin/ruff check lib jobs tests bench
 
-bench: setup ## benchmarks: ingest, preprocess, patches vs single-process loops; MLlib vs scikit-learn models
+bench: setup ## benchmarks: ingest, preprocess, patches vs single-process loops; MLlib vs scikit-learn models; hostile files
 	$(PY) bench/bench_ingest.py --conf $(CONF) --sets "$$SET"
 	$(PY) bench/bench_preprocess.py --conf $(CONF) --sets "$$SET"
 	$(PY) bench/bench_models.py --conf $(CONF) --sets "$$SET"
+	$(PY) bench/bench_hostile.py
 
 package: setup ## build the ctlake wheel into dist/
 	$(VENV)/bin/pip wheel --quiet --no-deps -w dist .

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import pydicom
@@ -86,7 +87,10 @@ def build_hostile_folder(folder: Path, zeros_bytes: int = 40 * 2**20) -> dict[st
         # 1 KB on disk, 65535 x 65535 x 16 bits declared: 8.6 GB if decoded.
         ds.file_meta.TransferSyntaxUID = RLELossless
         ds.Rows = ds.Columns = 65535
-        ds.PixelData = encapsulate([bytes(64)])
+        # A valid RLE header (2 segments, the high and low bytes) over 2 literal bytes: decoders
+        # allocate the whole declared frame before they find the segments short.
+        header = struct.pack("<16I", 2, 64, 66, *[0] * 13)
+        ds.PixelData = encapsulate([header + b"\x00\x00" + b"\x00\x00"])
         ds["PixelData"].VR = "OB"
 
     def many_frames(ds):

@@ -149,6 +149,19 @@ def could_start_dicom(content: bytes) -> bool:
                                   or int.from_bytes(content[:2], "big") == 0x0008)
 
 
+def read_file(path: str) -> bytes:
+    """A local file's bytes, or only its first 132 when they cannot start a DICOM file.
+
+    :func:`parse_dicom` calls such a prefix ``not_dicom`` exactly as it would
+    the whole file, without a 200 MB file of zeros ever being read.
+    """
+    with open(path, "rb") as handle:
+        content = handle.read(132)
+        if could_start_dicom(content):
+            content += handle.read()
+    return content
+
+
 def _read(content: bytes) -> pydicom.Dataset:
     if not could_start_dicom(content):
         raise _Reject("not_dicom", "no DICOM preamble and no plausible first element")
@@ -246,6 +259,8 @@ def _decode_hu(ds: pydicom.Dataset) -> np.ndarray:
         warnings.simplefilter("ignore")
         try:
             stored = ds.pixel_array
+        except MemoryError:
+            raise
         except Exception as exc:
             text = f"{type(exc).__name__}: {exc}"
             reason = "truncated" if _looks_truncated(text) else "decode_failed"

@@ -36,7 +36,7 @@ from pyspark.sql import functions as F
 
 from ctlake.config import IngestSettings, Settings
 from ctlake.core.deid import DEV_KEY, Pseudonymizer, UidReplacer, key_fingerprint, source_id
-from ctlake.core.dicom_parse import ParsePolicy, Rejection, could_start_dicom, parse_dicom
+from ctlake.core.dicom_parse import ParsePolicy, Rejection, parse_dicom, read_file
 from ctlake.core.series_layout import series_row
 from ctlake.errors import ConfigError, InputError
 from ctlake.spark import tables
@@ -272,11 +272,7 @@ def _contents(batch: pd.DataFrame, key: bytes) -> Iterator[tuple[str, int, bytes
         return
     for identifier, path, length in zip(batch["source_id"], batch["path"], batch["length"]):
         try:
-            with open(path, "rb") as handle:
-                # 132 bytes decide whether the rest is worth reading: a 200 MB file of zeros is not.
-                content = handle.read(132)
-                if could_start_dicom(content):
-                    content += handle.read()
+            content = read_file(path)
         except OSError:
             continue  # gone (or unreadable) since it was listed: counted as unaccounted, listed again next run
         yield identifier, length, content
