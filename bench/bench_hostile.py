@@ -10,7 +10,7 @@
    ``ParsePolicy``), each in a fresh Python process: outcome, seconds, and peak resident memory
    above the process's own after imports (``ru_maxrss``).
 3. Parses the files the caps stop once more with the caps lifted, under an address-space limit of
-   ``--uncapped-limit-gb`` (as ``spark.executor.pyspark.memory`` sets it) and a timeout, to show what
+   ``--uncapped-limit-gb`` (as ``ingest.worker_address_space`` sets it) and a timeout, to show what
    the caps save.
 
 The last line of stdout is one JSON object with every figure; it is also written to

@@ -2,6 +2,8 @@
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -218,3 +220,11 @@ def test_replaced_uids_keep_series_whole_and_duplicates_found_without_any_archiv
     slices = tables.read(spark, replaced.warehouse, tables.SLICES)
     assert slices.filter(~F.col("series_uid").startswith("2.25.")).count() == 0
     assert tables.read(spark, replaced.warehouse, tables.SERIES).count() == slices.select("series_uid").distinct().count()
+
+
+def test_a_parsing_worker_cannot_allocate_beyond_its_address_space():
+    code = ("import numpy as np\nfrom ctlake.spark.ingest import cap_address_space\ncap_address_space(3 * 2**30)\n"
+            "try:\n    np.ones(4 * 2**30, dtype=np.uint8)\n    print('allocated')\n"
+            "except MemoryError:\n    print('MemoryError')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "MemoryError", done.stderr

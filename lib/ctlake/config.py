@@ -286,6 +286,7 @@ class IngestSettings:
     progress_seconds: float = field(metadata=_range(0.0))
     max_decoded_bytes: Bytes
     max_frames: int = field(metadata=_range(1))
+    worker_address_space: Bytes
     accept_burned_in_annotation: bool
     accept_secondary_images: bool
 

@@ -130,9 +130,9 @@ def parse_dicom(content: bytes, pseudonymize: Callable[[str | None, str], str],
     except _Reject as exc:
         return _rejection(exc.reason, str(exc), ds, uids)
     except MemoryError:
-        # The worker's address space is capped (spark.executor.pyspark.memory): the file, not the run, fails.
+        # The worker's address space is capped (ingest.worker_address_space): the file, not the run, fails.
         return _rejection("too_large_decoded", "decoding ran out of the Python worker's memory "
-                          "(spark.executor.pyspark.memory)", ds, uids)
+                          "(ingest.worker_address_space)", ds, uids)
     except Exception as exc:  # any other failure is still a value, never a crashed task
         return _rejection("unreadable_header", f"{type(exc).__name__}: {exc}", ds, uids)
 

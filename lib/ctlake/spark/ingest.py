@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import resource
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -231,7 +232,20 @@ def _escape_glob(path: str) -> str:
     return re.sub(r"([\[\]{}*?\\])", r"\\\1", path)
 
 
-def parse_partition(key: bytes, max_batch_bytes: int, policy: ParsePolicy, replace_uids: bool):
+def cap_address_space(limit: int) -> None:
+    """Lower this process's address-space limit to ``limit`` bytes (never raise it).
+
+    Called in the Python worker before it parses files: a decoder asking for
+    more then gets MemoryError, which quarantines the one file, where the
+    operating system or YARN would kill the worker or the whole container.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY or soft > limit:
+        resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+
+
+def parse_partition(key: bytes, max_batch_bytes: int, policy: ParsePolicy, replace_uids: bool,
+                    address_space: int):
     """The mapInPandas body: parse each file, emit frame rows or one rejection row per file.
 
     Input rows are either listing rows (``source_id``, ``path``, ``length`` of
@@ -241,6 +255,7 @@ def parse_partition(key: bytes, max_batch_bytes: int, policy: ParsePolicy, repla
     Arrow batch.
     """
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        cap_address_space(address_space)
         pseudonymize, uids = Pseudonymizer(key), (UidReplacer(key) if replace_uids else None)
         out, size = [], 0
         for batch in batches:
@@ -498,7 +513,8 @@ def _parse(spark: SparkSession, files: dict[str, ListedFile], key: bytes, ingest
     ``s3a:``) are read with ``binaryFile``, one escaped path per new file (a
     file deleted since it was listed is skipped and listed again next run).
     """
-    parse = parse_partition(key, ingest.arrow_max_bytes_per_batch, ingest.policy(), replace_uids)
+    parse = parse_partition(key, ingest.arrow_max_bytes_per_batch, ingest.policy(), replace_uids,
+                            ingest.worker_address_space)
     if all(f.path.startswith("file:") for f in files.values()):
         total = sum(f.length for f in files.values())
         slices = min(len(files), max(spark.sparkContext.defaultParallelism, -(-total // ingest.max_partition_bytes)))
