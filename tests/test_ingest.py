@@ -31,6 +31,15 @@ def outcomes(spark, config):
     return result
 
 
+def headers(folder):
+    """The header of every file in ``folder`` that pydicom can read at all."""
+    for path in folder.iterdir():
+        try:
+            yield pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        except Exception:
+            continue
+
+
 @pytest.fixture
 def mixed(tmp_path):
     folder = tmp_path / "input"
@@ -83,11 +92,7 @@ def test_no_identifying_value_reaches_any_table(spark, config, mixed):
     folder, _ = mixed
     ingest.run(spark, config, str(folder))
     secrets = set()
-    for path in folder.iterdir():
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        except Exception:
-            continue
+    for ds in headers(folder):
         for keyword in IDENTIFYING_ATTRIBUTES:
             value = ds.get(keyword) if keyword in ds else None
             if value not in (None, "") and len(str(value)) >= 4 and not str(value).isdigit():
@@ -206,11 +211,7 @@ def test_replaced_uids_keep_series_whole_and_duplicates_found_without_any_archiv
     summary = ingest.run(spark, replaced, str(folder))
     assert outcomes(spark, replaced) == expected and summary["quarantined"]["duplicate"] == 2
     archive = set()
-    for path in folder.iterdir():
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        except Exception:
-            continue
+    for ds in headers(folder):
         archive |= {str(ds.get(k)) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                                              "FrameOfReferenceUID") if ds.get(k)}
     assert len(archive) > 10
