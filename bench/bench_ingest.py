@@ -89,7 +89,8 @@ class IngestClock(StageClock):
 
         super().__init__([
             (ingest, "list_files", "listing files"),
-            (ingest, "_ingested_paths", "already-ingested paths"),
+            (ingest, "_ingested_ids", "already-ingested source ids"),
+            (ingest, "record_sources", "source map (restricted warehouse)"),
             (ingest, "_find_duplicates", "duplicate check"),
             (ingest, "update_series", "series recompute + merge"),
             (ingest, "_totals", "table totals (counts)"),
@@ -158,8 +159,8 @@ def pydicom_loop(files: list[Path]) -> tuple[float, int]:
 def write_loop(files: list[Path], target: Path, max_batch_bytes: int) -> dict:
     """Single-process read + parse_dicom + durable write of the ``slices`` rows to one Parquet file.
 
-    The rows are the ones ingestion MERGEs into ``slices`` (frame fields, source path, size and
-    mtime, ingested_at, ingest_run), cut into row groups by bytes of pixel data like its parsing
+    The rows are the ones ingestion MERGEs into ``slices`` (frame fields, source id and size,
+    ingested_at, ingest_run, key_fingerprint), cut into row groups by bytes of pixel data like its parsing
     batches, written with pyarrow in the ``slices`` codec, then fsynced with their folder.
     Returns the seconds in all, those spent building and writing Arrow tables (closing and fsync
     included), those in closing and fsync alone, files and frames written, and the file's size in MB.

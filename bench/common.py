@@ -110,7 +110,8 @@ def cohort_settings(args: argparse.Namespace, changes: dict[str, Any]) -> Settin
     os.environ.setdefault("CTLAKE_PSEUDONYM_KEY", secrets.token_hex(32))
     settings = load_settings(args.conf, overrides(args)).updated({
         "cohort.patients": args.patients, "cohort.slices": args.slices, "cohort.matrix": args.matrix,
-        "ingest.progress_seconds": 0, **changes})
+        "ingest.progress_seconds": 0, "privacy.restricted_warehouse": str(Path(args.workdir) / "restricted"),
+        **changes})
     lidc_db(settings.cohort)
     return settings
 
