@@ -325,7 +325,7 @@ def _rescale(ds: pydicom.Dataset, index: int) -> tuple[float, float]:
 def _floats(value, count: int, name: str) -> list[float]:
     if value is None or value == "":
         raise _Reject("bad_geometry", f"missing {name}")
-    values = [float(v) for v in (value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value])]
+    values = [float(v) for v in _values(value)]
     if len(values) != count or not all(np.isfinite(values)):
         raise _Reject("bad_geometry", f"{name} must hold {count} finite numbers, found {len(values)}")
     return values

@@ -350,7 +350,7 @@ def run(spark: SparkSession, settings: Settings, input_path: str | None = None) 
         summary["warning"] = f"no files under {input_path}"
     if new_files:
         with session_conf(spark, _read_conf(spark, settings.ingest)):
-            outcome = _ingest_new(spark, settings, new_files, run_id, key)
+            outcome = _ingest_new(spark, settings, new_files, run_id, key, fingerprint)
         summary.update(outcome, series_updated=update_series(spark, warehouse))
         accounted = summary["files_ingested"] + sum(summary["quarantined"].values())
         if accounted != len(new_files):
@@ -399,7 +399,7 @@ def record_sources(spark: SparkSession, restricted: str, files: dict[str, Listed
 
 
 def _ingest_new(spark: SparkSession, settings: Settings, new_files: dict[str, ListedFile], run_id: str,
-                key: bytes) -> dict:
+                key: bytes, fingerprint: str) -> dict:
     """Parse the new files (by source id) once, write the accepted frames to ``slices``, the rest to ``quarantine``."""
     warehouse = settings.warehouse
     readable, quarantine_rows = {}, []
@@ -423,13 +423,13 @@ def _ingest_new(spark: SparkSession, settings: Settings, new_files: dict[str, Li
             quarantine_rows += rejected
             if accepted:
                 with StageProgress(spark.sparkContext, "ingest: writing slices", settings.ingest.progress_seconds):
-                    _write_slices(spark, warehouse, parsed, duplicates, run_id, key_fingerprint(key))
+                    _write_slices(spark, warehouse, parsed, duplicates, run_id, fingerprint)
         finally:
             parsed.unpersist()
     if quarantine_rows:
         quarantine = (spark.createDataFrame(quarantine_rows, _QUARANTINE_ROW)
                       .withColumn("quarantined_at", F.current_timestamp()).withColumn("ingest_run", F.lit(run_id))
-                      .withColumn("key_fingerprint", F.lit(key_fingerprint(key))))
+                      .withColumn("key_fingerprint", F.lit(fingerprint)))
         tables.merge_insert(spark, warehouse, tables.QUARANTINE, quarantine, ["source_id"])
     # Counted from this run's own rows, not re-read from the tables: exact for one writer at a time.
     # Rows a concurrent run inserted first are skipped by the MERGEs but still counted here.
