@@ -13,6 +13,8 @@ setup(
         # matching jar io.delta:delta-spark_4.2_2.13 at 4.4.0 (4.4.1 is not there).
         "pyspark>=4.2.0,<4.3",
         "delta-spark==4.4.0",
+        # delta-rs: the driver commits the data files the Python workers wrote (ctlake.spark.datafiles).
+        "deltalake>=1.6,<2",
         # PySpark 4.2 warns that pandas 3 is not fully supported.
         "pandas>=2.2,<3",
         "numpy>=1.26",

@@ -6,15 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pydicom
 import pytest
 from delta.tables import DeltaTable
 from dicom_files import build_hostile_folder, build_mixed_folder, pydicom_test_folder, real
 from pyspark.sql import functions as F
+from pyspark.testing import assertDataFrameEqual
 
 from ctlake.core.deid import DEV_KEY, IDENTIFYING_ATTRIBUTES, SYNTHETIC_MARKER, key_fingerprint
 from ctlake.errors import ConfigError, InputError
-from ctlake.spark import ingest, tables
+from ctlake.spark import datafiles, ingest, tables
 
 
 def outcomes(spark, config):
@@ -229,3 +231,45 @@ def test_a_parsing_worker_cannot_allocate_beyond_its_address_space():
             "except MemoryError:\n    print('MemoryError')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "MemoryError", done.stderr
+
+
+def test_both_table_writers_give_the_same_tables(spark, config, mixed, tmp_path):
+    folder, expected = mixed
+    spark_config = config.updated({"table_writer": "spark", "warehouse": str(tmp_path / "spark-warehouse"),
+                                   "privacy.restricted_warehouse": str(tmp_path / "spark-restricted")})
+    direct, by_spark = ingest.run(spark, config, str(folder)), ingest.run(spark, spark_config, str(folder))
+    assert outcomes(spark, config) == outcomes(spark, spark_config) == expected
+    for key in ("files_ingested", "slices_written", "quarantined", "series_updated", "table_totals"):
+        assert direct[key] == by_spark[key]
+    stamps = ["ingested_at", "ingest_run", "quarantined_at", "updated_at"]
+
+    def rows(settings, table):
+        frame = tables.read(spark, settings.warehouse, table)
+        return frame.drop(*[c for c in stamps if c in frame.columns])
+
+    for table in (tables.SLICES, tables.QUARANTINE, tables.SERIES):
+        assertDataFrameEqual(rows(config, table), rows(spark_config, table))
+
+
+def test_a_run_that_loses_the_commit_race_checks_again_and_adds_nothing_twice(spark, config, mixed, monkeypatch):
+    """Another ingest of the same files commits between this run's checks and its commit."""
+    folder, expected = mixed
+    commit = datafiles.commit
+    raced = []
+
+    def commit_after_a_rival(spark_, warehouse, table, files, version, operation):
+        if table == tables.SLICES and not raced:
+            raced.append(None)
+            raced[0] = ingest.run(spark, config, str(folder))  # the rival: a whole run, committed first
+        return commit(spark_, warehouse, table, files, version, operation)
+
+    monkeypatch.setattr(datafiles, "commit", commit_after_a_rival)
+    late = ingest.run(spark, config, str(folder))
+    assert outcomes(spark, config) == expected
+    assert late["ingested_elsewhere"] == raced[0]["files_ingested"] == late["files_ingested"] + late[
+        "ingested_elsewhere"]
+    assert tables.read(spark, config.warehouse, tables.SLICES).count() == raced[0]["slices_written"]
+    slices_folder = Path(config.warehouse) / tables.SLICES
+    referenced = {Path(p).name for p in tables.read(spark, config.warehouse, tables.SLICES).inputFiles()}
+    unreferenced = [p for p in slices_folder.glob("*.parquet") if p.name not in referenced]
+    assert all(pq.read_metadata(p).num_rows == 0 for p in unreferenced)  # the loser left no rows behind

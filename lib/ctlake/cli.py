@@ -18,7 +18,7 @@ import traceback
 from typing import Callable
 
 from ctlake.config import Settings, load_settings
-from ctlake.errors import ConfigError, InputError
+from ctlake.errors import ConcurrentWriteError, ConfigError, InputError
 
 log = logging.getLogger("ctlake")
 
@@ -124,6 +124,9 @@ def _run_with_session(job: str, run: Callable, settings: Settings, args: argpars
     except (ConfigError, InputError) as exc:
         print(f"{job}: error: {exc}", file=sys.stderr)
         summary, status, code = {"error": str(exc)}, "failed", EXIT_USAGE
+    except ConcurrentWriteError as exc:
+        print(f"{job}: error: {exc}", file=sys.stderr)
+        summary, status, code = {"error": str(exc)}, "failed", EXIT_FAILED
     except Exception as exc:  # the run itself failed: keep the traceback for the operator
         traceback.print_exc()
         summary, status, code = {"error": _last_line(f"{type(exc).__name__}: {exc}")}, "failed", EXIT_FAILED

@@ -431,6 +431,10 @@ class Settings:
 
     env: str
     warehouse: str
+    #: How image stages write their tables: the Python workers write the data files and the driver
+    #: commits them (direct: a warehouse every worker mounts), Spark's Delta writer (spark: any
+    #: Hadoop URI), or direct where the warehouse is a local path (auto).
+    table_writer: Literal["auto", "direct", "spark"]
     spark: SparkSettings
     privacy: PrivacySettings
     cohort: CohortSection

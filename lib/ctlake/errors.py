@@ -15,3 +15,7 @@ class ConfigError(CtlakeError):
 
 class InputError(CtlakeError):
     """An input the job needs (a path, a table, a database) is missing or unusable."""
+
+
+class ConcurrentWriteError(CtlakeError):
+    """Other writers kept committing to a table first; the run wrote nothing there and can be run again."""

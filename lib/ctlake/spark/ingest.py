@@ -30,17 +30,19 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import NamedTuple
 
-import pandas as pd
+import pyarrow as pa
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from pyspark.sql.pandas.types import to_arrow_schema
 
 from ctlake.config import IngestSettings, Settings
 from ctlake.core.deid import DEV_KEY, Pseudonymizer, UidReplacer, key_fingerprint, source_id
 from ctlake.core.dicom_parse import ParsePolicy, Rejection, parse_dicom, read_file
 from ctlake.core.series_layout import series_row
-from ctlake.errors import ConfigError, InputError
-from ctlake.spark import tables
+from ctlake.errors import ConcurrentWriteError, ConfigError, InputError
+from ctlake.spark import datafiles, tables
 from ctlake.spark.progress import StageProgress
 from ctlake.spark.session import session_conf
 
@@ -59,9 +61,6 @@ def validate(settings: Settings, input_path: str | None) -> None:
 
 #: Characters that make a Hadoop path a glob pattern.
 _GLOB_CHARS = re.compile(r"[*?\[\]{}\\]")
-_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):")
-
-
 class ListedFile(NamedTuple):
     """One input file as listed: ``path`` in the form of ``binaryFile``'s ``path`` column (``file:/abs``).
 
@@ -112,7 +111,7 @@ def list_files(spark: SparkSession, input_path: str) -> Listing:
       Hadoop's recursive ``listFiles`` (one flat listing on object stores).
     """
     walk = _LocalWalk()
-    local = _local_path(spark, input_path)
+    local = tables.local_path(spark, input_path)
     if local is not None and not _GLOB_CHARS.search(local):
         root = os.path.abspath(local)
         if not os.path.exists(root):
@@ -121,23 +120,6 @@ def list_files(spark: SparkSession, input_path: str) -> Listing:
     else:
         files = list(_list_hadoop(spark, input_path, walk))
     return Listing(sorted(files), dict(sorted(walk.skipped.items())))
-
-
-def _local_path(spark: SparkSession, input_path: str) -> str | None:
-    """The local filesystem path ``input_path`` names, or None when it is on another filesystem."""
-    match = _SCHEME.match(input_path)
-    if match is None:
-        default_fs = spark._jsc.hadoopConfiguration().get("fs.defaultFS", "file:///")
-        return input_path if default_fs.lower().startswith("file:") else None
-    if match.group(1).lower() != "file":
-        return None
-    rest = input_path[match.end():]
-    if rest.startswith("//"):
-        authority, _, path = rest[2:].partition("/")
-        if authority not in ("", "localhost"):
-            return None
-        rest = "/" + path
-    return rest
 
 
 class _LocalWalk:
@@ -244,59 +226,132 @@ def cap_address_space(limit: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
 
 
-def parse_partition(key: bytes, max_batch_bytes: int, policy: ParsePolicy, replace_uids: bool,
-                    address_space: int):
-    """The mapInPandas body: parse each file, emit frame rows or one rejection row per file.
+def _parsed_files(batches: Iterator[pa.RecordBatch], key: bytes, policy: ParsePolicy,
+                  replace_uids: bool) -> Iterator[tuple[dict, list[dict] | Rejection]]:
+    """(source columns, parse result) of each file of a task's input batches.
 
     Input rows are either listing rows (``source_id``, ``path``, ``length`` of
-    local files, which it reads itself) or ``binaryFile`` rows (``path``,
-    ``length``, ``content``).  Output batches are cut by bytes of pixel data,
-    so a partition of large 512x512 multi-frame files never builds one huge
-    Arrow batch.
+    local files, which the worker reads itself) or ``binaryFile`` rows (``path``,
+    ``length``, ``content``).
     """
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    pseudonymize, uids = Pseudonymizer(key), (UidReplacer(key) if replace_uids else None)
+    for batch in batches:
+        for identifier, length, content in _contents(batch, key):
+            yield ({"source_id": identifier, "source_size": int(length)},
+                   parse_dicom(content, pseudonymize, policy, uids))
+
+
+def _rejection_fields(result: Rejection) -> dict:
+    return {"reason": result.reason, "message": result.message, "sop_uid": result.sop_uid,
+            "series_uid": result.series_uid, "modality": result.modality, "transfer_syntax": result.transfer_syntax}
+
+
+def parse_partition(key: bytes, max_batch_bytes: int, policy: ParsePolicy, replace_uids: bool,
+                    address_space: int):
+    """The mapInArrow body of Spark's writer: parse each file, emit frame rows or one rejection row per file.
+
+    Output batches are cut by bytes of pixel data, so a partition of large
+    512x512 multi-frame files never builds one huge Arrow batch.
+    """
+    schema = to_arrow_schema(tables.PARSED_SCHEMA, timezone="UTC")
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         cap_address_space(address_space)
-        pseudonymize, uids = Pseudonymizer(key), (UidReplacer(key) if replace_uids else None)
         out, size = [], 0
-        for batch in batches:
-            for identifier, length, content in _contents(batch, key):
-                source = {"source_id": identifier, "source_size": int(length)}
-                result = parse_dicom(content, pseudonymize, policy, uids)
-                if isinstance(result, Rejection):
-                    out.append({**source, "reason": result.reason, "message": result.message,
-                                "sop_uid": result.sop_uid, "series_uid": result.series_uid,
-                                "modality": result.modality, "transfer_syntax": result.transfer_syntax})
-                else:
-                    for record in result:
-                        out.append({**record, **source})
-                        size += len(record["pixels"])
-                if size >= max_batch_bytes:
-                    yield _frame(out)
-                    out, size = [], 0
+        for source, result in _parsed_files(batches, key, policy, replace_uids):
+            if isinstance(result, Rejection):
+                out.append({**source, **_rejection_fields(result)})
+            else:
+                for record in result:
+                    out.append({**record, **source})
+                    size += len(record["pixels"])
+            if size >= max_batch_bytes:
+                yield pa.RecordBatch.from_pylist(out, schema=schema)
+                out, size = [], 0
         if out:
-            yield _frame(out)
+            yield pa.RecordBatch.from_pylist(out, schema=schema)
 
     return run
 
 
-def _contents(batch: pd.DataFrame, key: bytes) -> Iterator[tuple[str, int, bytes]]:
+#: What a task of the direct writer returns: a row per accepted frame (with the uncommitted data file
+#: that holds it) or rejected file, and a row per data file it wrote (``source_id`` null).
+WRITE_OUTCOME_SCHEMA = T.StructType([
+    *tables.SOURCE_FIELDS,
+    T.StructField("frame", T.IntegerType()),
+    T.StructField("sop_uid", T.StringType()),
+    T.StructField("series_uid", T.StringType()),
+    T.StructField("modality", T.StringType()),
+    T.StructField("transfer_syntax", T.StringType()),
+    T.StructField("reason", T.StringType()),
+    T.StructField("message", T.StringType()),
+    T.StructField("data_file", T.StringType()),
+    T.StructField("file_size", T.LongType()),
+    T.StructField("file_rows", T.LongType()),
+    T.StructField("file_stats", T.StringType()),
+])
+
+
+def write_partition(key: bytes, max_batch_bytes: int, policy: ParsePolicy, replace_uids: bool,
+                    address_space: int, folder: str, stamp: dict):
+    """The mapInArrow body of the direct writer: parse each file and write its frames into ``slices`` files.
+
+    The frames (with ``stamp``: run id, ingest time, key fingerprint) go into
+    Parquet files of the ``slices`` folder in row groups cut by bytes of pixel
+    data; they stay invisible until the driver commits them.  Only the small
+    outcome rows (``WRITE_OUTCOME_SCHEMA``) go back through Spark.
+    """
+    schema = datafiles.arrow_schema(tables.SLICES)
+    outcome_schema = to_arrow_schema(WRITE_OUTCOME_SCHEMA)
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        cap_address_space(address_space)
+        writer = datafiles.FileWriter(folder, schema, SLICES_CODEC)
+        outcomes, rows, unwritten, size = [], [], [], 0
+
+        def flush():
+            name = writer.write(pa.Table.from_pylist(rows, schema=schema))
+            for outcome in unwritten:
+                outcome["data_file"] = name
+
+        for source, result in _parsed_files(batches, key, policy, replace_uids):
+            if isinstance(result, Rejection):
+                outcomes.append({**source, **_rejection_fields(result)})
+                continue
+            for record in result:
+                rows.append({**record, **source, **stamp})
+                size += len(record["pixels"])
+                outcome = {**source, **{k: record[k] for k in _FRAME_OUTCOME}}
+                unwritten.append(outcome)
+                outcomes.append(outcome)
+            if size >= max_batch_bytes:
+                flush()
+                rows, unwritten, size = [], [], 0
+        if rows:
+            flush()
+        outcomes += [{"data_file": f.name, "file_size": f.size, "file_rows": f.rows, "file_stats": f.stats}
+                     for f in writer.close()]
+        yield pa.RecordBatch.from_pylist(outcomes, schema=outcome_schema)
+
+    return run
+
+
+_FRAME_OUTCOME = ("frame", "sop_uid", "series_uid", "modality", "transfer_syntax")
+
+
+def _contents(batch: pa.RecordBatch, key: bytes) -> Iterator[tuple[str, int, bytes]]:
     """(source id, size, bytes) of each file of a batch; a local file deleted since listing yields nothing."""
-    if "content" in batch.columns:
-        for path, length, content in zip(batch["path"], batch["length"], batch["content"]):
-            yield source_id(key, path), length, bytes(content)
+    columns = batch.schema.names
+    if "content" in columns:
+        for path, length, content in zip(*(batch.column(c).to_pylist() for c in ("path", "length", "content"))):
+            yield source_id(key, path), length, content
         return
-    for identifier, path, length in zip(batch["source_id"], batch["path"], batch["length"]):
+    for identifier, path, length in zip(*(batch.column(c).to_pylist() for c in ("source_id", "path", "length"))):
         try:
             content = read_file(path)
         except OSError:
             continue  # gone (or unreadable) since it was listed: counted as unaccounted, listed again next run
         yield identifier, length, content
-
-
-def _frame(rows: list[dict]) -> pd.DataFrame:
-    frame = pd.DataFrame.from_records(rows, columns=tables.PARSED_SCHEMA.fieldNames()).astype(object)
-    # Columns a rejection lacks come back as NaN; Arrow needs None for a null array or string.
-    return frame.where(pd.notna(frame), None)
 
 
 #: How parsed rows are kept between parsing and writing: on the executors' local disks (no
@@ -316,8 +371,6 @@ SLICES_CODEC = "lz4_raw"
 #: Columns of the parsed rows the driver needs (one small row per frame or rejected file).
 _OUTCOME_COLUMNS = ["source_id", "frame", "sop_uid", "series_uid", "modality", "transfer_syntax",
                     "reason", "message"]
-_QUARANTINE_ROW = ("source_id string, source_size long, reason string, message string,"
-                   " sop_uid string, series_uid string, modality string, transfer_syntax string")
 
 
 def run(spark: SparkSession, settings: Settings, input_path: str | None = None) -> dict:
@@ -338,7 +391,7 @@ def run(spark: SparkSession, settings: Settings, input_path: str | None = None) 
     new_files = {i: f for i, f in by_id.items() if i not in known}
     log.info("%d files under the input, %d not ingested yet", len(listing), len(new_files))
     if new_files and settings.privacy.restricted_warehouse:
-        record_sources(spark, settings.privacy.restricted_warehouse, new_files, run_id)
+        record_sources(spark, settings, new_files, run_id)
 
     summary = {"run_id": run_id, "input": input_path, "files_seen": len(listing),
                "already_ingested": len(listing) - len(new_files), "new_files": len(new_files),
@@ -352,7 +405,7 @@ def run(spark: SparkSession, settings: Settings, input_path: str | None = None) 
         with session_conf(spark, _read_conf(spark, settings.ingest)):
             outcome = _ingest_new(spark, settings, new_files, run_id, key, fingerprint)
         summary.update(outcome, series_updated=update_series(spark, warehouse))
-        accounted = summary["files_ingested"] + sum(summary["quarantined"].values())
+        accounted = summary["files_ingested"] + summary["ingested_elsewhere"] + sum(summary["quarantined"].values())
         if accounted != len(new_files):
             # A file deleted between listing and reading is in neither table; say so rather than hide it.
             log.warning("%d new files but %d accounted for in this run", len(new_files), accounted)
@@ -390,12 +443,30 @@ def check_key(spark: SparkSession, warehouse: str, fingerprint: str) -> None:
                          "warehouse, or a new warehouse")
 
 
-def record_sources(spark: SparkSession, restricted: str, files: dict[str, ListedFile], run_id: str) -> None:
-    """Source id -> path of this run's new files, in the restricted warehouse (keyed MERGE: re-runs add nothing)."""
-    rows = spark.createDataFrame([(i, f.path, run_id) for i, f in files.items()],
-                                 "source_id string, source_path string, ingest_run string")
-    tables.merge_insert(spark, restricted, tables.SOURCE_MAP, rows.withColumn("listed_at", F.current_timestamp()),
-                        ["source_id"])
+def record_sources(spark: SparkSession, settings: Settings, files: dict[str, ListedFile], run_id: str) -> None:
+    """Source id -> path of this run's new files, in the restricted warehouse (keyed: re-runs add nothing)."""
+    restricted = settings.privacy.restricted_warehouse
+    rows = [(i, f.path, run_id, datetime.now(UTC)) for i, f in files.items()]
+    if datafiles.direct(spark, settings.table_writer, restricted):
+        datafiles.append_new(spark, restricted, tables.SOURCE_MAP, _arrow_rows(tables.SOURCE_MAP, rows), "source_id",
+                             {"run": run_id, "stage": "ingest"})
+    else:
+        tables.merge_insert(spark, restricted, tables.SOURCE_MAP,
+                            spark.createDataFrame(rows, tables.SOURCE_MAP_SCHEMA), ["source_id"])
+
+
+def _arrow_rows(table: str, rows: list[tuple]) -> pa.Table:
+    """Driver-side rows (tuples in the declared column order) as an Arrow table of ``table``'s schema."""
+    schema = datafiles.arrow_schema(table)
+    return pa.Table.from_pylist([dict(zip(schema.names, row)) for row in rows], schema=schema)
+
+
+class _Routed(NamedTuple):
+    quarantine_rows: list[tuple]
+    accepted: set[str]
+    frames: int
+    #: New files another run ingested first (seen when this run's commit had to be checked again).
+    ingested_elsewhere: set[str]
 
 
 def _ingest_new(spark: SparkSession, settings: Settings, new_files: dict[str, ListedFile], run_id: str,
@@ -409,39 +480,113 @@ def _ingest_new(spark: SparkSession, settings: Settings, new_files: dict[str, Li
             readable[identifier] = listed
         else:
             quarantine_rows.append(_quarantine_row(identifier, listed, *reason))
-    accepted, slices_written = set(), 0
+    direct = datafiles.direct(spark, settings.table_writer, warehouse)
+    routed = _Routed([], set(), 0, set())
     if readable:
-        parsed = _parse(spark, readable, key, settings.ingest, settings.privacy.uids == "replace").persist(
-            PARSED_STORAGE)
-        try:
-            # The one pass over the files: parses them, fills the cache the slices are written from,
-            # and brings back the small part of each row that decides where the file goes.
-            with StageProgress(spark.sparkContext, "ingest: parsing DICOM", settings.ingest.progress_seconds):
-                outcomes = parsed.select(*_OUTCOME_COLUMNS).collect()
-            duplicates = _find_duplicates(spark, warehouse, [o for o in outcomes if o["reason"] is None], readable)
-            rejected, accepted, slices_written = route_outcomes(outcomes, duplicates, readable)
-            quarantine_rows += rejected
-            if accepted:
-                with StageProgress(spark.sparkContext, "ingest: writing slices", settings.ingest.progress_seconds):
-                    _write_slices(spark, warehouse, parsed, duplicates, run_id, fingerprint)
-        finally:
-            parsed.unpersist()
+        write = _write_direct if direct else _write_with_spark
+        routed = write(spark, settings, readable, run_id, key, fingerprint)
+    quarantine_rows += routed.quarantine_rows
     if quarantine_rows:
-        quarantine = (spark.createDataFrame(quarantine_rows, _QUARANTINE_ROW)
-                      .withColumn("quarantined_at", F.current_timestamp()).withColumn("ingest_run", F.lit(run_id))
-                      .withColumn("key_fingerprint", F.lit(fingerprint)))
-        tables.merge_insert(spark, warehouse, tables.QUARANTINE, quarantine, ["source_id"])
-    # Counted from this run's own rows, not re-read from the tables: exact for one writer at a time.
-    # Rows a concurrent run inserted first are skipped by the MERGEs but still counted here.
+        now = datetime.now(UTC)
+        rows = [(*row, now, run_id, fingerprint) for row in quarantine_rows]
+        if direct:
+            datafiles.append_new(spark, warehouse, tables.QUARANTINE, _arrow_rows(tables.QUARANTINE, rows),
+                                 "source_id", {"run": run_id, "stage": "ingest"})
+        else:
+            tables.merge_insert(spark, warehouse, tables.QUARANTINE,
+                                spark.createDataFrame(rows, tables.QUARANTINE_SCHEMA), ["source_id"])
+    # Counted from this run's own rows, not re-read from the tables.
     by_reason = Counter(row[2] for row in quarantine_rows)
-    return {"files_ingested": len(accepted), "slices_written": slices_written,
-            "quarantined": dict(sorted(by_reason.items()))}
+    return {"files_ingested": len(routed.accepted), "slices_written": routed.frames,
+            "quarantined": dict(sorted(by_reason.items())), "ingested_elsewhere": len(routed.ingested_elsewhere)}
+
+
+def _write_direct(spark: SparkSession, settings: Settings, readable: dict[str, ListedFile], run_id: str,
+                  key: bytes, fingerprint: str) -> _Routed:
+    """One pass: the workers parse the files and write the frames' data files; the driver commits them once.
+
+    The duplicate check is made against the ``slices`` version the commit
+    is then made at; when another writer commits first, the check is made
+    again against the newer version (frames it ingested first are dropped from
+    this run's files, which are rewritten) and the commit retried.
+    """
+    warehouse, ingest = settings.warehouse, settings.ingest
+    version = datafiles.ensure_table(spark, warehouse, tables.SLICES)
+    stamp = {"ingested_at": datetime.now(UTC), "ingest_run": run_id, "key_fingerprint": fingerprint}
+    body = write_partition(key, ingest.arrow_max_bytes_per_batch, ingest.policy(), settings.privacy.uids == "replace",
+                           ingest.worker_address_space, datafiles.local_folder(spark, warehouse, tables.SLICES), stamp)
+    with StageProgress(spark.sparkContext, "ingest: parsing and writing slices", ingest.progress_seconds):
+        rows = [r.asDict() for r in
+                _source(spark, readable, ingest.max_partition_bytes).mapInArrow(body, WRITE_OUTCOME_SCHEMA).collect()]
+    written = {r["data_file"]: datafiles.WrittenFile(r["data_file"], r["file_size"], r["file_rows"], r["file_stats"])
+               for r in rows if r["source_id"] is None}
+    outcomes = [r for r in rows if r["source_id"] is not None]
+    try:
+        for _ in range(datafiles.COMMIT_ATTEMPTS):
+            frames = [o for o in outcomes if o["reason"] is None]
+            duplicates, elsewhere = _find_duplicates(spark, warehouse, frames, readable, version)
+            routed = route_outcomes([o for o in outcomes if o["source_id"] not in elsewhere], duplicates, readable)
+            written = _drop_sources(spark, warehouse, written, frames, set(duplicates) | elsewhere)
+            try:
+                datafiles.commit(spark, warehouse, tables.SLICES, list(written.values()), version,
+                                 {"run": run_id, "stage": "ingest"})
+                return _Routed(*routed, elsewhere)
+            except datafiles.ConcurrentCommit:
+                version = datafiles.version(spark, warehouse, tables.SLICES)
+        raise ConcurrentWriteError(f"slices: {datafiles.COMMIT_ATTEMPTS} commits lost to concurrent writers; run again")
+    except BaseException:
+        datafiles.discard(spark, warehouse, tables.SLICES, list(written.values()))
+        raise
+
+
+def _drop_sources(spark: SparkSession, warehouse: str, written: dict[str, datafiles.WrittenFile], frames: list,
+                  dropped: set[str]) -> dict[str, datafiles.WrittenFile]:
+    """This run's uncommitted ``slices`` files without the frames of ``dropped`` source ids (files rewritten)."""
+    by_file: dict[str, set[str]] = {}
+    for frame in frames:
+        if frame["source_id"] in dropped and frame["data_file"] in written:
+            by_file.setdefault(frame["data_file"], set()).add(frame["source_id"])
+    kept = dict(written)
+    for name, sources in by_file.items():
+        rewritten = datafiles.rewrite_without(spark, warehouse, tables.SLICES, kept.pop(name), "source_id", sources,
+                                              SLICES_CODEC)
+        if rewritten is not None:
+            kept[rewritten.name] = rewritten
+            for frame in frames:
+                if frame["data_file"] == name:
+                    frame["data_file"] = rewritten.name
+    return kept
+
+
+def _write_with_spark(spark: SparkSession, settings: Settings, readable: dict[str, ListedFile], run_id: str,
+                      key: bytes, fingerprint: str) -> _Routed:
+    """Spark's writer, for a warehouse the workers cannot write directly (``hdfs:``, ``s3a:``, ...).
+
+    The parsed rows are persisted while the driver collects the small part
+    of each row that decides where the file goes, then MERGEd into ``slices``
+    keyed on (sop_uid, frame), so a concurrent writer cannot add a frame twice.
+    """
+    warehouse, ingest = settings.warehouse, settings.ingest
+    body = parse_partition(key, ingest.arrow_max_bytes_per_batch, ingest.policy(), settings.privacy.uids == "replace",
+                           ingest.worker_address_space)
+    parsed = _source(spark, readable, ingest.max_partition_bytes).mapInArrow(body, tables.PARSED_SCHEMA).persist(PARSED_STORAGE)
+    try:
+        with StageProgress(spark.sparkContext, "ingest: parsing DICOM", ingest.progress_seconds):
+            outcomes = parsed.select(*_OUTCOME_COLUMNS).collect()
+        duplicates, _ = _find_duplicates(spark, warehouse, [o for o in outcomes if o["reason"] is None], readable)
+        routed = route_outcomes(outcomes, duplicates, readable)
+        if routed[1]:
+            with StageProgress(spark.sparkContext, "ingest: writing slices", ingest.progress_seconds):
+                _write_slices(spark, warehouse, parsed, duplicates, run_id, fingerprint)
+    finally:
+        parsed.unpersist()
+    return _Routed(*routed, set())
 
 
 def _quarantine_row(identifier: str, listed: ListedFile, reason: str, message: str | None, sop_uid: str | None = None,
                     series_uid: str | None = None, modality: str | None = None,
                     transfer_syntax: str | None = None) -> tuple:
-    """One ``_QUARANTINE_ROW`` for a listed file."""
+    """The columns of a ``quarantine`` row that come from the file (up to ``transfer_syntax``)."""
     return (identifier, listed.length, reason, message, sop_uid, series_uid, modality,
             transfer_syntax)
 
@@ -491,7 +636,7 @@ def _ingested_ids(spark: SparkSession, warehouse: str, ids: list[str]) -> set[st
     listed = spark.createDataFrame([(i,) for i in ids], "source_id string")
     known = (tables.read(spark, warehouse, tables.SLICES).select("source_id")
              .union(tables.read(spark, warehouse, tables.QUARANTINE).select("source_id"))
-             .join(listed, "source_id", "left_semi").distinct())
+             .join(F.broadcast(listed), "source_id", "left_semi").distinct())
     return {row[0] for row in known.collect()}
 
 
@@ -499,9 +644,8 @@ def _ingested_ids(spark: SparkSession, warehouse: str, ids: list[str]) -> set[st
 _LOCAL_FILES = "source_id string, path string, length long"
 
 
-def _parse(spark: SparkSession, files: dict[str, ListedFile], key: bytes, ingest: IngestSettings,
-           replace_uids: bool) -> DataFrame:
-    """The new files' parsed rows (``PARSED_SCHEMA``), lazily.
+def _source(spark: SparkSession, files: dict[str, ListedFile], max_partition_bytes: int) -> DataFrame:
+    """What the parsing tasks read: listing rows of local files, else ``binaryFile`` rows.
 
     Local files (the usual receiver's folder, on a shared filesystem for a
     cluster) are read by the Python workers themselves from listing rows: the
@@ -513,27 +657,25 @@ def _parse(spark: SparkSession, files: dict[str, ListedFile], key: bytes, ingest
     ``s3a:``) are read with ``binaryFile``, one escaped path per new file (a
     file deleted since it was listed is skipped and listed again next run).
     """
-    parse = parse_partition(key, ingest.arrow_max_bytes_per_batch, ingest.policy(), replace_uids,
-                            ingest.worker_address_space)
     if all(f.path.startswith("file:") for f in files.values()):
         total = sum(f.length for f in files.values())
-        slices = min(len(files), max(spark.sparkContext.defaultParallelism, -(-total // ingest.max_partition_bytes)))
+        slices = min(len(files), max(spark.sparkContext.defaultParallelism, -(-total // max_partition_bytes)))
         rows = [(identifier, f.path[len("file:"):], f.length)
                 for identifier, f in sorted(files.items(), key=lambda item: item[1].path)]
-        source = spark.createDataFrame(spark.sparkContext.parallelize(rows, slices), _LOCAL_FILES)
-    else:
-        source = (spark.read.format("binaryFile").option("ignoreMissingFiles", "true")
-                  .load([_escape_glob(f.path) for f in files.values()]))
-    return source.mapInPandas(parse, tables.PARSED_SCHEMA)
+        return spark.createDataFrame(spark.sparkContext.parallelize(rows, slices), _LOCAL_FILES)
+    return (spark.read.format("binaryFile").option("ignoreMissingFiles", "true")
+            .load([_escape_glob(f.path) for f in files.values()]))
 
 
-def _find_duplicates(spark: SparkSession, warehouse: str, frames: list,
-                     listed_by_id: dict[str, ListedFile]) -> dict[str, str]:
-    """``{source_id: quarantine message}`` for each new file whose SOP instance is already claimed.
+def _find_duplicates(spark: SparkSession, warehouse: str, frames: list, listed_by_id: dict[str, ListedFile],
+                     version: int | None = None) -> tuple[dict[str, str], set[str]]:
+    """``{source_id: quarantine message}`` of new files whose SOP instance is claimed, and the files ingested already.
 
     A file is the unit: it is a duplicate if its SOP instance is in ``slices``
-    already (from another file), or another new file with the same instance
-    sorts before it by path.  Messages name files by source id, never by path.
+    (at ``version``, else the latest) from another file, or another new file
+    with the same instance sorts before it by path.  A new file whose own
+    frames are in ``slices`` already was ingested by a concurrent run: it is
+    returned in the second set.  Messages name files by source id, never by path.
     """
     sop_of = {f["source_id"]: f["sop_uid"] for f in frames}
     first_claim: dict[str, str] = {}
@@ -543,15 +685,17 @@ def _find_duplicates(spark: SparkSession, warehouse: str, frames: list,
     if first_claim and tables.exists(spark, warehouse, tables.SLICES):
         run_uids = spark.createDataFrame([(u,) for u in first_claim], "sop_uid string")
         claimed_by = {r["sop_uid"]: r["source_id"] for r in (
-            tables.read(spark, warehouse, tables.SLICES).filter(F.col("frame") == 1)
+            tables.read(spark, warehouse, tables.SLICES, version).filter(F.col("frame") == 1)
             .select("sop_uid", "source_id").join(F.broadcast(run_uids), "sop_uid", "left_semi").collect())}
-    duplicates = {}
+    duplicates, elsewhere = {}, set()
     for identifier, sop_uid in sop_of.items():
         in_run, existing = first_claim[sop_uid], claimed_by.get(sop_uid)
-        if in_run != identifier or (existing is not None and existing != identifier):
+        if existing == identifier:
+            elsewhere.add(identifier)
+        elif in_run != identifier or existing is not None:
             holder = in_run if in_run != identifier else existing
             duplicates[identifier] = f"SOP instance {sop_uid} already ingested from source {holder}"
-    return duplicates
+    return duplicates, elsewhere
 
 
 def update_series(spark: SparkSession, warehouse: str) -> int:

@@ -8,6 +8,7 @@ configuration, so nothing here can read a setting it was not given.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -305,17 +306,40 @@ def report_file(folder: str, name: str) -> Path:
 
 # --------------------------------------------------------------------------- Delta tables
 
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):")
+
+
+def local_path(spark: SparkSession, uri: str) -> str | None:
+    """The local filesystem path ``uri`` names (no scheme on a local default filesystem, or ``file:``), else None."""
+    match = _SCHEME.match(uri)
+    if match is None:
+        default_fs = spark._jsc.hadoopConfiguration().get("fs.defaultFS", "file:///")
+        return uri if default_fs.lower().startswith("file:") else None
+    if match.group(1).lower() != "file":
+        return None
+    rest = uri[match.end():]
+    if rest.startswith("//"):
+        authority, _, path = rest[2:].partition("/")
+        if authority not in ("", "localhost"):
+            return None
+        rest = "/" + path
+    return rest
+
+
 def exists(spark: SparkSession, warehouse: str, table: str) -> bool:
     from delta.tables import DeltaTable
 
     return DeltaTable.isDeltaTable(spark, table_path(warehouse, table))
 
 
-def read(spark: SparkSession, warehouse: str, table: str) -> DataFrame:
-    """The table as a DataFrame; an empty one with the declared schema when it does not exist yet."""
+def read(spark: SparkSession, warehouse: str, table: str, version: int | None = None) -> DataFrame:
+    """The table (at ``version``, else the latest) as a DataFrame; empty with the declared schema if missing."""
     if not exists(spark, warehouse, table):
         return spark.createDataFrame([], SCHEMAS[table])
-    return spark.read.format("delta").load(table_path(warehouse, table))
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
+    return reader.load(table_path(warehouse, table))
 
 
 def create_if_missing(spark: SparkSession, warehouse: str, table: str) -> None:
@@ -323,6 +347,15 @@ def create_if_missing(spark: SparkSession, warehouse: str, table: str) -> None:
     if not exists(spark, warehouse, table):
         spark.createDataFrame([], SCHEMAS[table]).write.format("delta").mode("ignore").save(
             table_path(warehouse, table))
+
+
+def add_missing_columns(spark: SparkSession, warehouse: str, table: str) -> None:
+    """Add the declared columns an existing table lacks (older rows read them as null)."""
+    present = set(spark.read.format("delta").load(table_path(warehouse, table)).columns)
+    missing = [f for f in SCHEMAS[table].fields if f.name not in present]
+    if missing:
+        columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
+        spark.sql(f"ALTER TABLE delta.`{table_path(warehouse, table)}` ADD COLUMNS ({columns})")
 
 
 def merge_insert(spark: SparkSession, warehouse: str, table: str, rows: DataFrame, keys: list[str]) -> None:
