@@ -85,16 +85,18 @@ class IngestClock(StageClock):
     """
 
     def __init__(self):
-        from ctlake.spark import ingest, tables
+        from ctlake.spark import datafiles, ingest, tables
 
         super().__init__([
+            (ingest, "check_key", "key fingerprint check"),
             (ingest, "list_files", "listing files"),
             (ingest, "_ingested_ids", "already-ingested source ids"),
             (ingest, "record_sources", "source map (restricted warehouse)"),
             (ingest, "_find_duplicates", "duplicate check"),
-            (ingest, "update_series", "series recompute + merge"),
-            (ingest, "_totals", "table totals (counts)"),
-            # merge_insert(spark, warehouse, table, ...): the slices call is also inside "writing slices".
+            (datafiles, "commit", lambda *a, **k: f"delta commit {a[2]}"),
+            (ingest, "update_series", "series recompute + upsert"),
+            (tables, "row_count", "table totals (Delta log)"),
+            # merge_insert(spark, warehouse, table, ...): Spark's writer (table_writer: spark).
             (tables, "merge_insert", lambda *a, **k: f"merge_insert {a[2]}"),
         ])
 
@@ -288,8 +290,7 @@ def main(argv=None) -> int:
                                                                str((workdir / "cohort" / "dicom").resolve()))
         files_ingested = summary.get("files_ingested", 0) + sum(summary.get("quarantined", {}).values())
         slices_written = summary.get("slices_written", 0)
-        stages["other (known-path read, quarantine rows, summary)"] = max(0.0, ingest_seconds - sum(
-            s for name, s in stages.items() if name != "merge_insert slices"))
+        stages["other (quarantine append, table setup, summary)"] = max(0.0, ingest_seconds - sum(stages.values()))
         meta = {"machine": machine(), "versions": versions(spark, ("pyarrow",)),
                 "spark": {"master": spark.sparkContext.master, "cores": cores,
                           "default_parallelism": spark.sparkContext.defaultParallelism,

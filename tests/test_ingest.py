@@ -80,6 +80,20 @@ def test_rerun_writes_nothing_and_new_files_add_exactly_their_rows(spark, config
     assert outcomes(spark, config) == {**expected, "later.dcm": "slices:1"}
 
 
+def test_a_run_without_new_files_repairs_a_stale_series_table(spark, config, mixed):
+    """As after a run killed between its slices commit and its series update."""
+    folder, _ = mixed
+    ingest.run(spark, config, str(folder))
+    summarized = tables.read(spark, config.warehouse, tables.SERIES).drop("updated_at")
+    complete = spark.createDataFrame(summarized.collect(), summarized.schema)
+    tables.replace(spark, config.warehouse, tables.SERIES, complete.filter("slice_count > 1").withColumn(
+        "updated_at", F.lit(None).cast("timestamp")))  # one series missing, the rest never summarized
+    repair = ingest.run(spark, config, str(folder))
+    assert (repair["new_files"], repair["series_updated"]) == (0, complete.count())
+    assertDataFrameEqual(tables.read(spark, config.warehouse, tables.SERIES).drop("updated_at"), complete)
+    assert ingest.run(spark, config, str(folder))["series_updated"] == 0
+
+
 def test_series_table_describes_layout(spark, config, mixed):
     folder, _ = mixed
     ingest.run(spark, config, str(folder))
@@ -233,11 +247,16 @@ def test_a_parsing_worker_cannot_allocate_beyond_its_address_space():
     assert done.stdout.strip() == "MemoryError", done.stderr
 
 
-def test_both_table_writers_give_the_same_tables(spark, config, mixed, tmp_path):
+def test_spark_alone_gives_the_same_tables_as_the_direct_writer_and_driver_reads(spark, config, mixed, tmp_path,
+                                                                                  monkeypatch):
+    """What a warehouse on ``s3a:`` gets (Spark's writer, every read a Spark job) against a mounted one."""
     folder, expected = mixed
     spark_config = config.updated({"table_writer": "spark", "warehouse": str(tmp_path / "spark-warehouse"),
                                    "privacy.restricted_warehouse": str(tmp_path / "spark-restricted")})
-    direct, by_spark = ingest.run(spark, config, str(folder)), ingest.run(spark, spark_config, str(folder))
+    direct = ingest.run(spark, config, str(folder))
+    with monkeypatch.context() as unmounted:
+        unmounted.setattr(tables, "local_folder", lambda *_: None)
+        by_spark = ingest.run(spark, spark_config, str(folder))
     assert outcomes(spark, config) == outcomes(spark, spark_config) == expected
     for key in ("files_ingested", "slices_written", "quarantined", "series_updated", "table_totals"):
         assert direct[key] == by_spark[key]

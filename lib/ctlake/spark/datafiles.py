@@ -21,7 +21,7 @@ What Delta guarantees is kept:
   never names a file a crash could lose.
 
 Only for a warehouse on a filesystem every worker and the driver mount (local disk, NFS, a shared
-volume): :func:`local_folder` says whether a table is one; other warehouses keep Spark's writer.
+volume): ``tables.local_folder`` says whether a table is one; other warehouses keep Spark's writer.
 """
 from __future__ import annotations
 
@@ -30,12 +30,14 @@ import math
 import os
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
+from pyspark.sql import types as T
 from pyspark.sql.pandas.types import to_arrow_schema
 
 from ctlake.errors import ConcurrentWriteError, ConfigError
@@ -55,19 +57,29 @@ class WrittenFile(NamedTuple):
     stats: str
 
 
+#: What a writing task returns for each data file it wrote (one row per file, no data).
+WRITTEN_SCHEMA = T.StructType([
+    T.StructField("data_file", T.StringType()),
+    T.StructField("file_size", T.LongType()),
+    T.StructField("file_rows", T.LongType()),
+    T.StructField("file_stats", T.StringType()),
+])
+
+
+def written_batch(files: list[WrittenFile]) -> pa.RecordBatch:
+    """A writing task's files as one Arrow batch of :data:`WRITTEN_SCHEMA`."""
+    return pa.RecordBatch.from_pylist([{"data_file": f.name, "file_size": f.size, "file_rows": f.rows,
+                                        "file_stats": f.stats} for f in files],
+                                      schema=to_arrow_schema(WRITTEN_SCHEMA))
+
+
+def collected(rows: list) -> list[WrittenFile]:
+    """The driver's :data:`WRITTEN_SCHEMA` rows back as files to commit."""
+    return [WrittenFile(r["data_file"], r["file_size"], r["file_rows"], r["file_stats"]) for r in rows]
+
+
 class ConcurrentCommit(Exception):
     """Another writer committed to the table after the version this commit was checked against."""
-
-
-def arrow_schema(table: str) -> pa.Schema:
-    """The Arrow schema a worker writes ``table``'s data files with (timestamps in UTC microseconds)."""
-    return to_arrow_schema(tables.SCHEMAS[table], timezone="UTC")
-
-
-def local_folder(spark: SparkSession, warehouse: str, table: str) -> str | None:
-    """The local folder of ``table`` when the warehouse is on a locally mounted filesystem, else None."""
-    local = tables.local_path(spark, tables.table_path(warehouse, table))
-    return os.path.abspath(local) if local is not None else None
 
 
 def direct(spark: SparkSession, writer: str, warehouse: str) -> bool:
@@ -82,7 +94,25 @@ def direct(spark: SparkSession, writer: str, warehouse: str) -> bool:
 
 
 #: Column kinds Delta keeps min/max statistics for here (what its data skipping can use on these tables).
-_STATS_KINDS = (pa.types.is_string, pa.types.is_integer, pa.types.is_floating)
+_STATS_KINDS = (pa.types.is_string, pa.types.is_integer, pa.types.is_floating, pa.types.is_timestamp)
+
+
+def _stat_value(value, upper: bool):
+    """A statistic as Delta's JSON holds it: timestamps in UTC milliseconds, a maximum rounded up.
+
+    Delta keeps timestamp statistics to the millisecond; a maximum truncated
+    to it could lie below the true one and make a reader skip a file that
+    holds the row it wants (found: a delta-rs reader filtering on
+    ``ingested_at`` skipped every file whose statistics lacked the column).
+    """
+    if not isinstance(value, datetime):
+        return value
+    value = value.astimezone(UTC)
+    extra = value.microsecond % 1000
+    value -= timedelta(microseconds=extra)
+    if upper and extra:
+        value += timedelta(milliseconds=1)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
 
 
 class FileWriter:
@@ -90,7 +120,7 @@ class FileWriter:
 
     Files are named like Spark's (``part-<uuid>-c000.<codec>.parquet``) and stay invisible until the
     driver commits them (:func:`commit`).  Statistics (row count, and min, max and null count of the
-    string and numeric columns) are gathered while writing, so the commit needs no second read.
+    string, numeric and timestamp columns) are gathered while writing, so the commit needs no second read.
     """
 
     def __init__(self, folder: str, schema: pa.Schema, codec: str, max_file_bytes: int = MAX_FILE_BYTES):
@@ -157,8 +187,9 @@ class FileWriter:
 
     def _stats_json(self) -> str:
         ranged = {n: s for n, s in self._stats.items() if s["ranged"] and s["min"] is not None}
-        return json.dumps({"numRecords": self._rows, "minValues": {n: s["min"] for n, s in ranged.items()},
-                           "maxValues": {n: s["max"] for n, s in ranged.items()},
+        return json.dumps({"numRecords": self._rows,
+                           "minValues": {n: _stat_value(s["min"], False) for n, s in ranged.items()},
+                           "maxValues": {n: _stat_value(s["max"], True) for n, s in ranged.items()},
                            "nullCount": {n: s["nulls"] for n, s in self._stats.items()}})
 
 
@@ -174,19 +205,13 @@ def ensure_table(spark: SparkSession, warehouse: str, table: str) -> int:
     """Create ``table`` (Spark, declared schema) or add the declared columns it lacks; its version now."""
     tables.create_if_missing(spark, warehouse, table)
     tables.add_missing_columns(spark, warehouse, table)
-    return version(spark, warehouse, table)
-
-
-def version(spark: SparkSession, warehouse: str, table: str) -> int:
-    """The table's latest Delta version, from its log alone (no Spark job)."""
-    from deltalake import DeltaTable
-
-    return DeltaTable(local_folder(spark, warehouse, table)).version()
+    return tables.version(spark, warehouse, table)
 
 
 def commit(spark: SparkSession, warehouse: str, table: str, files: list[WrittenFile], read_version: int,
-           operation: dict) -> int:
-    """Add ``files`` to ``table`` in one Delta commit, at ``read_version`` + 1 or not at all; the new version.
+           operation: dict, removed: tuple[str, ...] = ()) -> int:
+    """Add ``files`` to ``table`` (and remove the data files named in ``removed``) in one Delta commit, at
+    ``read_version`` + 1 or not at all; the new version.
 
     ``operation`` goes into the commit's metadata (``ctlake.*`` keys: run id, stage), so Delta's history
     says which run wrote what.  Raises :class:`ConcurrentCommit` when another writer committed after
@@ -194,13 +219,14 @@ def commit(spark: SparkSession, warehouse: str, table: str, files: list[WrittenF
     """
     from deltalake import CommitProperties, DeltaTable
     from deltalake.exceptions import CommitFailedError
-    from deltalake.transaction import AddAction
+    from deltalake.transaction import AddAction, RemoveAction
 
-    if not files:
+    if not files and not removed:
         return read_version
-    delta = DeltaTable(local_folder(spark, warehouse, table), version=read_version)
+    delta = DeltaTable(tables.local_folder(spark, warehouse, table), version=read_version)
     now_ms = int(time.time() * 1000)
     adds = [AddAction(f.name, f.size, {}, now_ms, True, f.stats) for f in files]
+    adds += [RemoveAction(name, True, now_ms) for name in removed]
     properties = CommitProperties(max_commit_retries=0,
                                   custom_metadata={f"ctlake.{k}": str(v) for k, v in operation.items()})
     try:
@@ -217,14 +243,14 @@ def rewrite_without(spark: SparkSession, warehouse: str, table: str, written: Wr
     The rare path (a duplicate file, a key another writer committed first): the file is read back,
     filtered and written again on the driver, and the original is deleted.
     """
-    folder = local_folder(spark, warehouse, table)
+    folder = tables.local_folder(spark, warehouse, table)
     path = os.path.join(folder, written.name)
-    rows = pq.read_table(path, schema=arrow_schema(table))
+    rows = pq.read_table(path, schema=tables.arrow_schema(table))
     kept = rows.filter(pc.invert(pc.is_in(rows.column(column), value_set=pa.array(sorted(values), pa.string()))))
     os.remove(path)
     if kept.num_rows == 0:
         return None
-    writer = FileWriter(folder, arrow_schema(table), codec)
+    writer = FileWriter(folder, tables.arrow_schema(table), codec)
     writer.write(kept)
     (rewritten,) = writer.close()
     return rewritten
@@ -232,7 +258,7 @@ def rewrite_without(spark: SparkSession, warehouse: str, table: str, written: Wr
 
 def discard(spark: SparkSession, warehouse: str, table: str, files: list[WrittenFile]) -> None:
     """Delete data files that will never be committed (a failed run cleans up after itself)."""
-    folder = local_folder(spark, warehouse, table)
+    folder = tables.local_folder(spark, warehouse, table)
     for written in files:
         try:
             os.remove(os.path.join(folder, written.name))
@@ -255,14 +281,14 @@ def append_new(spark: SparkSession, warehouse: str, table: str, rows: pa.Table, 
     from deltalake import DeltaTable
 
     version_now = ensure_table(spark, warehouse, table)
-    folder = local_folder(spark, warehouse, table)
+    folder = tables.local_folder(spark, warehouse, table)
     for _ in range(COMMIT_ATTEMPTS):
         present = (DeltaTable(folder, version=version_now).to_pyarrow_dataset()
                    .to_table(columns=[key], filter=pc.field(key).isin(rows.column(key))).column(key))
         fresh = rows.filter(pc.invert(pc.is_in(rows.column(key), value_set=present.combine_chunks())))
         if fresh.num_rows == 0:
             return 0
-        writer = FileWriter(folder, arrow_schema(table), codec)
+        writer = FileWriter(folder, tables.arrow_schema(table), codec)
         writer.write(fresh)
         files = writer.close()
         try:
@@ -270,5 +296,5 @@ def append_new(spark: SparkSession, warehouse: str, table: str, rows: pa.Table, 
             return fresh.num_rows
         except ConcurrentCommit:
             discard(spark, warehouse, table, files)
-            version_now = version(spark, warehouse, table)
+            version_now = tables.version(spark, warehouse, table)
     raise ConcurrentWriteError(f"{table}: {COMMIT_ATTEMPTS} commits lost to concurrent writers; run again")

@@ -301,7 +301,7 @@ def write_partition(key: bytes, max_batch_bytes: int, policy: ParsePolicy, repla
     data; they stay invisible until the driver commits them.  Only the small
     outcome rows (``WRITE_OUTCOME_SCHEMA``) go back through Spark.
     """
-    schema = datafiles.arrow_schema(tables.SLICES)
+    schema = tables.arrow_schema(tables.SLICES)
     outcome_schema = to_arrow_schema(WRITE_OUTCOME_SCHEMA)
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -404,14 +404,17 @@ def run(spark: SparkSession, settings: Settings, input_path: str | None = None) 
     if new_files:
         with session_conf(spark, _read_conf(spark, settings.ingest)):
             outcome = _ingest_new(spark, settings, new_files, run_id, key, fingerprint)
-        summary.update(outcome, series_updated=update_series(spark, warehouse))
+        summary.update(outcome)
         accounted = summary["files_ingested"] + summary["ingested_elsewhere"] + sum(summary["quarantined"].values())
         if accounted != len(new_files):
             # A file deleted between listing and reading is in neither table; say so rather than hide it.
             log.warning("%d new files but %d accounted for in this run", len(new_files), accounted)
+    # Also without new files: a run killed between its slices commit and this repairs nothing else.
+    summary["series_updated"] = update_series(spark, warehouse)
     for table in (tables.SLICES, tables.SERIES, tables.QUARANTINE):
         tables.create_if_missing(spark, warehouse, table)
-    summary.update(_totals(spark, warehouse))
+    summary["table_totals"] = {t: tables.row_count(spark, warehouse, t)
+                               for t in (tables.SLICES, tables.SERIES, tables.QUARANTINE)}
     if new_files:
         summary["accounted_for"] = accounted == len(new_files)
     return summary
@@ -433,12 +436,10 @@ def _read_conf(spark: SparkSession, ingest: IngestSettings) -> dict:
 
 def check_key(spark: SparkSession, warehouse: str, fingerprint: str) -> None:
     """Refuse a key other than the one that made the warehouse's pseudonyms: it would split every patient."""
-    if not tables.exists(spark, warehouse, tables.SLICES):
-        return
-    other = (tables.read(spark, warehouse, tables.SLICES).select("key_fingerprint")
-             .filter(F.col("key_fingerprint") != fingerprint).limit(1).collect())
+    used = tables.scan(spark, warehouse, tables.SLICES, ["key_fingerprint"], distinct=True).column(0).to_pylist()
+    other = sorted(f for f in used if f != fingerprint)
     if other:
-        raise InputError(f"the slices table was pseudonymized under key {other[0][0]} and this run's key is "
+        raise InputError(f"the slices table was pseudonymized under key {other[0]} and this run's key is "
                          f"{fingerprint}: the same patient would get two pseudonyms. Use the key that made the "
                          "warehouse, or a new warehouse")
 
@@ -457,7 +458,7 @@ def record_sources(spark: SparkSession, settings: Settings, files: dict[str, Lis
 
 def _arrow_rows(table: str, rows: list[tuple]) -> pa.Table:
     """Driver-side rows (tuples in the declared column order) as an Arrow table of ``table``'s schema."""
-    schema = datafiles.arrow_schema(table)
+    schema = tables.arrow_schema(table)
     return pa.Table.from_pylist([dict(zip(schema.names, row)) for row in rows], schema=schema)
 
 
@@ -514,7 +515,7 @@ def _write_direct(spark: SparkSession, settings: Settings, readable: dict[str, L
     version = datafiles.ensure_table(spark, warehouse, tables.SLICES)
     stamp = {"ingested_at": datetime.now(UTC), "ingest_run": run_id, "key_fingerprint": fingerprint}
     body = write_partition(key, ingest.arrow_max_bytes_per_batch, ingest.policy(), settings.privacy.uids == "replace",
-                           ingest.worker_address_space, datafiles.local_folder(spark, warehouse, tables.SLICES), stamp)
+                           ingest.worker_address_space, tables.local_folder(spark, warehouse, tables.SLICES), stamp)
     with StageProgress(spark.sparkContext, "ingest: parsing and writing slices", ingest.progress_seconds):
         rows = [r.asDict() for r in
                 _source(spark, readable, ingest.max_partition_bytes).mapInArrow(body, WRITE_OUTCOME_SCHEMA).collect()]
@@ -532,7 +533,7 @@ def _write_direct(spark: SparkSession, settings: Settings, readable: dict[str, L
                                  {"run": run_id, "stage": "ingest"})
                 return _Routed(*routed, elsewhere)
             except datafiles.ConcurrentCommit:
-                version = datafiles.version(spark, warehouse, tables.SLICES)
+                version = tables.version(spark, warehouse, tables.SLICES)
         raise ConcurrentWriteError(f"slices: {datafiles.COMMIT_ATTEMPTS} commits lost to concurrent writers; run again")
     except BaseException:
         datafiles.discard(spark, warehouse, tables.SLICES, list(written.values()))
@@ -633,11 +634,8 @@ def _ingested_ids(spark: SparkSession, warehouse: str, ids: list[str]) -> set[st
     """
     if not ids:
         return set()
-    listed = spark.createDataFrame([(i,) for i in ids], "source_id string")
-    known = (tables.read(spark, warehouse, tables.SLICES).select("source_id")
-             .union(tables.read(spark, warehouse, tables.QUARANTINE).select("source_id"))
-             .join(F.broadcast(listed), "source_id", "left_semi").distinct())
-    return {row[0] for row in known.collect()}
+    return {identifier for table in (tables.SLICES, tables.QUARANTINE) for identifier in
+            tables.scan(spark, warehouse, table, ["source_id"], {"source_id": ids}, distinct=True).column(0).to_pylist()}
 
 
 #: Listing rows the local reader takes: the path is data of the tasks, never part of a plan.
@@ -682,11 +680,10 @@ def _find_duplicates(spark: SparkSession, warehouse: str, frames: list, listed_b
     for identifier in sorted(sop_of, key=lambda i: listed_by_id[i].path):
         first_claim.setdefault(sop_of[identifier], identifier)
     claimed_by = {}
-    if first_claim and tables.exists(spark, warehouse, tables.SLICES):
-        run_uids = spark.createDataFrame([(u,) for u in first_claim], "sop_uid string")
-        claimed_by = {r["sop_uid"]: r["source_id"] for r in (
-            tables.read(spark, warehouse, tables.SLICES, version).filter(F.col("frame") == 1)
-            .select("sop_uid", "source_id").join(F.broadcast(run_uids), "sop_uid", "left_semi").collect())}
+    if first_claim:
+        claimed = tables.scan(spark, warehouse, tables.SLICES, ["sop_uid", "source_id"],
+                              {"sop_uid": list(first_claim), "frame": [1]}, version)
+        claimed_by = dict(zip(claimed.column("sop_uid").to_pylist(), claimed.column("source_id").to_pylist()))
     duplicates, elsewhere = {}, set()
     for identifier, sop_uid in sop_of.items():
         in_run, existing = first_claim[sop_uid], claimed_by.get(sop_uid)
@@ -699,36 +696,37 @@ def _find_duplicates(spark: SparkSession, warehouse: str, frames: list, listed_b
 
 
 def update_series(spark: SparkSession, warehouse: str) -> int:
-    """Recompute ``series`` rows for series that changed since they were last summarized."""
-    slices = tables.read(spark, warehouse, tables.SLICES).drop("pixels")
-    latest = slices.groupBy("series_uid").agg(F.max("ingested_at").alias("last_ingest"))
-    current = tables.read(spark, warehouse, tables.SERIES).select("series_uid", "updated_at")
-    stale = (latest.join(current, "series_uid", "left")
-             .filter(F.col("updated_at").isNull() | (F.col("updated_at") < F.col("last_ingest")))
-             .select("series_uid"))
-    metadata = slices.join(stale, "series_uid", "left_semi").select(
-        "series_uid", "study_uid", "patient_pseudonym", "modality", "manufacturer", "z_position", "rows",
-        "columns", "pixel_spacing_row", "pixel_spacing_col", "slice_thickness",
-        F.concat_ws(",", "image_orientation").alias("orientation"))
-    # One small row per slice of a changed series (no pixels): summarized on the driver, which
-    # saves the shuffle, the Python workers and the cached count an applyInPandas needed.
-    rows = metadata.toPandas()
-    if rows.empty:
+    """Recompute the ``series`` rows of series that changed since they were last summarized.
+
+    A series changed when a run added slices after its row was written: the
+    distinct (series, run stamp) pairs of ``slices`` say so without reading
+    more than two small columns, so every run checks (a run killed between
+    its slices commit and this update is repaired by the next one, new files
+    or not).  Only the changed series' metadata rows (no pixels) are read,
+    summarized on the driver and upserted.
+    """
+    stamps = tables.scan(spark, warehouse, tables.SLICES, ["series_uid", "ingested_at"], distinct=True).to_pandas()
+    if stamps.empty:
         return 0
-    names = tables.SERIES_SCHEMA.fieldNames()
-    summaries = [tuple({**series_row(group), "updated_at": None}[n] for n in names)
-                 for _, group in rows.groupby("series_uid", sort=False)]
-    (tables.merge_upsert(spark, warehouse, tables.SERIES,
-                         spark.createDataFrame(summaries, tables.SERIES_SCHEMA)
-                         .withColumn("updated_at", F.current_timestamp()), ["series_uid"]))
+    latest = stamps.groupby("series_uid")["ingested_at"].max()
+    current = tables.scan(spark, warehouse, tables.SERIES, ["series_uid", "updated_at"]).to_pandas()
+    updated = current.set_index("series_uid")["updated_at"].reindex(latest.index)
+    stale = latest.index[updated.isna() | (updated < latest)].tolist()
+    if not stale:
+        return 0
+    metadata = tables.scan(spark, warehouse, tables.SLICES, _SERIES_INPUT, {"series_uid": stale}).to_pandas()
+    # Six cosines as one string, so equal orientations compare equal.
+    metadata["orientation"] = metadata.pop("image_orientation").map(
+        lambda cosines: None if cosines is None else ",".join(map(str, cosines.tolist())))
+    metadata = metadata.sort_values(["series_uid", "sop_uid", "frame"], kind="stable")
+    now = datetime.now(UTC)
+    summaries = [{**series_row(group), "updated_at": now} for _, group in metadata.groupby("series_uid", sort=True)]
+    tables.upsert(spark, warehouse, tables.SERIES,
+                  pa.Table.from_pylist(summaries, schema=tables.arrow_schema(tables.SERIES)), ["series_uid"])
     return len(summaries)
 
 
-def _totals(spark: SparkSession, warehouse: str) -> dict:
-    return {
-        "table_totals": {
-            tables.SLICES: tables.read(spark, warehouse, tables.SLICES).count(),
-            tables.SERIES: tables.read(spark, warehouse, tables.SERIES).count(),
-            tables.QUARANTINE: tables.read(spark, warehouse, tables.QUARANTINE).count(),
-        }
-    }
+#: The ``slices`` columns a ``series`` row is computed from.
+_SERIES_INPUT = ["series_uid", "sop_uid", "frame", "study_uid", "patient_pseudonym", "modality", "manufacturer",
+                 "z_position", "rows", "columns", "pixel_spacing_row", "pixel_spacing_col", "slice_thickness",
+                 "image_orientation"]
