@@ -11,9 +11,11 @@
 3. Times, each into a freshly deleted table, with a per-stage breakdown and peak memory:
    ``ctlake.spark.preprocess.run`` (slices/s), ``ctlake.spark.patches.run`` in detected mode (patches/s) and in
    window mode over ``--window-series`` series (patches/s).
-4. Reads the same inputs into the driver once (not timed), stops Spark, and times single-process loops
-   of the same pure work: ``hu_frame`` + ``PreprocessChain.apply`` + ``slice_quality`` per slice
-   (``ctlake.spark.preprocess.process_slice``), and ``hu_frame`` + ``cut_slice_task`` per slice task.
+4. Stops Spark and times single-process loops of the same pure work: for preprocess, reading the
+   ``slices`` files' row groups with pyarrow, ``ctlake.spark.preprocess.processed_rows`` (``hu_frame``,
+   the chain, ``slice_quality``) and a Parquet write in the job's codec (the issue 11 baseline, write
+   included); for patches (inputs read into the driver first, not timed), ``hu_frame`` +
+   ``cut_slice_task`` per slice task.
 5. Prints ratio = Spark throughput / (loop throughput x cores Spark used); target >= 0.8.
 
 The last line of stdout is one JSON object with every figure; it is also written to
@@ -153,16 +155,34 @@ def slice_task_frame(spark, config: Settings, mode: str, series: list[str] | Non
     return frame
 
 
-def preprocess_loop(config: Settings, slices) -> tuple[float, float, int]:
-    """Single process: ``hu_frame`` + chain + ``slice_quality`` (+ packing) per slice; seconds, CPU seconds, slices."""
-    from ctlake.core.dicom_parse import hu_frame
-    from ctlake.spark.preprocess import process_slice
+def preprocess_loop(config: Settings, data_files: list[str], out: Path) -> tuple[float, float, int]:
+    """Single process: read each ``slices`` row group with pyarrow, run the chain on every slice and write
+    the ``preprocessed`` rows to Parquet in the job's codec; seconds, CPU seconds, slices.
 
+    The baseline the issue fixed: the same pure per-slice work (``processed_rows``: ``hu_frame``, the
+    chain, ``slice_quality``, packing) including the durable write the job cannot skip.
+    """
+    import cv2
+    import pyarrow.parquet as pq
+
+    from ctlake.spark import datafiles, tables
+    from ctlake.spark.preprocess import INPUT_COLUMNS, processed_rows, run_stamp
+
+    cv2.setNumThreads(1)  # one core, as each Spark task gets
     chain = config.preprocess.chain()
+    stamp = run_stamp(chain)
+    count = 0
     started, cpu_started = time.perf_counter(), time.process_time()
-    for pixels, shape in zip(slices["pixels"], slices["pixel_shape"]):
-        process_slice(chain, hu_frame(pixels, shape))
-    return time.perf_counter() - started, time.process_time() - cpu_started, len(slices)
+    with pq.ParquetWriter(out, tables.arrow_schema(tables.PREPROCESSED), compression=datafiles.PIXEL_CODEC) as writer:
+        for path in data_files:
+            source = pq.ParquetFile(path)
+            for group in range(source.num_row_groups):
+                rows = processed_rows(chain, source.read_row_group(group, columns=INPUT_COLUMNS), stamp)
+                writer.write_table(rows)
+                count += rows.num_rows
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    out.unlink()
+    return seconds, cpu, count
 
 
 def cut_loop(config: Settings, rows: list[dict]) -> tuple[float, float, int]:
@@ -231,9 +251,10 @@ def main(argv=None) -> int:
         print(f"bench_preprocess: error: {exc}", file=sys.stderr)
         return 2
 
+    from deltalake import DeltaTable
     from pyspark.sql import functions as F
 
-    from ctlake.spark import detect, patches, preprocess, tables
+    from ctlake.spark import datafiles, detect, patches, preprocess, tables
     from ctlake.spark.session import build_session
 
     load_start = load_average()
@@ -252,7 +273,10 @@ def main(argv=None) -> int:
         fresh(warehouse / tables.PREPROCESSED)
         pre_summary, pre_seconds, pre_stages, pre_memory = timed(
             lambda: preprocess.run(spark, config),
-            [(tables, "merge_upsert", "read slices + UDF + Delta write (merge_upsert)"),
+            [(preprocess, "_pending", "pending keys (key columns read with delta-rs)"),
+             (preprocess, "_write_files", "Spark job: workers read row groups, run the chain, write files"),
+             (datafiles, "commit", "delta commit (delta-rs)"),
+             (tables, "merge_upsert", "read slices + UDF + Delta write (merge_upsert, table_writer spark)"),
              (preprocess, "write_montage", "montage picture")])
 
         detect.run(spark, config)  # the detector's candidates are the patches' input, not timed here
@@ -279,14 +303,14 @@ def main(argv=None) -> int:
                           "default_parallelism": spark.sparkContext.defaultParallelism,
                           "slices_table_files": len(list((warehouse / tables.SLICES).glob("*.parquet")))}}
         # Loop inputs, read into the driver once and not timed.
-        slices = tables.read(spark, config.warehouse, tables.SLICES).select("pixels", "pixel_shape").toPandas()
+        slice_files = DeltaTable(str(warehouse / tables.SLICES)).file_uris()
         cand_frame = slice_task_frame(spark, config, "detected", None)
         win_frame = slice_task_frame(spark, config, "window", series)
     finally:
         spark.stop()
 
     # Spark is stopped, so the loops have the machine to themselves.
-    loop_pre = preprocess_loop(config, slices)
+    loop_pre = preprocess_loop(config, slice_files, workdir / "preprocess-loop.parquet")
     loop_cand = cut_loop(config, cand_frame)
     loop_win = cut_loop(config, win_frame)
 

@@ -45,3 +45,18 @@ def test_every_table_exists_after_an_ingest_of_an_empty_folder(spark, config, tm
     for table in (tables.SLICES, tables.SERIES, tables.QUARANTINE):
         assert tables.exists(spark, config.warehouse, table)
         assert tables.read(spark, config.warehouse, table).schema == tables.SCHEMAS[table]
+
+
+def test_a_lookup_reads_the_rows_a_spark_filter_finds(spark, cohort_config):
+    from pyspark.sql import functions as F
+
+    warehouse = cohort_config.warehouse
+    slices = tables.read(spark, warehouse, tables.SLICES)
+    wanted = sorted(r["sop_uid"] for r in slices.select("sop_uid").orderBy("sop_uid").limit(3).collect())[::2]
+    found = tables.lookup(spark, warehouse, tables.SLICES, {"sop_uid": wanted, "frame": [1]},
+                          ["sop_uid", "pixels", "pixel_shape"])
+    expected = slices.filter(F.col("sop_uid").isin(wanted)).select("sop_uid", "pixels", "pixel_shape").collect()
+    assert sorted(found.to_pylist(), key=lambda r: r["sop_uid"]) == sorted(
+        (r.asDict() for r in expected), key=lambda r: r["sop_uid"])
+    assert len(expected) == 2
+    assert tables.lookup(spark, warehouse, tables.SLICES, {"sop_uid": ["1.2.none"]}, ["pixels"]).num_rows == 0

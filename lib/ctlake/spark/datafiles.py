@@ -47,6 +47,12 @@ from ctlake.spark import tables
 #: that a series is read from few files, small enough for one task's memory and Delta's file skipping.
 MAX_FILE_BYTES = 512 * 2**20
 
+#: Parquet codec of the image tables' data files (``slices``: int16 HU pixels, 512 KiB a slice).
+#: Measured on 1024 CT slices: uncompressed 100% of the size, lz4_raw 87%, snappy 84%, zstd 62%;
+#: writing them on 2 cores took 6.9 s, 10.8 s, 13.6 s and 15.7 s (zstd at Spark's level 3).
+#: lz4_raw: nearly snappy's size, faster to write and to read back.
+PIXEL_CODEC = "lz4_raw"
+
 
 class WrittenFile(NamedTuple):
     """One data file a worker wrote: its name in the table folder, bytes, rows and Delta statistics (JSON)."""
@@ -236,18 +242,24 @@ def commit(spark: SparkSession, warehouse: str, table: str, files: list[WrittenF
     return read_version + 1
 
 
-def rewrite_without(spark: SparkSession, warehouse: str, table: str, written: WrittenFile, column: str,
-                    values: set[str], codec: str) -> WrittenFile | None:
-    """``written`` (not committed yet) without its rows whose ``column`` is in ``values``; None if none remain.
+def key_strings(rows: pa.Table, keys: list[str]) -> pa.Array:
+    """One string per row naming its key (the key columns joined by NUL): set membership for composite keys."""
+    parts = [pc.cast(rows.column(k), pa.string()) for k in keys]
+    return parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\x00")
 
-    The rare path (a duplicate file, a key another writer committed first): the file is read back,
-    filtered and written again on the driver, and the original is deleted.
+
+def rewrite_without(spark: SparkSession, warehouse: str, table: str, name: str, keys: list[str],
+                    values: set[str], codec: str) -> WrittenFile | None:
+    """Data file ``name`` written again without its rows whose key (:func:`key_strings`) is in ``values``.
+
+    The new file (None if no row remains) is not committed; ``name`` is left for the caller to
+    discard (a file of this run) or to remove in the commit (a committed file other readers may
+    still read).  The rare path (a duplicate file, keys another writer committed first, a committed
+    file that mixes replaced and kept rows): the file is read back, filtered and written on the driver.
     """
     folder = tables.local_folder(spark, warehouse, table)
-    path = os.path.join(folder, written.name)
-    rows = pq.read_table(path, schema=tables.arrow_schema(table))
-    kept = rows.filter(pc.invert(pc.is_in(rows.column(column), value_set=pa.array(sorted(values), pa.string()))))
-    os.remove(path)
+    rows = pq.read_table(os.path.join(folder, name), schema=tables.arrow_schema(table))
+    kept = rows.filter(pc.invert(pc.is_in(key_strings(rows, keys), value_set=pa.array(sorted(values), pa.string()))))
     if kept.num_rows == 0:
         return None
     writer = FileWriter(folder, tables.arrow_schema(table), codec)

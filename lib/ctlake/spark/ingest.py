@@ -306,7 +306,7 @@ def write_partition(key: bytes, max_batch_bytes: int, policy: ParsePolicy, repla
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         cap_address_space(address_space)
-        writer = datafiles.FileWriter(folder, schema, SLICES_CODEC)
+        writer = datafiles.FileWriter(folder, schema, datafiles.PIXEL_CODEC)
         outcomes, rows, unwritten, size = [], [], [], 0
 
         def flush():
@@ -360,12 +360,6 @@ def _contents(batch: pa.RecordBatch, key: bytes) -> Iterator[tuple[str, int, byt
 #: gone, disk cleared) is recomputed, i.e. its files are read and decoded again: slower, but the
 #: same rows, because parsing is deterministic.
 PARSED_STORAGE = StorageLevel.DISK_ONLY
-
-#: Parquet codec of the files this run adds to ``slices`` (int16 HU pixels, 512 KiB a slice).
-#: Measured on 1024 CT slices: uncompressed 100% of the size, lz4_raw 87%, snappy 84%, zstd 62%;
-#: writing them on 2 cores took 6.9 s, 10.8 s, 13.6 s and 15.7 s (zstd at Spark's level 3).
-#: lz4_raw: nearly snappy's size, faster to write and to read back.
-SLICES_CODEC = "lz4_raw"
 
 
 #: Columns of the parsed rows the driver needs (one small row per frame or rejected file).
@@ -430,7 +424,7 @@ def _read_conf(spark: SparkSession, ingest: IngestSettings) -> dict:
         # one task per path (up to 10000): 4-6 s of task overhead for 1024 files on 2 cores. Listing
         # stays distributed, with one task per core instead.
         "spark.sql.sources.parallelPartitionDiscovery.parallelism": spark.sparkContext.defaultParallelism,
-        "spark.sql.parquet.compression.codec": SLICES_CODEC,
+        "spark.sql.parquet.compression.codec": datafiles.PIXEL_CODEC,
     }
 
 
@@ -549,8 +543,9 @@ def _drop_sources(spark: SparkSession, warehouse: str, written: dict[str, datafi
             by_file.setdefault(frame["data_file"], set()).add(frame["source_id"])
     kept = dict(written)
     for name, sources in by_file.items():
-        rewritten = datafiles.rewrite_without(spark, warehouse, tables.SLICES, kept.pop(name), "source_id", sources,
-                                              SLICES_CODEC)
+        rewritten = datafiles.rewrite_without(spark, warehouse, tables.SLICES, name, ["source_id"], sources,
+                                              datafiles.PIXEL_CODEC)
+        datafiles.discard(spark, warehouse, tables.SLICES, [kept.pop(name)])
         if rewritten is not None:
             kept[rewritten.name] = rewritten
             for frame in frames:

@@ -1,9 +1,12 @@
 """Preprocessing job: run the configured OpenCV chain over ``slices`` into ``preprocessed``.
 
-The image maths lives in :mod:`ctlake.imaging` (pure numpy/OpenCV); this
-module only moves bytes in and out of an iterator-style pandas UDF, so a slice
-processed here is pixel-for-pixel what ``PreprocessChain.apply`` gives on the
-same array outside Spark.
+The image maths lives in :mod:`ctlake.core.slice_ops` (pure numpy/OpenCV); this
+module only moves Arrow rows in and out of it (:func:`processed_rows`), so a
+slice processed here is pixel-for-pixel what ``PreprocessChain.apply`` gives
+on the same array outside Spark.  Where the warehouse is mounted the Python
+workers read ``slices`` and write ``preprocessed`` files themselves and the
+driver commits them (:mod:`ctlake.spark.datafiles`); elsewhere Spark reads and
+MERGEs.
 
 Incremental: a slice is processed when ``preprocessed`` has no row for it
 under the current chain's hash; changing any step or parameter changes the
@@ -12,11 +15,15 @@ hash, so the whole table is reprocessed (rows are replaced, not duplicated).
 from __future__ import annotations
 
 import logging
+import os
+from datetime import UTC, datetime
 from typing import Iterator
 
 import cv2
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -24,7 +31,8 @@ from pyspark.sql import types as T
 from ctlake.config import Settings
 from ctlake.core.dicom_parse import hu_frame
 from ctlake.core.slice_ops import PreprocessChain, montage, slice_quality
-from ctlake.spark import tables
+from ctlake.errors import ConcurrentWriteError
+from ctlake.spark import datafiles, tables
 from ctlake.spark.progress import StageProgress
 from ctlake.spark.session import session_conf
 
@@ -46,104 +54,266 @@ def process_slice(chain: PreprocessChain, hu: np.ndarray) -> dict:
     }
 
 
-def preprocess_partition(steps: list[dict]):
-    """mapInPandas body: slice rows -> ``preprocessed`` rows; the chain is built once per task.
+#: The ``slices`` columns the chain reads (and ``_KEY``, the key of both tables).
+INPUT_COLUMNS = [f.name for f in tables.LINEAGE_FIELDS] + ["z_position", "pixels", "pixel_shape"]
+_KEY = ["sop_uid", "frame"]
 
-    Iterator-style (a pandas function over an iterator of batches) so the
-    chain's set-up happens once per task, not per batch.  mapInPandas rather
-    than a struct-returning pandas UDF: the UDF made the JVM hold each 512 KB
-    input row until its result came back (measured: 40% more JVM time).
-    A slice that fails (it should not; a corrupt row might) yields a row with
-    ``error`` set instead of failing the task.
+
+def processed_rows(chain: PreprocessChain, rows: pa.Table, stamp: dict) -> pa.Table:
+    """``slices`` rows -> ``preprocessed`` rows (``stamp``: chain hash, processing time), as Arrow.
+
+    Columnar: lineage columns are carried over as they are and only the
+    per-slice outputs are built row by row (a Python dict per row, as
+    pandas' ``to_dict("records")`` made, cost more than the image work on
+    small slices).  A slice that fails (it should not; a corrupt row might)
+    gets a row with ``error`` set instead of failing the task.
     """
-    lineage = [f.name for f in tables.LINEAGE_FIELDS] + ["z_position"]
-    columns = [f.name for f in PARTITION_OUTPUT.fields]
-
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        # Spark runs one Python worker per core already; OpenCV's own threads would oversubscribe.
-        cv2.setNumThreads(1)
-        chain = PreprocessChain.from_config(steps)
-        for batch in batches:
-            rows = []
-            for record in batch.to_dict("records"):
-                base = {k: record[k] for k in lineage}
-                base["image_shape"] = [int(v) for v in record["pixel_shape"]]
-                try:
-                    rows.append({**base, **process_slice(chain, hu_frame(record["pixels"], record["pixel_shape"]))})
-                except Exception as exc:  # one bad row must not kill the job
-                    rows.append({**base, "error": f"{type(exc).__name__}: {exc}"})
-            frame = pd.DataFrame(rows, columns=columns).astype(object)
-            yield frame.where(pd.notna(frame), None)
-
-    return run
+    schema = tables.arrow_schema(tables.PREPROCESSED)
+    results = []
+    for pixels, shape in zip(rows.column("pixels").to_pylist(), rows.column("pixel_shape").to_pylist()):
+        try:
+            results.append(process_slice(chain, hu_frame(pixels, shape)))
+        except Exception as exc:  # one bad row must not kill the job
+            results.append({"error": f"{type(exc).__name__}: {exc}"})
+    columns = {name: rows.column(name) for name in INPUT_COLUMNS[:-2]}
+    columns["image_shape"] = rows.column("pixel_shape")
+    for field in tables.PREPROCESS_RESULT.fields:
+        columns[field.name] = pa.array([r.get(field.name) for r in results], schema.field(field.name).type)
+    for name, value in stamp.items():
+        columns[name] = pa.array([value] * rows.num_rows, schema.field(name).type)
+    return pa.table([_chunked(columns[f.name]).cast(f.type) for f in schema], schema=schema)
 
 
-PARTITION_OUTPUT = T.StructType([f for f in tables.PREPROCESSED_SCHEMA.fields
-                                 if f.name not in ("chain_hash", "processed_at")])
+def _chunked(values: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
+    return values if isinstance(values, pa.ChunkedArray) else pa.chunked_array([values])
 
 
-def pending_slices(spark: SparkSession, warehouse: str, chain_hash: str) -> DataFrame:
-    """Slices with no ``preprocessed`` row under this chain hash."""
-    done = (tables.read(spark, warehouse, tables.PREPROCESSED)
-            .filter(F.col("chain_hash") == chain_hash).select("sop_uid", "frame"))
-    return tables.read(spark, warehouse, tables.SLICES).join(done, ["sop_uid", "frame"], "left_anti")
+def run_stamp(chain: PreprocessChain) -> dict:
+    """What every row of one run carries: the chain's hash and one processing time."""
+    return {"chain_hash": chain.config_hash(), "processed_at": datetime.now(UTC)}
 
 
 def transform(slices: DataFrame, chain: PreprocessChain) -> DataFrame:
-    """slices -> preprocessed rows (DataFrame to DataFrame, chainable with ``.transform``)."""
-    inputs = slices.select(*[f.name for f in tables.LINEAGE_FIELDS], "z_position", "pixels", "pixel_shape")
-    return (inputs.mapInPandas(preprocess_partition(chain.steps), PARTITION_OUTPUT)
-            .withColumn("chain_hash", F.lit(chain.config_hash()))
-            .withColumn("processed_at", F.current_timestamp()))
+    """slices -> preprocessed rows (DataFrame to DataFrame, chainable with ``.transform``).
+
+    mapInArrow, iterator-style: the chain is set up once per task, and no
+    pandas object columns are made for the pixels.  (A struct-returning
+    pandas UDF made the JVM hold each 512 KB input row until its result
+    came back: 40% more JVM time.)
+    """
+    steps, stamp = chain.steps, run_stamp(chain)
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        # Spark runs one Python worker per core already; OpenCV's own threads would oversubscribe.
+        cv2.setNumThreads(1)
+        task_chain = PreprocessChain.from_config(steps)
+        for batch in batches:
+            yield from processed_rows(task_chain, pa.Table.from_batches([batch]), stamp).to_batches()
+
+    return slices.select(*INPUT_COLUMNS).mapInArrow(run, tables.PREPROCESSED_SCHEMA)
+
+
+#: A task of the direct writer: one row group of a ``slices`` data file and the keys it should process.
+_TASK_SCHEMA = T.StructType([
+    T.StructField("path", T.StringType()),
+    T.StructField("row_group", T.IntegerType()),
+    T.StructField("keys", T.ArrayType(T.StringType())),
+])
+
+
+def write_partition(steps: list[dict], folder: str, stamp: dict):
+    """The mapInArrow body of the direct writer: each task row group read, processed and written here.
+
+    The worker reads its row groups of ``slices`` with pyarrow and writes
+    the ``preprocessed`` rows into Parquet files of that table's folder (one
+    row group per input row group), invisible until the driver commits them;
+    only the files' names and statistics go back through Spark.
+    """
+    schema = tables.arrow_schema(tables.PREPROCESSED)
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        cv2.setNumThreads(1)
+        chain = PreprocessChain.from_config(steps)
+        writer = datafiles.FileWriter(folder, schema, datafiles.PIXEL_CODEC)
+        for batch in batches:
+            for task in batch.to_pylist():
+                rows = pq.ParquetFile(task["path"]).read_row_group(task["row_group"], columns=INPUT_COLUMNS)
+                rows = rows.filter(pc.is_in(datafiles.key_strings(rows, _KEY), value_set=pa.array(task["keys"])))
+                if rows.num_rows:
+                    writer.write(processed_rows(chain, rows, stamp))
+        yield datafiles.written_batch(writer.close())
+
+    return run
 
 
 def run(spark: SparkSession, settings: Settings) -> dict:
     """Run the configured chain over every slice it has not processed yet; summary with the table's figures."""
     warehouse, chain = settings.warehouse, settings.preprocess.chain()
     chain_hash = chain.config_hash()
-    todo = pending_slices(spark, warehouse, chain_hash)
-    # Count keys only: caching the pixels just to count them cost more than processing them.
-    pending = todo.select("sop_uid", "frame").count()
-    total = tables.read(spark, warehouse, tables.SLICES).count()
-    log.info("%d of %d slices need chain %s", pending, total, chain_hash)
+    total = tables.row_count(spark, warehouse, tables.SLICES)
+    direct = (datafiles.direct(spark, settings.table_writer, warehouse)
+              and tables.whole_files(spark, warehouse, tables.SLICES)
+              and tables.whole_files(spark, warehouse, tables.PREPROCESSED))
+    processed = (_run_direct if direct else _run_with_spark)(spark, settings, chain, total)
     summary = {"chain_hash": chain_hash, "steps": [s["step"] for s in chain.steps],
-               "slices_total": total, "slices_processed": 0}
+               "slices_total": total, "slices_processed": processed}
+    pre = tables.scan(spark, warehouse, tables.PREPROCESSED, _KEY + ["error", "mask_valid", "lung_fraction"],
+                      {"chain_hash": [chain_hash]})
+    valid = pre.filter(pc.fill_null(pre.column("mask_valid"), False))
+    summary.update({"table_rows": pre.num_rows, "errors": pre.num_rows - pre.column("error").null_count,
+                    "valid_lung_masks": valid.num_rows,
+                    "mean_lung_fraction": round(pc.mean(pre.column("lung_fraction")).as_py() or 0.0, 4)})
+    picture = write_montage(spark, settings, chain, valid)
+    if picture:
+        summary["montage"] = picture
+    return summary
+
+
+def _run_with_spark(spark: SparkSession, settings: Settings, chain: PreprocessChain, total: int) -> int:
+    """Spark's reader and Delta MERGE, for warehouses the workers cannot read and write directly; slices processed."""
+    warehouse, chain_hash = settings.warehouse, chain.config_hash()
+    done = (tables.read(spark, warehouse, tables.PREPROCESSED)
+            .filter(F.col("chain_hash") == chain_hash).select(*_KEY))
+    todo = tables.read(spark, warehouse, tables.SLICES).join(F.broadcast(done), _KEY, "left_anti")
+    # Count keys only: caching the pixels just to count them cost more than processing them.
+    pending = todo.select(*_KEY).count()
+    log.info("%d of %d slices need chain %s", pending, total, chain_hash)
     if pending:
         # Slices travel to Python in Arrow batches bounded by bytes, not by a row count.
         with session_conf(spark, {"spark.sql.execution.arrow.maxBytesPerBatch":
                                   settings.preprocess.arrow_max_bytes_per_batch}), \
                 StageProgress(spark.sparkContext, "preprocess", settings.preprocess.progress_seconds):
             tables.merge_upsert(spark, warehouse, tables.PREPROCESSED, todo.transform(lambda df: transform(df, chain)),
-                                ["sop_uid", "frame"])
-        summary["slices_processed"] = pending
-    pre = tables.read(spark, warehouse, tables.PREPROCESSED).filter(F.col("chain_hash") == chain_hash)
-    stats = pre.agg(F.count("*").alias("rows"),
-                    F.sum(F.col("error").isNotNull().cast("int")).alias("errors"),
-                    F.sum(F.coalesce(F.col("mask_valid"), F.lit(False)).cast("int")).alias("valid_masks"),
-                    F.avg("lung_fraction").alias("mean_lung_fraction")).first()
-    summary.update({"table_rows": stats["rows"], "errors": stats["errors"] or 0,
-                    "valid_lung_masks": stats["valid_masks"] or 0,
-                    "mean_lung_fraction": round(stats["mean_lung_fraction"] or 0.0, 4)})
-    picture = write_montage(spark, settings, chain, pre)
-    if picture:
-        summary["montage"] = picture
-    return summary
+                                _KEY)
+    return pending
 
 
-def write_montage(spark: SparkSession, settings: Settings, chain: PreprocessChain, pre: DataFrame) -> str | None:
-    """PNG of the slice with the most lung through every stage of the chain.
+def _run_direct(spark: SparkSession, settings: Settings, chain: PreprocessChain, total: int) -> int:
+    """One pass: workers read the pending slices' row groups and write ``preprocessed`` files; one commit.
+
+    Pending slices are found from the key columns alone (the driver reads
+    them with delta-rs), never by joining pixel rows.  The commit adds the new
+    files and removes the files holding the rows they replace (an older
+    chain's); a file that also holds rows not replaced is written again
+    without them.  Made at the version the check read; when another writer
+    committed first, keys it processed under this chain are dropped from
+    this run's files and the check is made again.
+    """
+    warehouse, chain_hash = settings.warehouse, chain.config_hash()
+    version = datafiles.ensure_table(spark, warehouse, tables.PREPROCESSED)
+    pending, existing = _pending(spark, warehouse, chain_hash, version)
+    log.info("%d of %d slices need chain %s", pending.num_rows, total, chain_hash)
+    if pending.num_rows == 0:
+        return 0
+    written = _write_files(spark, settings, chain, pending)
+    mine = set(datafiles.key_strings(pending, _KEY).to_pylist())
+    try:
+        for _ in range(datafiles.COMMIT_ATTEMPTS):
+            taken = mine & set(_current_keys(existing, chain_hash).to_pylist())
+            if taken:  # another run processed them under this chain first: its rows stay
+                written = _without(spark, warehouse, written, taken)
+                mine -= taken
+            added, removed = _replacing(spark, warehouse, existing, mine)
+            try:
+                datafiles.commit(spark, warehouse, tables.PREPROCESSED, written + added, version,
+                                 {"stage": "preprocess", "chain": chain_hash}, tuple(removed))
+                return len(mine)
+            except datafiles.ConcurrentCommit:
+                datafiles.discard(spark, warehouse, tables.PREPROCESSED, added)
+                version = tables.version(spark, warehouse, tables.PREPROCESSED)
+                existing = _existing(spark, warehouse, version)
+        raise ConcurrentWriteError(f"preprocessed: {datafiles.COMMIT_ATTEMPTS} commits lost to concurrent writers; "
+                                   "run again")
+    except BaseException:
+        datafiles.discard(spark, warehouse, tables.PREPROCESSED, written)
+        raise
+
+
+def _existing(spark: SparkSession, warehouse: str, version: int) -> pa.Table:
+    """Keys, chain and data file of every ``preprocessed`` row at ``version``."""
+    return tables.locate(spark, warehouse, tables.PREPROCESSED, _KEY + ["chain_hash"], version)
+
+
+def _pending(spark: SparkSession, warehouse: str, chain_hash: str, version: int) -> tuple[pa.Table, pa.Table]:
+    """Located keys of the slices with no row under this chain, and the ``preprocessed`` rows at ``version``."""
+    slices = tables.locate(spark, warehouse, tables.SLICES, _KEY)
+    existing = _existing(spark, warehouse, version)
+    done = _current_keys(existing, chain_hash)
+    return slices.filter(pc.invert(pc.is_in(datafiles.key_strings(slices, _KEY), value_set=done))), existing
+
+
+def _write_files(spark: SparkSession, settings: Settings, chain: PreprocessChain,
+                 pending: pa.Table) -> list[datafiles.WrittenFile]:
+    """The Spark job: a task per group of ``slices`` row groups, each writing one uncommitted file."""
+    warehouse = settings.warehouse
+    folder = tables.local_folder(spark, warehouse, tables.SLICES)
+    groups: dict[tuple[str, int], list[str]] = {}
+    for data_file, row_group, key in zip(pending.column("data_file").to_pylist(),
+                                         pending.column("row_group").to_pylist(),
+                                         datafiles.key_strings(pending, _KEY).to_pylist()):
+        groups.setdefault((os.path.join(folder, data_file), row_group), []).append(key)
+    tasks = [(path, group, keys) for (path, group), keys in sorted(groups.items())]
+    body = write_partition(chain.steps, tables.local_folder(spark, warehouse, tables.PREPROCESSED), run_stamp(chain))
+    # Twice the cores: a slow task can be balanced out, and each task writes one file, not one per row group.
+    source = spark.createDataFrame(spark.sparkContext.parallelize(
+        tasks, min(len(tasks), 2 * spark.sparkContext.defaultParallelism)), _TASK_SCHEMA)
+    with StageProgress(spark.sparkContext, "preprocess", settings.preprocess.progress_seconds):
+        return datafiles.collected(source.mapInArrow(body, datafiles.WRITTEN_SCHEMA).collect())
+
+
+def _current_keys(existing: pa.Table, chain_hash: str) -> pa.Array:
+    """Key strings of the ``preprocessed`` rows made by this chain."""
+    current = existing.filter(pc.equal(existing.column("chain_hash"), chain_hash))
+    return datafiles.key_strings(current, _KEY).combine_chunks() if current.num_rows else pa.array([], pa.string())
+
+
+def _without(spark: SparkSession, warehouse: str, written: list[datafiles.WrittenFile],
+             keys: set[str]) -> list[datafiles.WrittenFile]:
+    """This run's uncommitted files without the rows of ``keys`` (files holding any are written again)."""
+    folder = tables.local_folder(spark, warehouse, tables.PREPROCESSED)
+    kept = []
+    for file in written:
+        held = set(datafiles.key_strings(pq.read_table(os.path.join(folder, file.name), columns=_KEY), _KEY)
+                   .to_pylist())
+        if not held & keys:
+            kept.append(file)
+            continue
+        rewritten = datafiles.rewrite_without(spark, warehouse, tables.PREPROCESSED, file.name, _KEY, keys,
+                                              datafiles.PIXEL_CODEC)
+        datafiles.discard(spark, warehouse, tables.PREPROCESSED, [file])
+        kept += [rewritten] if rewritten is not None else []
+    return kept
+
+
+def _replacing(spark: SparkSession, warehouse: str, existing: pa.Table,
+               keys: set[str]) -> tuple[list[datafiles.WrittenFile], list[str]]:
+    """Committed files holding rows that ``keys`` replace: their kept rows written again, and their names."""
+    held = datafiles.key_strings(existing, _KEY).to_pylist()
+    by_file: dict[str, list[bool]] = {}
+    for data_file, key in zip(existing.column("data_file").to_pylist(), held):
+        by_file.setdefault(data_file, []).append(key in keys)
+    removed = [name for name, replaced in by_file.items() if any(replaced)]
+    added = []
+    for name in removed:
+        if not all(by_file[name]):
+            added.append(datafiles.rewrite_without(spark, warehouse, tables.PREPROCESSED, name, _KEY, keys,
+                                                   datafiles.PIXEL_CODEC))
+    return added, removed
+
+
+def write_montage(spark: SparkSession, settings: Settings, chain: PreprocessChain, valid: pa.Table) -> str | None:
+    """PNG of the slice with the most lung (of the ``valid`` mask rows) through every stage of the chain.
 
     One slice is brought to the driver and run through the same pure chain,
     so the picture shows exactly what the executors computed.
     """
-    best = (pre.filter(F.col("mask_valid")).orderBy(F.desc("lung_fraction"), "sop_uid")
-            .select("sop_uid", "frame").limit(1).collect())
-    if not best:
+    if valid.num_rows == 0:
         return None
-    row = (tables.read(spark, settings.warehouse, tables.SLICES)
-           .filter((F.col("sop_uid") == best[0]["sop_uid"]) & (F.col("frame") == best[0]["frame"]))
-           .select("pixels", "pixel_shape").first())
-    result = chain.apply(hu_frame(row["pixels"], row["pixel_shape"]))
+    best = valid.sort_by([("lung_fraction", "descending"), ("sop_uid", "ascending"), ("frame", "ascending")]).slice(0, 1)
+    row = tables.lookup(spark, settings.warehouse, tables.SLICES,
+                        {"sop_uid": best.column("sop_uid").to_pylist(), "frame": best.column("frame").to_pylist()},
+                        ["pixels", "pixel_shape"])
+    result = chain.apply(hu_frame(row.column("pixels")[0].as_py(), row.column("pixel_shape")[0].as_py()))
     path = tables.report_file(settings.report.folder, tables.MONTAGE_PNG)
     cv2.imwrite(str(path), montage(result["stages"], result["mask"]))
     return str(path)
