@@ -1,5 +1,6 @@
 """Patch extraction on real Spark: geometry, lineage, negatives, windows, idempotency."""
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from ctlake.core.dicom_parse import hu_frame
 from ctlake.core.patch_geometry import SliceGeometry, extract_patch_stack, resample_planes, world_to_voxel
 from ctlake.core.patch_tasks import PAD_HU, jittered_nodules, plane_offsets_mm
 from ctlake.errors import ConfigError
-from ctlake.spark import detect, patches, preprocess, tables
+from ctlake.spark import datafiles, detect, patches, preprocess, tables
 
 
 @pytest.fixture
@@ -141,3 +142,35 @@ def test_bad_patch_settings_are_configuration_errors(base_config):
         base_config.updated({"patches.size_mm": -4})
     with pytest.raises(ConfigError, match="patches.depth_mm"):
         base_config.updated({"patches.depth_mm": -1})
+
+
+def _patches_table(spark, config) -> list[tuple]:
+    """``patches`` as sorted tuples, without the creation time (which differs run to run)."""
+    return sorted(tuple(r) for r in tables.read(spark, config.warehouse, tables.PATCHES).drop("created_at").collect())
+
+
+def test_the_direct_writer_and_spark_cut_the_same_patches(spark, preprocessed, tmp_path):
+    with_spark = preprocessed.updated({"table_writer": "spark", "warehouse": str(tmp_path / "spark-warehouse")})
+    shutil.copytree(preprocessed.warehouse, with_spark.warehouse)
+    uid = tables.read(spark, preprocessed.warehouse, tables.SLICES).select("series_uid").first()["series_uid"]
+    for config in (preprocessed.updated({"table_writer": "direct"}), with_spark):
+        patches.run(spark, config, "detected")
+        patches.run(spark, config.updated({"patches.window.stride_mm": 24}), "window", [uid])
+    direct = _patches_table(spark, preprocessed)
+    assert {r[0] for r in direct} and direct == _patches_table(spark, with_spark)
+
+
+def test_a_patches_run_that_loses_the_commit_race_adds_each_patch_once(spark, preprocessed, monkeypatch):
+    commit = datafiles.commit
+    rival = []
+
+    def commit_after_a_rival(spark_, warehouse, table, files, version, operation, removed=()):
+        if table == tables.PATCHES and not rival:
+            rival.append(None)
+            rival[0] = patches.run(spark, preprocessed)  # the rival: a whole run, committed first
+        return commit(spark_, warehouse, table, files, version, operation, removed)
+
+    monkeypatch.setattr(datafiles, "commit", commit_after_a_rival)
+    late = patches.run(spark, preprocessed)
+    ids = [r[0] for r in tables.read(spark, preprocessed.warehouse, tables.PATCHES).select("patch_id").collect()]
+    assert len(ids) == len(set(ids)) == rival[0]["patches_total"] == late["patches_total"] > 0

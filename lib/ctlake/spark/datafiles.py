@@ -268,6 +268,24 @@ def rewrite_without(spark: SparkSession, warehouse: str, table: str, name: str, 
     return rewritten
 
 
+def without_keys(spark: SparkSession, warehouse: str, table: str, written: list[WrittenFile], key_columns: list[str],
+                 keys: set[str]) -> list[WrittenFile]:
+    """This run's uncommitted files without the rows of ``keys`` (:func:`key_strings`): files holding any are
+    written again, the others kept as they are.  For a commit lost to a writer that added some of the keys."""
+    folder = tables.local_folder(spark, warehouse, table)
+    kept = []
+    for file in written:
+        held = set(key_strings(pq.read_table(os.path.join(folder, file.name), columns=key_columns), key_columns)
+                   .to_pylist())
+        if not held & keys:
+            kept.append(file)
+            continue
+        rewritten = rewrite_without(spark, warehouse, table, file.name, key_columns, keys, PIXEL_CODEC)
+        discard(spark, warehouse, table, [file])
+        kept += [rewritten] if rewritten is not None else []
+    return kept
+
+
 def discard(spark: SparkSession, warehouse: str, table: str, files: list[WrittenFile]) -> None:
     """Delete data files that will never be committed (a failed run cleans up after itself)."""
     folder = tables.local_folder(spark, warehouse, table)

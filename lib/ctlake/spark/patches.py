@@ -13,12 +13,18 @@ cogrouped pandas UDF on slice metadata only (no pixels), with
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+from datetime import UTC, datetime
 from typing import Iterator
 
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -34,10 +40,11 @@ from ctlake.core.patch_tasks import (
     patch_id,
     row_tasks,
     task_patches,
+    volume_tasks,
 )
 from ctlake.core.pictures import patch_grid
-from ctlake.errors import ConfigError
-from ctlake.spark import tables
+from ctlake.errors import ConcurrentWriteError, ConfigError
+from ctlake.spark import datafiles, tables
 from ctlake.spark.progress import StageProgress
 from ctlake.spark.session import session_conf
 
@@ -138,7 +145,6 @@ def job_frame(spark: SparkSession, warehouse: str, meta: DataFrame, tasks: DataF
 def cut_udf(params: PatchParams, p_hash: str):
     """mapInPandas body: slice tasks (or, for volume patches, series) -> patch rows (PATCHES_SCHEMA minus created_at)."""
     out_columns = [f for f in tables.PATCHES_SCHEMA.fieldNames() if f != "created_at"]
-    channel_mm = params.size_mm / params.out_px if params.depth_mm > 0 else None
 
     def rows(out: list[dict]) -> pd.DataFrame:
         frame = pd.DataFrame(out, columns=out_columns).astype(object)
@@ -154,26 +160,28 @@ def cut_udf(params: PatchParams, p_hash: str):
                     if out:
                         yield rows(out)
                         out = []
-                    for p in task_patches(task, params):
-                        out.append({
-                            "patch_id": patch_id(task["series_uid"], task["slice_index"], p["row"], p["col"],
-                                                 p["mode"], p_hash),
-                            **{k: task[k] for k in ("patient_pseudonym", "study_uid", "series_uid", "sop_uid",
-                                                    "frame", "slice_index")},
-                            "mode": p["mode"], "candidate_id": p.get("candidate_id"), "label": p.get("label"),
-                            "center_row": p["row"], "center_col": p["col"],
-                            "coord_x": p.get("coord_x"), "coord_y": p.get("coord_y"), "coord_z": p.get("coord_z"),
-                            "size_mm": params.size_mm, "channel_spacing_mm": channel_mm,
-                            "pixels": p["patch"].astype("<i2").tobytes(),
-                            "patch_shape": list(p["patch"].shape), "pixel_dtype": "int16", "params_hash": p_hash,
-                        })
+                    out += [patch_row(task, p, params, p_hash) for p in task_patches(task, params)]
             yield rows(out)
 
     return run
 
 
-def detected_tasks(spark: SparkSession, settings: Settings, meta: DataFrame, series: list[str] | None
-                   ) -> tuple[DataFrame, dict]:
+def patch_row(task: dict, patch: dict, params: PatchParams, p_hash: str) -> dict:
+    """One ``patches`` row (without ``created_at``) for a patch :func:`task_patches` cut from ``task``."""
+    return {
+        "patch_id": patch_id(task["series_uid"], task["slice_index"], patch["row"], patch["col"], patch["mode"], p_hash),
+        **{k: task[k] for k in ("patient_pseudonym", "study_uid", "series_uid", "sop_uid", "frame", "slice_index")},
+        "mode": patch["mode"], "candidate_id": patch.get("candidate_id"), "label": patch.get("label"),
+        "center_row": patch["row"], "center_col": patch["col"],
+        "coord_x": patch.get("coord_x"), "coord_y": patch.get("coord_y"), "coord_z": patch.get("coord_z"),
+        "size_mm": params.size_mm, "channel_spacing_mm": params.size_mm / params.out_px if params.depth_mm > 0 else None,
+        "pixels": patch["patch"].astype("<i2").tobytes(),
+        "patch_shape": list(patch["patch"].shape), "pixel_dtype": "int16", "params_hash": p_hash,
+    }
+
+
+def detected_tasks(spark: SparkSession, settings: Settings, meta: DataFrame, series: list[str] | None,
+                   pixels: bool = True) -> tuple[DataFrame, dict]:
     """Slice tasks at the detector's candidates (of ``series``, or all), plus every annotated nodule.
 
     The annotated nodules (``patches.annotations``, patient mm) are cut only
@@ -205,8 +213,9 @@ def detected_tasks(spark: SparkSession, settings: Settings, meta: DataFrame, ser
     usable = located.filter(F.col("distance_mm") <= patches.max_slice_distance_mm)
     requests = (usable.groupBy("series_uid", "slice_index")
                 .agg(F.collect_list(F.struct(*REQUEST.fieldNames())).alias("requests")))
-    masks = valid_masks(spark, settings.warehouse, meta)
-    tasks = (requests.join(masks.select("series_uid", "slice_index", "mask"), ["series_uid", "slice_index"], "left")
+    masks = valid_masks(spark, settings.warehouse, meta, pixels)
+    tasks = (requests.join(masks.select("series_uid", "slice_index", "mask" if pixels else HAS_MASK),
+                           ["series_uid", "slice_index"], "left")
              .withColumn("window", F.lit(False)))
     counts = {r["mode"]: (r["n"], r["off_slab"]) for r in located.groupBy("mode").agg(
         F.count("*").alias("n"), F.sum((F.col("distance_mm") > patches.max_slice_distance_mm).cast("int"))
@@ -216,19 +225,28 @@ def detected_tasks(spark: SparkSession, settings: Settings, meta: DataFrame, ser
         f"{mode}_off_slab": off for mode, (_, off) in sorted(counts.items())}
 
 
-def valid_masks(spark: SparkSession, warehouse: str, meta: DataFrame) -> DataFrame:
-    """The lung mask of every slice whose mask passed the quality check, with its series and index."""
+def valid_masks(spark: SparkSession, warehouse: str, meta: DataFrame, pixels: bool = True) -> DataFrame:
+    """The lung mask of every slice whose mask passed the quality check, with its series and index.
+
+    ``pixels`` False: a ``has_mask`` flag instead of the mask, for workers that read the masks themselves.
+    """
+    mask = "mask" if pixels else F.lit(True).alias(HAS_MASK)
     return (tables.read(spark, warehouse, tables.PREPROCESSED).filter(F.col("mask_valid"))
-            .select("sop_uid", "frame", "mask").join(meta.select("sop_uid", "frame", "series_uid", "slice_index"),
-                                                      ["sop_uid", "frame"]))
+            .select("sop_uid", "frame", mask).join(meta.select("sop_uid", "frame", "series_uid", "slice_index"),
+                                                    ["sop_uid", "frame"]))
 
 
-def window_tasks(spark: SparkSession, warehouse: str, meta: DataFrame, series: list[str] | None) -> DataFrame:
+#: The task column that says a valid mask exists, where the workers read masks themselves.
+HAS_MASK = "has_mask"
+
+
+def window_tasks(spark: SparkSession, warehouse: str, meta: DataFrame, series: list[str] | None,
+                 pixels: bool = True) -> DataFrame:
     """Slice tasks for scoring: every slice with a valid lung mask of the chosen series."""
-    masks = valid_masks(spark, warehouse, meta)
+    masks = valid_masks(spark, warehouse, meta, pixels)
     if series:
         masks = masks.filter(F.col("series_uid").isin(series))
-    return (masks.select("series_uid", "slice_index", "mask")
+    return (masks.select("series_uid", "slice_index", "mask" if pixels else HAS_MASK)
             .withColumn("requests", F.lit(None).cast(T.ArrayType(REQUEST)))
             .withColumn("window", F.lit(True)))
 
@@ -239,11 +257,17 @@ def run(spark: SparkSession, settings: Settings, mode: str = "detected", series:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, found {mode!r}")
     warehouse, params = settings.warehouse, settings.patches.params()
     p_hash = params_hash(params)
+    direct = (params.depth_mm > 0 and datafiles.direct(spark, settings.table_writer, warehouse)
+              and all(tables.whole_files(spark, warehouse, t) for t in (tables.SLICES, tables.PREPROCESSED,
+                                                                       tables.PATCHES)))
+    # The version the new patches' check is made at (see _cut_direct).
+    version = datafiles.ensure_table(spark, warehouse, tables.PATCHES) if direct else None
     meta = slice_metadata(spark, warehouse).cache()
     if mode == "detected":
-        tasks, stats = detected_tasks(spark, settings, meta, series)
+        tasks, stats = detected_tasks(spark, settings, meta, series, pixels=not direct)
     else:
-        tasks, stats = window_tasks(spark, warehouse, meta, series), {"series": len(series) if series else "all"}
+        tasks = window_tasks(spark, warehouse, meta, series, pixels=not direct)
+        stats = {"series": len(series) if series else "all"}
     # A slice task is all-or-nothing, so a slice with this mode's patches under these parameters is done.
     produced = ["window"] if mode == "window" else list(TRAINING_MODES)
     existing = (tables.read(spark, warehouse, tables.PATCHES)
@@ -253,12 +277,16 @@ def run(spark: SparkSession, settings: Settings, mode: str = "detected", series:
     # The task table is small but costly to derive (CSV reads, locating, windows, joins) and is
     # used twice below: derive it once (measured: 30% less JVM time in candidates mode).
     tasks = tasks.localCheckpoint()
-    job = job_frame(spark, warehouse, meta, tasks, params)
-    schema = T.StructType([f for f in tables.PATCHES_SCHEMA.fields if f.name != "created_at"])
-    patches = job.mapInPandas(cut_udf(params, p_hash), schema).withColumn("created_at", F.current_timestamp())
-    with session_conf(spark, {"spark.sql.execution.arrow.maxBytesPerBatch": settings.patches.arrow_max_bytes_per_batch}), \
-            StageProgress(spark.sparkContext, f"patches ({mode})", settings.patches.progress_seconds):
-        tables.merge_insert(spark, warehouse, tables.PATCHES, patches, ["patch_id"])
+    if direct:
+        _cut_direct(spark, settings, meta, tasks, version, mode)
+    else:
+        job = job_frame(spark, warehouse, meta, tasks, params)
+        schema = T.StructType([f for f in tables.PATCHES_SCHEMA.fields if f.name != "created_at"])
+        patches = job.mapInPandas(cut_udf(params, p_hash), schema).withColumn("created_at", F.current_timestamp())
+        with session_conf(spark, {"spark.sql.execution.arrow.maxBytesPerBatch":
+                                  settings.patches.arrow_max_bytes_per_batch}), \
+                StageProgress(spark.sparkContext, f"patches ({mode})", settings.patches.progress_seconds):
+            tables.merge_insert(spark, warehouse, tables.PATCHES, patches, ["patch_id"])
     meta.unpersist()
     table = tables.read(spark, warehouse, tables.PATCHES).filter(F.col("params_hash") == p_hash)
     by_mode = {f"{r['mode']}/{r['label']}": r["count"] for r in table.groupBy("mode", "label").count().collect()}
@@ -268,6 +296,145 @@ def run(spark: SparkSession, settings: Settings, mode: str = "detected", series:
     if picture:
         summary["patch_grid"] = picture
     return summary
+
+
+#: A task of the direct writer: one series, as JSON (its slices' indices and data files, its tasks).
+_WORK_SCHEMA = T.StructType([T.StructField("work", T.StringType())])
+
+_KEY = ["sop_uid", "frame"]
+
+
+def _cut_direct(spark: SparkSession, settings: Settings, meta: DataFrame, tasks: DataFrame, version: int,
+                mode: str) -> int:
+    """Volume patches, one pass: a task per series reads its slices' row groups (and its masks from
+    ``preprocessed``), cuts and writes ``patches`` files; the driver commits them once; patches added.
+
+    The slice tasks (no pixels) are collected to the driver and grouped by series; where each slice
+    and mask lives comes from the key columns (:func:`ctlake.spark.tables.locate`).  The commit is
+    made at ``version``, read before the check of done slices; when another writer committed first,
+    the patch ids it added are dropped from this run's files and the commit retried.
+    """
+    warehouse, params = settings.warehouse, settings.patches.params()
+    rows = meta.join(tasks, ["series_uid", "slice_index"], "inner").toArrow()
+    if rows.num_rows == 0:
+        return 0
+    task_series = set(rows.column("series_uid").to_pylist())
+    indices = (meta.filter(F.col("series_uid").isin(sorted(task_series)))
+               .select("series_uid", "sop_uid", "frame", "slice_index").toArrow())
+    works = _series_work(spark, warehouse, rows, indices)
+    body = cut_partition(params, params_hash(params), tables.local_folder(spark, warehouse, tables.PATCHES),
+                         settings.patches.arrow_max_bytes_per_batch)
+    source = spark.createDataFrame(spark.sparkContext.parallelize(
+        [(w,) for w in works], min(len(works), 2 * spark.sparkContext.defaultParallelism)), _WORK_SCHEMA)
+    with StageProgress(spark.sparkContext, f"patches ({mode})", settings.patches.progress_seconds):
+        written = datafiles.collected(source.mapInArrow(body, datafiles.WRITTEN_SCHEMA).collect())
+    try:
+        for _ in range(datafiles.COMMIT_ATTEMPTS):
+            try:
+                datafiles.commit(spark, warehouse, tables.PATCHES, written, version,
+                                 {"stage": "patches", "mode": mode})
+                return sum(f.rows for f in written)
+            except datafiles.ConcurrentCommit:
+                version = tables.version(spark, warehouse, tables.PATCHES)
+                folder = tables.local_folder(spark, warehouse, tables.PATCHES)
+                mine = {i for f in written for i in pq.read_table(os.path.join(folder, f.name),
+                                                                  columns=["patch_id"]).column(0).to_pylist()}
+                taken = tables.scan(spark, warehouse, tables.PATCHES, ["patch_id"], {"patch_id": sorted(mine)},
+                                    version).column(0).to_pylist()
+                written = datafiles.without_keys(spark, warehouse, tables.PATCHES, written, ["patch_id"], set(taken))
+        raise ConcurrentWriteError(f"patches: {datafiles.COMMIT_ATTEMPTS} commits lost to concurrent writers; run again")
+    except BaseException:
+        datafiles.discard(spark, warehouse, tables.PATCHES, written)
+        raise
+
+
+def _series_work(spark: SparkSession, warehouse: str, rows: pa.Table, indices: pa.Table) -> list[str]:
+    """The JSON task of each series: slice index by key, the row groups of its slices and masks, its tasks."""
+    slice_files = tables.locate(spark, warehouse, tables.SLICES, _KEY + ["series_uid"])
+    mask_files = tables.locate(spark, warehouse, tables.PREPROCESSED, _KEY + ["mask_valid"])
+    mask_files = mask_files.filter(pc.fill_null(mask_files.column("mask_valid"), False))
+    slice_folder = tables.local_folder(spark, warehouse, tables.SLICES)
+    mask_folder = tables.local_folder(spark, warehouse, tables.PREPROCESSED)
+
+    def groups(located: pa.Table, folder: str) -> dict[str, list]:
+        found: dict[str, set] = {}
+        for key, data_file, group in zip(datafiles.key_strings(located, _KEY).to_pylist(),
+                                         located.column("data_file").to_pylist(), located.column("row_group").to_pylist()):
+            found.setdefault(key, set()).add((os.path.join(folder, data_file), group))
+        return found
+
+    slice_at, mask_at = groups(slice_files, slice_folder), groups(mask_files, mask_folder)
+    works: dict[str, dict] = {}
+    for series_uid, key, index in zip(indices.column("series_uid").to_pylist(),
+                                      datafiles.key_strings(indices, _KEY).to_pylist(),
+                                      indices.column("slice_index").to_pylist()):
+        work = works.setdefault(series_uid, {"series_uid": series_uid, "slices": {}, "slice_groups": set(),
+                                             "mask_groups": set(), "tasks": []})
+        work["slices"][key] = index
+        work["slice_groups"] |= slice_at.get(key, set())
+    for task, key in zip(rows.to_pylist(), datafiles.key_strings(rows, _KEY).to_pylist()):
+        work = works[task["series_uid"]]
+        work["tasks"].append(task)
+        if task.pop(HAS_MASK):
+            work["mask_groups"] |= mask_at.get(key, set())
+    return [json.dumps({**w, "slice_groups": sorted(w["slice_groups"]), "mask_groups": sorted(w["mask_groups"])})
+            for _, w in sorted(works.items())]
+
+
+def cut_partition(params: PatchParams, p_hash: str, folder: str, max_batch_bytes: int):
+    """The mapInArrow body of the direct writer: each series' patches cut and written into ``patches`` files.
+
+    Row groups are cut by bytes of patch pixels (``max_batch_bytes``); only
+    the files' names and statistics go back through Spark.
+    """
+    schema = tables.arrow_schema(tables.PATCHES)
+    created_at = datetime.now(UTC)
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        writer = datafiles.FileWriter(folder, schema, datafiles.PIXEL_CODEC)
+        rows, size = [], 0
+        for batch in batches:
+            for work in batch.column("work").to_pylist():
+                for task_rows in series_patches(json.loads(work), params, p_hash):
+                    rows += task_rows
+                    size += sum(len(r["pixels"]) for r in task_rows)
+                    if size >= max_batch_bytes:
+                        writer.write(pa.Table.from_pylist([{**r, "created_at": created_at} for r in rows], schema))
+                        rows, size = [], 0
+        if rows:
+            writer.write(pa.Table.from_pylist([{**r, "created_at": created_at} for r in rows], schema))
+        yield datafiles.written_batch(writer.close())
+
+    return run
+
+
+def series_patches(work: dict, params: PatchParams, p_hash: str) -> Iterator[list[dict]]:
+    """The patch rows of one series' task (:func:`_series_work`), one list per slice task.
+
+    The series' slices and masks are read from their row groups; the cut is
+    :func:`ctlake.core.patch_tasks.volume_tasks` and ``task_patches``, as on Spark's path.
+    """
+    slices = []
+    for path, group in work["slice_groups"]:
+        rows = pq.ParquetFile(path).read_row_group(group, columns=_KEY + ["series_uid", "z_position", "pixels",
+                                                                          "pixel_shape"])
+        rows = rows.filter(pc.equal(rows.column("series_uid"), work["series_uid"]))
+        for key, z, pixels, shape in zip(datafiles.key_strings(rows, _KEY).to_pylist(),
+                                         rows.column("z_position").to_pylist(), rows.column("pixels").to_pylist(),
+                                         rows.column("pixel_shape").to_pylist()):
+            if key in work["slices"]:
+                slices.append({"slice_index": work["slices"][key], "z_position": z, "pixels": pixels,
+                               "pixel_shape": shape})
+    masks = {}
+    for path, group in work["mask_groups"]:
+        rows = pq.ParquetFile(path).read_row_group(group, columns=_KEY + ["mask_valid", "mask"])
+        for key, valid, mask in zip(datafiles.key_strings(rows, _KEY).to_pylist(),
+                                    rows.column("mask_valid").to_pylist(), rows.column("mask").to_pylist()):
+            if valid:
+                masks[key] = mask
+    tasks = [{**t, "mask": masks.get(f"{t['sop_uid']}\x00{t['frame']}")} for t in work["tasks"]]
+    for task in volume_tasks({"series_uid": work["series_uid"], "slices": slices, "tasks": tasks}, params):
+        yield [patch_row(task, p, params, p_hash) for p in task_patches(task, params)]
 
 
 def write_patch_grid(report_folder: str, table: DataFrame, mode: str, per_class: int = 16) -> str | None:

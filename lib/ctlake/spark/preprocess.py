@@ -211,7 +211,7 @@ def _run_direct(spark: SparkSession, settings: Settings, chain: PreprocessChain,
         for _ in range(datafiles.COMMIT_ATTEMPTS):
             taken = mine & set(_current_keys(existing, chain_hash).to_pylist())
             if taken:  # another run processed them under this chain first: its rows stay
-                written = _without(spark, warehouse, written, taken)
+                written = datafiles.without_keys(spark, warehouse, tables.PREPROCESSED, written, _KEY, taken)
                 mine -= taken
             added, removed = _replacing(spark, warehouse, existing, mine)
             try:
@@ -265,24 +265,6 @@ def _current_keys(existing: pa.Table, chain_hash: str) -> pa.Array:
     """Key strings of the ``preprocessed`` rows made by this chain."""
     current = existing.filter(pc.equal(existing.column("chain_hash"), chain_hash))
     return datafiles.key_strings(current, _KEY).combine_chunks() if current.num_rows else pa.array([], pa.string())
-
-
-def _without(spark: SparkSession, warehouse: str, written: list[datafiles.WrittenFile],
-             keys: set[str]) -> list[datafiles.WrittenFile]:
-    """This run's uncommitted files without the rows of ``keys`` (files holding any are written again)."""
-    folder = tables.local_folder(spark, warehouse, tables.PREPROCESSED)
-    kept = []
-    for file in written:
-        held = set(datafiles.key_strings(pq.read_table(os.path.join(folder, file.name), columns=_KEY), _KEY)
-                   .to_pylist())
-        if not held & keys:
-            kept.append(file)
-            continue
-        rewritten = datafiles.rewrite_without(spark, warehouse, tables.PREPROCESSED, file.name, _KEY, keys,
-                                              datafiles.PIXEL_CODEC)
-        datafiles.discard(spark, warehouse, tables.PREPROCESSED, [file])
-        kept += [rewritten] if rewritten is not None else []
-    return kept
 
 
 def _replacing(spark: SparkSession, warehouse: str, existing: pa.Table,
