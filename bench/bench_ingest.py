@@ -10,7 +10,7 @@
 3. Times plain loops over the same files: read bytes + ``ctlake.core.dicom_parse.parse_dicom`` (the same
    per-file work: read, decode, convert to HU, build records); ``pydicom.dcmread(path).pixel_array``;
    and read + ``parse_dicom`` + a durable write of the same ``slices`` rows (``SLICES_SCHEMA``
-   columns, pixels as binary) to one Parquet file with pyarrow in ingestion's ``lz4_raw`` codec,
+   columns, pixels as binary) to one Parquet file with pyarrow in ingestion's codec (``datafiles.PIXEL_CODEC``),
    fsynced: the work ingestion must do, minus Spark and Delta.
 4. Prints ratio = ctlake throughput / (parse_dicom loop throughput x cores Spark used), the headline
    figure with its target >= 0.8, and ratio_vs_write_loop = ctlake throughput / (write loop
@@ -57,11 +57,12 @@ from common import (
 from ctlake.cli import job_parser, setup_logging
 from ctlake.config import Settings
 from ctlake.errors import ConfigError, InputError
+from ctlake.spark.datafiles import PIXEL_CODEC
 
 TARGET_RATIO = 0.8
 WARMUP_FILES = 2
 #: Codec of the write loop's Parquet file: the one ingestion writes ``slices`` with.
-WRITE_LOOP_CODEC = "lz4_raw"
+WRITE_LOOP_CODEC = PIXEL_CODEC
 
 
 def parse_args(argv=None) -> argparse.Namespace:

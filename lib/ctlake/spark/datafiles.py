@@ -50,8 +50,10 @@ MAX_FILE_BYTES = 512 * 2**20
 #: Parquet codec of the image tables' data files (``slices``: int16 HU pixels, 512 KiB a slice).
 #: Measured on 1024 CT slices: uncompressed 100% of the size, lz4_raw 87%, snappy 84%, zstd 62%;
 #: writing them on 2 cores took 6.9 s, 10.8 s, 13.6 s and 15.7 s (zstd at Spark's level 3).
-#: lz4_raw: nearly snappy's size, faster to write and to read back.
-PIXEL_CODEC = "lz4_raw"
+#: Not lz4_raw, though faster: Spark's LZ4 decoder (aircompressor) rejected pages of pyarrow-written
+#: lz4_raw files of the 200-patient sample ("last 5 bytes must be literals"), so Spark could not
+#: read a table ctlake had written.  snappy is what every Parquet reader reads.
+PIXEL_CODEC = "snappy"
 
 
 class WrittenFile(NamedTuple):
