@@ -1,5 +1,6 @@
 """Training, evaluation, report and scoring end to end on a small generated cohort."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +174,17 @@ def test_a_new_feature_layout_rewrites_the_table_with_its_names(spark, trained):
         assert not again["table_rewritten_for_new_layout"] and again["patches_featurized"] == 0
     finally:
         features.run(spark, config)
+
+
+def test_the_direct_writer_and_spark_make_the_same_features(spark, trained, tmp_path):
+    """Features of the same patches written by the workers (the fixture's run) and by Spark's MERGE."""
+    config = trained[0]
+    with_spark = config.updated({"table_writer": "spark", "warehouse": str(tmp_path / "warehouse")})
+    for table in (tables.PATCHES, tables.SERIES):
+        shutil.copytree(Path(config.warehouse) / table, Path(with_spark.warehouse) / table)
+    merged = features.run(spark, with_spark)
+    assert merged["patches_featurized"] == merged["table_rows"] > 0
+    direct, again = (tables.read(spark, c.warehouse, tables.FEATURES).drop("computed_at") for c in (config, with_spark))
+    assert direct.schema == again.schema  # the feature names travel in the metadata of both
+    assertDataFrameEqual(direct, again)
+    assert features.run(spark, with_spark)["patches_featurized"] == 0

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 from pyspark.sql.pandas.types import to_arrow_schema
 
@@ -209,9 +209,9 @@ def _fsync_folder(folder: str) -> None:
         os.close(handle)
 
 
-def ensure_table(spark: SparkSession, warehouse: str, table: str) -> int:
-    """Create ``table`` (Spark, declared schema) or add the declared columns it lacks; its version now."""
-    tables.create_if_missing(spark, warehouse, table)
+def ensure_table(spark: SparkSession, warehouse: str, table: str, schema: T.StructType | None = None) -> int:
+    """Create ``table`` (Spark, declared ``schema`` or the table's) or add the declared columns it lacks; its version."""
+    tables.create_if_missing(spark, warehouse, table, schema)
     tables.add_missing_columns(spark, warehouse, table)
     return tables.version(spark, warehouse, table)
 
@@ -286,6 +286,90 @@ def without_keys(spark: SparkSession, warehouse: str, table: str, written: list[
         discard(spark, warehouse, table, [file])
         kept += [rewritten] if rewritten is not None else []
     return kept
+
+
+#: A task of a stage whose workers read their input themselves: a row group of a data file, the keys wanted.
+TASK_SCHEMA = T.StructType([
+    T.StructField("path", T.StringType()),
+    T.StructField("row_group", T.IntegerType()),
+    T.StructField("keys", T.ArrayType(T.StringType())),
+])
+
+
+def row_group_tasks(spark: SparkSession, located: pa.Table, folder: str, key_columns: list[str]) -> DataFrame:
+    """The rows of :func:`ctlake.spark.tables.locate` to process, as :data:`TASK_SCHEMA` tasks, one per row group.
+
+    Twice the cores in partitions: a slow task can be balanced out, and each
+    task writes one file, not one per row group.
+    """
+    groups: dict[tuple[str, int], list[str]] = {}
+    for data_file, row_group, key in zip(located.column("data_file").to_pylist(),
+                                         located.column("row_group").to_pylist(),
+                                         key_strings(located, key_columns).to_pylist()):
+        groups.setdefault((os.path.join(folder, data_file), row_group), []).append(key)
+    tasks = [(path, group, keys) for (path, group), keys in sorted(groups.items())]
+    return spark.createDataFrame(spark.sparkContext.parallelize(
+        tasks, max(1, min(len(tasks), 2 * spark.sparkContext.defaultParallelism))), TASK_SCHEMA)
+
+
+def task_rows(task: dict, columns: list[str], key_columns: list[str]) -> pa.Table:
+    """``columns`` of the rows a :data:`TASK_SCHEMA` task wants, read from its one row group."""
+    rows = pq.ParquetFile(task["path"]).read_row_group(task["row_group"], columns=columns)
+    return rows.filter(pc.is_in(key_strings(rows, key_columns), value_set=pa.array(task["keys"], pa.string())))
+
+
+def current_keys(existing: pa.Table, key_columns: list[str], column: str, value: str) -> pa.Array:
+    """Key strings of the located rows made under ``column == value`` (a chain's or a layout's hash)."""
+    current = existing.filter(pc.equal(existing.column(column), value))
+    return key_strings(current, key_columns).combine_chunks() if current.num_rows else pa.array([], pa.string())
+
+
+def commit_replacing(spark: SparkSession, warehouse: str, table: str, written: list[WrittenFile], keys: set[str],
+                     key_columns: list[str], current: tuple[str, str], version: int, existing: pa.Table,
+                     operation: dict) -> int:
+    """Commit this run's uncommitted ``written`` files, which hold the rows of ``keys``; rows committed.
+
+    The upsert of a derived table without a MERGE: committed rows of the same
+    keys (made under another hash) are replaced, by removing the files that
+    hold them (a file that also holds rows kept is written again without
+    the replaced ones).  ``existing`` is :func:`ctlake.spark.tables.locate`
+    of the table at ``version`` with the key columns and ``current``'s
+    column.  When another writer committed first, the keys it made under
+    ``current`` stay its rows: they are dropped from this run's files and the
+    commit is made again at the newer version.  On any failure this run's
+    files are deleted.
+    """
+    columns = [c for c in existing.column_names if c not in ("data_file", "row_group")]
+    try:
+        for _ in range(COMMIT_ATTEMPTS):
+            taken = keys & set(current_keys(existing, key_columns, *current).to_pylist())
+            if taken:
+                written = without_keys(spark, warehouse, table, written, key_columns, taken)
+                keys = keys - taken
+            added, removed = _replacing(spark, warehouse, table, existing, key_columns, keys)
+            try:
+                commit(spark, warehouse, table, written + added, version, operation, tuple(removed))
+                return len(keys)
+            except ConcurrentCommit:
+                discard(spark, warehouse, table, added)
+                version = tables.version(spark, warehouse, table)
+                existing = tables.locate(spark, warehouse, table, columns, version)
+        raise ConcurrentWriteError(f"{table}: {COMMIT_ATTEMPTS} commits lost to concurrent writers; run again")
+    except BaseException:
+        discard(spark, warehouse, table, written)
+        raise
+
+
+def _replacing(spark: SparkSession, warehouse: str, table: str, existing: pa.Table, key_columns: list[str],
+               keys: set[str]) -> tuple[list[WrittenFile], list[str]]:
+    """Committed files holding rows that ``keys`` replace: their kept rows written again, and their names."""
+    by_file: dict[str, list[bool]] = {}
+    for data_file, key in zip(existing.column("data_file").to_pylist(), key_strings(existing, key_columns).to_pylist()):
+        by_file.setdefault(data_file, []).append(key in keys)
+    removed = [name for name, replaced in by_file.items() if any(replaced)]
+    added = [rewrite_without(spark, warehouse, table, name, key_columns, keys, PIXEL_CODEC)
+             for name in removed if not all(by_file[name])]
+    return [f for f in added if f is not None], removed
 
 
 def discard(spark: SparkSession, warehouse: str, table: str, files: list[WrittenFile]) -> None:

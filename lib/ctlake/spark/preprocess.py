@@ -15,7 +15,6 @@ hash, so the whole table is reprocessed (rows are replaced, not duplicated).
 from __future__ import annotations
 
 import logging
-import os
 from datetime import UTC, datetime
 from typing import Iterator
 
@@ -23,15 +22,12 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from ctlake.config import Settings
 from ctlake.core.dicom_parse import hu_frame
 from ctlake.core.slice_ops import PreprocessChain, montage, slice_quality
-from ctlake.errors import ConcurrentWriteError
 from ctlake.spark import datafiles, tables
 from ctlake.spark.progress import StageProgress
 from ctlake.spark.session import session_conf
@@ -113,14 +109,6 @@ def transform(slices: DataFrame, chain: PreprocessChain) -> DataFrame:
     return slices.select(*INPUT_COLUMNS).mapInArrow(run, tables.PREPROCESSED_SCHEMA)
 
 
-#: A task of the direct writer: one row group of a ``slices`` data file and the keys it should process.
-_TASK_SCHEMA = T.StructType([
-    T.StructField("path", T.StringType()),
-    T.StructField("row_group", T.IntegerType()),
-    T.StructField("keys", T.ArrayType(T.StringType())),
-])
-
-
 def write_partition(steps: list[dict], folder: str, stamp: dict):
     """The mapInArrow body of the direct writer: each task row group read, processed and written here.
 
@@ -137,8 +125,7 @@ def write_partition(steps: list[dict], folder: str, stamp: dict):
         writer = datafiles.FileWriter(folder, schema, datafiles.PIXEL_CODEC)
         for batch in batches:
             for task in batch.to_pylist():
-                rows = pq.ParquetFile(task["path"]).read_row_group(task["row_group"], columns=INPUT_COLUMNS)
-                rows = rows.filter(pc.is_in(datafiles.key_strings(rows, _KEY), value_set=pa.array(task["keys"])))
+                rows = datafiles.task_rows(task, INPUT_COLUMNS, _KEY)
                 if rows.num_rows:
                     writer.write(processed_rows(chain, rows, stamp))
         yield datafiles.written_batch(writer.close())
@@ -206,27 +193,10 @@ def _run_direct(spark: SparkSession, settings: Settings, chain: PreprocessChain,
     if pending.num_rows == 0:
         return 0
     written = _write_files(spark, settings, chain, pending)
-    mine = set(datafiles.key_strings(pending, _KEY).to_pylist())
-    try:
-        for _ in range(datafiles.COMMIT_ATTEMPTS):
-            taken = mine & set(_current_keys(existing, chain_hash).to_pylist())
-            if taken:  # another run processed them under this chain first: its rows stay
-                written = datafiles.without_keys(spark, warehouse, tables.PREPROCESSED, written, _KEY, taken)
-                mine -= taken
-            added, removed = _replacing(spark, warehouse, existing, mine)
-            try:
-                datafiles.commit(spark, warehouse, tables.PREPROCESSED, written + added, version,
-                                 {"stage": "preprocess", "chain": chain_hash}, tuple(removed))
-                return len(mine)
-            except datafiles.ConcurrentCommit:
-                datafiles.discard(spark, warehouse, tables.PREPROCESSED, added)
-                version = tables.version(spark, warehouse, tables.PREPROCESSED)
-                existing = _existing(spark, warehouse, version)
-        raise ConcurrentWriteError(f"preprocessed: {datafiles.COMMIT_ATTEMPTS} commits lost to concurrent writers; "
-                                   "run again")
-    except BaseException:
-        datafiles.discard(spark, warehouse, tables.PREPROCESSED, written)
-        raise
+    return datafiles.commit_replacing(spark, warehouse, tables.PREPROCESSED, written,
+                                      set(datafiles.key_strings(pending, _KEY).to_pylist()), _KEY,
+                                      ("chain_hash", chain_hash), version, existing,
+                                      {"stage": "preprocess", "chain": chain_hash})
 
 
 def _existing(spark: SparkSession, warehouse: str, version: int) -> pa.Table:
@@ -238,7 +208,7 @@ def _pending(spark: SparkSession, warehouse: str, chain_hash: str, version: int)
     """Located keys of the slices with no row under this chain, and the ``preprocessed`` rows at ``version``."""
     slices = tables.locate(spark, warehouse, tables.SLICES, _KEY)
     existing = _existing(spark, warehouse, version)
-    done = _current_keys(existing, chain_hash)
+    done = datafiles.current_keys(existing, _KEY, "chain_hash", chain_hash)
     return slices.filter(pc.invert(pc.is_in(datafiles.key_strings(slices, _KEY), value_set=done))), existing
 
 
@@ -246,41 +216,10 @@ def _write_files(spark: SparkSession, settings: Settings, chain: PreprocessChain
                  pending: pa.Table) -> list[datafiles.WrittenFile]:
     """The Spark job: a task per group of ``slices`` row groups, each writing one uncommitted file."""
     warehouse = settings.warehouse
-    folder = tables.local_folder(spark, warehouse, tables.SLICES)
-    groups: dict[tuple[str, int], list[str]] = {}
-    for data_file, row_group, key in zip(pending.column("data_file").to_pylist(),
-                                         pending.column("row_group").to_pylist(),
-                                         datafiles.key_strings(pending, _KEY).to_pylist()):
-        groups.setdefault((os.path.join(folder, data_file), row_group), []).append(key)
-    tasks = [(path, group, keys) for (path, group), keys in sorted(groups.items())]
+    source = datafiles.row_group_tasks(spark, pending, tables.local_folder(spark, warehouse, tables.SLICES), _KEY)
     body = write_partition(chain.steps, tables.local_folder(spark, warehouse, tables.PREPROCESSED), run_stamp(chain))
-    # Twice the cores: a slow task can be balanced out, and each task writes one file, not one per row group.
-    source = spark.createDataFrame(spark.sparkContext.parallelize(
-        tasks, min(len(tasks), 2 * spark.sparkContext.defaultParallelism)), _TASK_SCHEMA)
     with StageProgress(spark.sparkContext, "preprocess", settings.preprocess.progress_seconds):
         return datafiles.collected(source.mapInArrow(body, datafiles.WRITTEN_SCHEMA).collect())
-
-
-def _current_keys(existing: pa.Table, chain_hash: str) -> pa.Array:
-    """Key strings of the ``preprocessed`` rows made by this chain."""
-    current = existing.filter(pc.equal(existing.column("chain_hash"), chain_hash))
-    return datafiles.key_strings(current, _KEY).combine_chunks() if current.num_rows else pa.array([], pa.string())
-
-
-def _replacing(spark: SparkSession, warehouse: str, existing: pa.Table,
-               keys: set[str]) -> tuple[list[datafiles.WrittenFile], list[str]]:
-    """Committed files holding rows that ``keys`` replace: their kept rows written again, and their names."""
-    held = datafiles.key_strings(existing, _KEY).to_pylist()
-    by_file: dict[str, list[bool]] = {}
-    for data_file, key in zip(existing.column("data_file").to_pylist(), held):
-        by_file.setdefault(data_file, []).append(key in keys)
-    removed = [name for name, replaced in by_file.items() if any(replaced)]
-    added = []
-    for name in removed:
-        if not all(by_file[name]):
-            added.append(datafiles.rewrite_without(spark, warehouse, tables.PREPROCESSED, name, _KEY, keys,
-                                                   datafiles.PIXEL_CODEC))
-    return added, removed
 
 
 def write_montage(spark: SparkSession, settings: Settings, chain: PreprocessChain, valid: pa.Table) -> str | None:

@@ -483,10 +483,11 @@ def read(spark: SparkSession, warehouse: str, table: str, version: int | None = 
     return reader.load(table_path(warehouse, table))
 
 
-def create_if_missing(spark: SparkSession, warehouse: str, table: str) -> None:
-    """An empty table with the declared schema, so readers never meet a missing table."""
+def create_if_missing(spark: SparkSession, warehouse: str, table: str, schema: T.StructType | None = None) -> None:
+    """An empty table with the declared schema (or ``schema``: column metadata too), so readers never meet a
+    missing table."""
     if not exists(spark, warehouse, table):
-        spark.createDataFrame([], SCHEMAS[table]).write.format("delta").mode("ignore").save(
+        spark.createDataFrame([], schema or SCHEMAS[table]).write.format("delta").mode("ignore").save(
             table_path(warehouse, table))
 
 
