@@ -50,6 +50,7 @@ from common import (
     memory_text,
     rate,
     spark_cores,
+    time_progress,
     versions,
     write_result,
 )
@@ -104,19 +105,9 @@ class IngestClock(StageClock):
     def __enter__(self):
         from ctlake.spark import ingest
 
-        clock = self
-
-        class TimedProgress(ingest.StageProgress):
-            def __enter__(self):
-                self._bench_started = time.perf_counter()
-                return super().__enter__()
-
-            def __exit__(self, *exc_info):
-                clock.add(self.label.replace("ingest: ", ""), time.perf_counter() - self._bench_started)
-                return super().__exit__(*exc_info)
-
-        self.replace(ingest, "StageProgress", TimedProgress)
-        return super().__enter__()
+        entered = super().__enter__()
+        time_progress(self, ingest)
+        return entered
 
 
 # --- the measured runs ----------------------------------------------------------------------------

@@ -1,21 +1,24 @@
-"""Preprocessing and patch throughput: ctlake's Spark jobs against the same pure functions in a plain loop.
+"""Preprocessing, patch and feature throughput: ctlake's Spark jobs against the same pure functions in a plain loop.
 
     .venv/bin/python bench/bench_preprocess.py --conf conf/local.yaml [--set k=v] [--patients 16 --slices 64 --matrix 512]
+        [--stages preprocess,candidates,window,features]
 
 1. Reuses the benchmark cohort under ``<workdir>/cohort`` when its settings stamp matches (the one
    ``bench_ingest.py`` generates; else generates it with ``ctlake.spark.cohort.run``) and ingests it
    into the scratch warehouse ``<workdir>/pp-warehouse`` (reused when it already holds that cohort).
-2. Warms the session: preprocess, candidate patches and window patches over a few slices in another
-   scratch warehouse (JVM start-up, Delta classes, Python workers and first-query compilation are not
-   counted).
-3. Times, each into a freshly deleted table, with a per-stage breakdown and peak memory:
-   ``ctlake.spark.preprocess.run`` (slices/s), ``ctlake.spark.patches.run`` in detected mode (patches/s) and in
-   window mode over ``--window-series`` series (patches/s).
-4. Stops Spark and times single-process loops of the same pure work: for preprocess, reading the
-   ``slices`` files' row groups with pyarrow, ``ctlake.spark.preprocess.processed_rows`` (``hu_frame``,
-   the chain, ``slice_quality``) and a Parquet write in the job's codec (the issue 11 baseline, write
-   included); for patches (inputs read into the driver first, not timed), ``hu_frame`` +
-   ``cut_slice_task`` per slice task.
+2. Warms the session: preprocess, candidate patches, features and window patches over a few slices in
+   another scratch warehouse (JVM start-up, Delta classes, Python workers and first-query compilation
+   are not counted).
+3. Times the chosen ``--stages``, each into a freshly deleted table, with a per-stage breakdown and
+   peak memory: ``ctlake.spark.preprocess.run`` (slices/s), ``ctlake.spark.patches.run`` in detected
+   mode (patches/s; the detector runs first, untimed), ``ctlake.spark.features.run`` over those
+   patches, and ``patches.run`` in window mode over ``--window-series`` series.
+4. Stops Spark and times single-process loops of the same work *including its read and durable
+   write* (the issue 11 baseline): for preprocess, each ``slices`` row group read with pyarrow,
+   ``preprocess.processed_rows`` and a Parquet write; for patches, each series' work item (planned
+   with Spark, not timed) read from its row groups and cut by ``patches.series_patches``, then written;
+   for features, each ``patches`` row group read, ``features.feature_rows`` and written; all in the
+   job's codec, fsynced.
 5. Prints ratio = Spark throughput / (loop throughput x cores Spark used); target >= 0.8.
 
 The last line of stdout is one JSON object with every figure; it is also written to
@@ -25,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from common import (
@@ -42,6 +47,7 @@ from common import (
     memory_text,
     rate,
     spark_cores,
+    time_progress,
     versions,
     write_result,
 )
@@ -52,6 +58,11 @@ from ctlake.errors import ConfigError, InputError
 
 TARGET_RATIO = 0.8
 WARMUP_SLICES = 8
+#: The stages this bench can time, in the order it runs them (features needs the candidate patches).
+STAGES = ("preprocess", "candidates", "features", "window")
+#: (result key, label, unit) of each stage in the table.
+LABELS = {"preprocess": ("preprocess", "slices"), "candidates": ("patches: detected candidates", "patches"),
+          "features": ("features of the candidate patches", "patches"), "window": ("patches: window", "patches")}
 WAREHOUSE_STAMP = "bench-cohort.json"
 
 
@@ -60,9 +71,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     cohort_arguments(parser, "preprocess.json")
     parser.add_argument("--window-series", type=int, default=2, metavar="N",
                         help="series covered by the window-mode run (default: %(default)s)")
+    parser.add_argument("--stages", default=",".join(STAGES), metavar="S,S,...",
+                        help="stages to time, of " + ", ".join(STAGES) + " (default: all)")
     args = parser.parse_args(argv)
     if args.window_series < 1:
         parser.error(f"--window-series must be at least 1, found {args.window_series}")
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(args.stages) - set(STAGES))
+    if unknown or not args.stages:
+        parser.error(f"--stages must name some of {', '.join(STAGES)}, found {', '.join(unknown) or 'none'}")
+    if "features" in args.stages and "candidates" not in args.stages:
+        parser.error("--stages features needs candidates: it featurizes the candidate patches")
     return args
 
 
@@ -71,7 +90,7 @@ def bench_config(args: argparse.Namespace) -> Settings:
     workdir = Path(args.workdir)
     cohort = workdir / "cohort"
     return cohort_settings(args, {
-        "preprocess.progress_seconds": 0, "patches.progress_seconds": 0,
+        "preprocess.progress_seconds": 0, "patches.progress_seconds": 0, "features.progress_seconds": 0,
         "warehouse": str(workdir / "pp-warehouse"),
         "patches.annotations": str(cohort / "annotations.csv"), "report.folder": str(workdir / "report")})
 
@@ -106,7 +125,7 @@ def warm_up(spark, config: Settings, warehouse: Path) -> float:
     """Preprocess and both patch modes over the first few slices of one series, in another warehouse."""
     from pyspark.sql import functions as F
 
-    from ctlake.spark import detect, patches, preprocess, tables
+    from ctlake.spark import detect, features, patches, preprocess, tables
 
     started = time.perf_counter()
     warm = config.updated({"warehouse": str(fresh(warehouse))})
@@ -116,6 +135,7 @@ def warm_up(spark, config: Settings, warehouse: Path) -> float:
     preprocess.run(spark, warm)
     detect.run(spark, warm)
     patches.run(spark, warm, "detected")
+    features.run(spark, warm)
     fresh(warehouse / tables.PATCHES)
     patches.run(spark, warm, "window", [first])
     return time.perf_counter() - started
@@ -123,9 +143,14 @@ def warm_up(spark, config: Settings, warehouse: Path) -> float:
 
 # --- stage timings --------------------------------------------------------------------------------
 
-def timed(run, targets: list[tuple[object, str, str]]) -> tuple[dict, float, dict, dict]:
-    """``run()`` under the memory sampler and stage clock: summary, seconds, stages, memory."""
+def timed(run, targets: list[tuple[object, str, str]], jobs: list[object]) -> tuple[dict, float, dict, dict]:
+    """``run()`` under the memory sampler and stage clock: summary, seconds, stages, memory.
+
+    ``jobs``: modules whose ``StageProgress`` blocks (their pixel Spark jobs) are timed as one stage.
+    """
     with MemorySampler() as memory, StageClock(targets) as clock:
+        for module in jobs:
+            time_progress(clock, module, "Spark job: workers read, compute and write files")
         started = time.perf_counter()
         summary = run()
         seconds = time.perf_counter() - started
@@ -136,28 +161,40 @@ def timed(run, targets: list[tuple[object, str, str]]) -> tuple[dict, float, dic
 
 # --- loop inputs and loops ------------------------------------------------------------------------
 
-def slice_task_frame(spark, config: Settings, mode: str, series: list[str] | None):
-    """The rows ``patches.run`` cuts (without its skip of done slices), as a list of dicts.
-
-    Streamed one partition at a time: series volumes collected in one Arrow batch overflow the heap.
-    """
+def series_work(spark, config: Settings, mode: str, series: list[str] | None) -> list[str]:
+    """The per-series work items ``patches.run`` hands its workers (without its skip of done slices)."""
     from ctlake.spark import patches
 
-    params = config.patches.params()
     meta = patches.slice_metadata(spark, config.warehouse).cache()
     if mode == "detected":
-        tasks, _ = patches.detected_tasks(spark, config, meta, None)
+        tasks, _ = patches.detected_tasks(spark, config, meta, None, pixels=False)
     else:
-        tasks = patches.window_tasks(spark, config.warehouse, meta, series)
-    frame = [row.asDict(recursive=True) for row in patches.job_frame(spark, config.warehouse, meta, tasks, params)
-             .toLocalIterator()]
+        tasks = patches.window_tasks(spark, config.warehouse, meta, series, pixels=False)
+    works = patches.series_works(spark, config.warehouse, meta, tasks)
     meta.unpersist()
-    return frame
+    return works
 
 
-def preprocess_loop(config: Settings, data_files: list[str], out: Path) -> tuple[float, float, int]:
+class LoopClock:
+    """Seconds of a loop spent reading, computing and writing (what a Spark stage's time would split into)."""
+
+    def __init__(self):
+        self.seconds = {"read": 0.0, "compute": 0.0, "write": 0.0}
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
+
+    def lap(self, part: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[part] += now - since
+        return now
+
+    def result(self, count: int) -> tuple[float, float, int, dict]:
+        return (time.perf_counter() - self.started, time.process_time() - self.cpu_started, count,
+                {k: round(v, 2) for k, v in self.seconds.items()})
+
+
+def preprocess_loop(config: Settings, data_files: list[str], out: Path) -> tuple[float, float, int, dict]:
     """Single process: read each ``slices`` row group with pyarrow, run the chain on every slice and write
-    the ``preprocessed`` rows to Parquet in the job's codec; seconds, CPU seconds, slices.
+    the ``preprocessed`` rows to Parquet in the job's codec; seconds, CPU seconds, slices, split.
 
     The baseline the issue fixed: the same pure per-slice work (``processed_rows``: ``hu_frame``, the
     chain, ``slice_quality``, packing) including the durable write the job cannot skip.
@@ -165,39 +202,94 @@ def preprocess_loop(config: Settings, data_files: list[str], out: Path) -> tuple
     import cv2
     import pyarrow.parquet as pq
 
-    from ctlake.spark import datafiles, tables
+    from ctlake.spark import tables
     from ctlake.spark.preprocess import INPUT_COLUMNS, processed_rows, run_stamp
 
     cv2.setNumThreads(1)  # one core, as each Spark task gets
     chain = config.preprocess.chain()
     stamp = run_stamp(chain)
-    count = 0
-    started, cpu_started = time.perf_counter(), time.process_time()
-    with pq.ParquetWriter(out, tables.arrow_schema(tables.PREPROCESSED), compression=datafiles.PIXEL_CODEC) as writer:
+
+    def batches():
         for path in data_files:
             source = pq.ParquetFile(path)
             for group in range(source.num_row_groups):
-                rows = processed_rows(chain, source.read_row_group(group, columns=INPUT_COLUMNS), stamp)
-                writer.write_table(rows)
-                count += rows.num_rows
-    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+                yield source.read_row_group(group, columns=INPUT_COLUMNS)
+
+    return write_loop(batches(), lambda rows: processed_rows(chain, rows, stamp),
+                      tables.arrow_schema(tables.PREPROCESSED), out)
+
+
+def write_loop(batches, compute, schema, out: Path) -> tuple[float, float, int, dict]:
+    """Time ``compute`` over ``batches`` (a generator that reads), each result written to ``out`` and fsynced."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    from ctlake.spark import datafiles
+
+    clock, count = LoopClock(), 0
+    with pq.ParquetWriter(out, schema, compression=datafiles.PIXEL_CODEC) as writer:
+        since = time.perf_counter()
+        for rows in batches:
+            since = clock.lap("read", since)
+            result = compute(rows)
+            since = clock.lap("compute", since)
+            writer.write_table(result)
+            count += result.num_rows
+            since = clock.lap("write", since)
+    with open(out, "rb") as handle:
+        os.fsync(handle.fileno())
+    clock.lap("write", since)
     out.unlink()
-    return seconds, cpu, count
+    return clock.result(count)
 
 
-def cut_loop(config: Settings, rows: list[dict]) -> tuple[float, float, int]:
-    """Single process: unpack each slice task (``hu_frame``) and ``cut_slice_task``; seconds, CPU seconds, patches.
+def patches_loop(config: Settings, works: list[str], out: Path) -> tuple[float, float, int, dict]:
+    """Single process: each series' work item read (its slices' and masks' row groups), cut by
+    ``patches.series_patches`` and written as ``patches`` rows; seconds, CPU seconds, patches, split.
 
-    The unpacking is ``ctlake.spark.patches.cut_udf``'s own; the output rows (patch ids, bytes) are not built.
+    Reading and cutting are one call (``series_patches`` reads as it goes): its time is under compute.
     """
-    from ctlake.core.patch_tasks import row_tasks, task_patches
+    import json as json_
 
+    import cv2
+    import pyarrow as pa
+
+    from ctlake.core.patch_tasks import params_hash
+    from ctlake.spark import patches, tables
+
+    cv2.setNumThreads(1)
     params = config.patches.params()
-    count = 0
-    started, cpu_started = time.perf_counter(), time.process_time()
-    for row in rows:
-        count += sum(len(task_patches(task, params)) for task in row_tasks(row, params))
-    return time.perf_counter() - started, time.process_time() - cpu_started, count
+    p_hash, schema, created_at = params_hash(params), tables.arrow_schema(tables.PATCHES), datetime.now(UTC)
+
+    def cut(work: str) -> pa.Table:
+        rows = [r for task in patches.series_patches(json_.loads(work), params, p_hash) for r in task]
+        return pa.Table.from_pylist([{**r, "created_at": created_at} for r in rows], schema)
+
+    return write_loop(iter(works), cut, schema, out)
+
+
+def features_loop(config: Settings, data_files: list[str], series_mm: dict, out: Path) -> tuple[float, float, int, dict]:
+    """Single process: each ``patches`` row group read, ``features.feature_rows`` and written; as above."""
+    import cv2
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ctlake.spark import features, tables
+
+    cv2.setNumThreads(1)
+    stamp = features.run_stamp(config.features.pixel_size)
+
+    def batches():
+        for path in data_files:
+            source = pq.ParquetFile(path)
+            for group in range(source.num_row_groups):
+                rows = source.read_row_group(group, columns=features.INPUT_COLUMNS)
+                yield rows.append_column(features.SERIES_MM, pa.array(
+                    [series_mm.get(s) for s in rows.column("series_uid").to_pylist()], pa.float64()))
+
+    return write_loop(batches(), lambda rows: features.feature_rows(rows, config.features.pixel_size, stamp),
+                      tables.arrow_schema(tables.FEATURES), out)
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -216,30 +308,54 @@ def human_table(result: dict) -> str:
         (f"timing: wall clock after a warm-up over {WARMUP_SLICES} slices in another warehouse"
          f" ({result['warmup_seconds']} s); each Spark run writes a freshly deleted table"),
         "",
-        f"{'run':<46}{'seconds':>9}{'items':>8}{'items/s':>10}{'ratio':>8}{'CPU s':>9}{'items/CPU s':>13}{'CPU eff.':>10}",
+        f"{'run':<50}{'seconds':>9}{'items':>8}{'items/s':>10}{'ratio':>8}{'CPU s':>9}{'items/CPU s':>13}{'CPU eff.':>10}",
     ]
-    for key, label, unit in (("preprocess", "preprocess", "slices"), ("candidates", "patches: detected candidates", "patches"),
-                             ("window", f"patches: window ({result['window']['series']} series)", "patches")):
+    stages = [k for k in STAGES if k in result]
+    for key in stages:
+        label, unit = LABELS[key]
+        label += f" ({result['window']['series']} series)" if key == "window" else ""
         row = result[key]
-        lines.append(f"{label + f' - Spark ({cores} cores)':<46}{row['spark']['seconds']:>9.2f}"
+        lines.append(f"{label + f' - Spark ({cores} cores)':<50}{row['spark']['seconds']:>9.2f}"
                      f"{row['spark'][unit]:>8}{row['spark'][unit + '_per_s']:>10.1f}{row['ratio']:>8.3f}"
                      f"{row['spark']['cpu_s']:>9.2f}{row['spark'][unit + '_per_cpu_s']:>13.1f}{row['cpu_efficiency']:>10.3f}")
-        lines.append(f"{label + ' - loop (1 core)':<46}{row['loop']['seconds']:>9.2f}"
+        lines.append(f"{label + ' - loop (1 core)':<50}{row['loop']['seconds']:>9.2f}"
                      f"{row['loop'][unit]:>8}{row['loop'][unit + '_per_s']:>10.1f}{'':>8}"
                      f"{row['loop']['cpu_s']:>9.2f}{row['loop'][unit + '_per_cpu_s']:>13.1f}")
     lines += ["", f"ratio = Spark / (loop x {cores} cores); target >= {TARGET_RATIO}: " + ", ".join(
-        f"{k} {'meets' if result[k]['ratio'] >= TARGET_RATIO else 'below'}" for k in ("preprocess", "candidates", "window")),
+        f"{k} {'meets' if result[k]['ratio'] >= TARGET_RATIO else 'below'}" for k in stages),
         ("CPU s = CPU seconds used (Spark: driver + JVM + Python workers); CPU eff. = (items per CPU s, Spark) /"
          " (items per CPU s, loop): what the work costs, whatever else runs on the machine")]
-    for key in ("preprocess", "candidates", "window"):
+    for key in stages:
         lines.append(f"\n{key} stages (seconds):")
         for name, seconds in result[key]["spark"]["stages"].items():
             lines.append(f"  {name:<52}{seconds:>8.2f}")
+        loop = result[key]["loop"]["split"]
+        lines.append("  loop: " + ", ".join(f"{k} {v:.2f} s" for k, v in loop.items()))
         mem = result[key]["spark"]["memory"]
         lines.append(f"  peak RSS MB (sampled every {mem['sample_interval_s']} s): {memory_text(mem)};"
                      f" CPU s: driver {mem['driver_python_cpu_s']}, JVM {mem['jvm_cpu_s']},"
                      f" Python workers {mem['python_worker_cpu_s']}")
     return "\n".join(lines)
+
+
+def section(cores: int, unit: str, run: tuple[dict, float, dict, dict], count_key: str,
+            loop: tuple[float, float, int, dict]) -> dict:
+    """One stage's figures: the Spark run, the loop, the ratio and the CPU efficiency."""
+    summary, spark_seconds, stages, memory = run
+    spark_count = summary[count_key]
+    loop_seconds, loop_cpu, loop_count, split = loop
+    spark_cpu = round(memory["driver_python_cpu_s"] + memory["jvm_cpu_s"] + memory["python_worker_cpu_s"], 2)
+    return {"spark": {"seconds": round(spark_seconds, 2), unit: spark_count,
+                      f"{unit}_per_s": rate(spark_count, spark_seconds), "cpu_s": spark_cpu,
+                      f"{unit}_per_cpu_s": rate(spark_count, spark_cpu),
+                      "stages": stages, "memory": memory, "summary": summary},
+            "loop": {"seconds": round(loop_seconds, 2), unit: loop_count, f"{unit}_per_s": rate(loop_count, loop_seconds),
+                     "cpu_s": round(loop_cpu, 2), f"{unit}_per_cpu_s": rate(loop_count, loop_cpu), "split": split},
+            "ratio": round(spark_count / spark_seconds / (loop_count / loop_seconds * cores), 3)
+            if spark_seconds > 0 and loop_count and loop_seconds > 0 else 0.0,
+            # Independent of other load on the machine: CPU spent per item by the loop / by Spark.
+            "cpu_efficiency": round((spark_count / spark_cpu) / (loop_count / loop_cpu), 3)
+            if spark_cpu > 0 and loop_count and loop_cpu > 0 else 0.0}
 
 
 def main(argv=None) -> int:
@@ -254,13 +370,14 @@ def main(argv=None) -> int:
     from deltalake import DeltaTable
     from pyspark.sql import functions as F
 
-    from ctlake.spark import datafiles, detect, patches, preprocess, tables
+    from ctlake.spark import datafiles, detect, features, patches, preprocess, tables
     from ctlake.spark.session import build_session
 
     load_start = load_average()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     warehouse = Path(config.warehouse)
+    runs: dict[str, tuple] = {}
     spark = build_session(config.spark)
     try:
         cores = spark_cores(spark)
@@ -269,67 +386,71 @@ def main(argv=None) -> int:
             raise InputError(f"no DICOM files in {workdir / 'cohort' / 'dicom'}")
         slice_rows, ingested, ingest_seconds = ensure_slices(spark, config, workdir / "cohort", files)
         warmup_seconds = warm_up(spark, config, workdir / "pp-warmup-warehouse")
+        commit = (datafiles, "commit", lambda *a, **k: f"delta commit {a[2]} (delta-rs)")
 
+        # Preprocess always runs (the patches need its masks); it is timed when asked for.
         fresh(warehouse / tables.PREPROCESSED)
-        pre_summary, pre_seconds, pre_stages, pre_memory = timed(
-            lambda: preprocess.run(spark, config),
-            [(preprocess, "_pending", "pending keys (key columns read with delta-rs)"),
-             (preprocess, "_write_files", "Spark job: workers read row groups, run the chain, write files"),
-             (datafiles, "commit", "delta commit (delta-rs)"),
-             (tables, "merge_upsert", "read slices + UDF + Delta write (merge_upsert, table_writer spark)"),
-             (preprocess, "write_montage", "montage picture")])
-
-        detect.run(spark, config)  # the detector's candidates are the patches' input, not timed here
-        patch_targets = [(patches, "detected_tasks", "detected tasks (locate, counts)"),
+        runs["preprocess"] = timed(lambda: preprocess.run(spark, config), [
+            (preprocess, "_pending", "pending keys (key columns read with delta-rs)"), commit,
+            (tables, "merge_upsert", "read slices + UDF + Delta write (merge_upsert, table_writer spark)"),
+            (preprocess, "write_montage", "montage picture")], [preprocess])
+        patch_targets = [(patches, "detected_tasks", "slice tasks (locate candidates, counts)"),
+                         (patches, "series_works", "work items per series (key columns, row groups)"), commit,
                          (tables, "merge_insert", "stacks join + UDF + Delta write (merge_insert)"),
                          (patches, "write_patch_grid", "patch grid picture")]
-        fresh(warehouse / tables.PATCHES)
-        cand_summary, cand_seconds, cand_stages, cand_memory = timed(
-            lambda: patches.run(spark, config, "detected"), patch_targets)
-
-        series = [r["series_uid"] for r in tables.read(spark, config.warehouse, tables.PREPROCESSED)
-                  .join(tables.read(spark, config.warehouse, tables.SLICES).select("sop_uid", "frame", "series_uid"),
-                        ["sop_uid", "frame", "series_uid"])
-                  .filter(F.col("mask_valid")).select("series_uid").distinct()
-                  .orderBy("series_uid").limit(args.window_series).collect()]
-        # Window and detected runs share the parameters hash, so slices cut as detected would be skipped.
-        fresh(warehouse / tables.PATCHES)
-        win_summary, win_seconds, win_stages, win_memory = timed(
-            lambda: patches.run(spark, config, "window", series), patch_targets)
-
         meta = {"machine": machine(),
                 "versions": versions(spark, ("opencv-python-headless", "opencv-python", "pandas", "pyarrow")),
                 "spark": {"master": spark.sparkContext.master, "cores": cores,
                           "default_parallelism": spark.sparkContext.defaultParallelism,
                           "slices_table_files": len(list((warehouse / tables.SLICES).glob("*.parquet")))}}
-        # Loop inputs, read into the driver once and not timed.
         slice_files = DeltaTable(str(warehouse / tables.SLICES)).file_uris()
-        cand_frame = slice_task_frame(spark, config, "detected", None)
-        win_frame = slice_task_frame(spark, config, "window", series)
+        works = {}
+        if "candidates" in args.stages:
+            detect.run(spark, config)  # the detector's candidates are the patches' input, not timed here
+            fresh(warehouse / tables.PATCHES)
+            runs["candidates"] = timed(lambda: patches.run(spark, config, "detected"), patch_targets, [patches])
+            works["candidates"] = series_work(spark, config, "detected", None)
+        if "features" in args.stages:
+            fresh(warehouse / tables.FEATURES)
+            runs["features"] = timed(lambda: features.run(spark, config), [
+                (features, "_names_changed", "layout check (Spark reads the table schema)"), commit,
+                (tables, "merge_upsert", "read patches + UDF + Delta write (merge_upsert, table_writer spark)")],
+                [features])
+            # The loop's input, kept apart: the window run below rewrites the patches table.
+            kept = fresh(workdir / "loop-patches")
+            shutil.copytree(warehouse / tables.PATCHES, kept)
+            patch_files = DeltaTable(str(kept)).file_uris()
+            spacing = tables.scan(spark, config.warehouse, tables.SERIES, ["series_uid", "spacing_mm"])
+            series_mm = dict(zip(spacing.column("series_uid").to_pylist(), spacing.column("spacing_mm").to_pylist()))
+        series = []
+        if "window" in args.stages:
+            series = [r["series_uid"] for r in tables.read(spark, config.warehouse, tables.PREPROCESSED)
+                      .join(tables.read(spark, config.warehouse, tables.SLICES).select("sop_uid", "frame", "series_uid"),
+                            ["sop_uid", "frame", "series_uid"])
+                      .filter(F.col("mask_valid")).select("series_uid").distinct()
+                      .orderBy("series_uid").limit(args.window_series).collect()]
+            # Window and detected runs share the parameters hash, so slices cut as detected would be skipped.
+            fresh(warehouse / tables.PATCHES)
+            runs["window"] = timed(lambda: patches.run(spark, config, "window", series), patch_targets, [patches])
+            works["window"] = series_work(spark, config, "window", series)
     finally:
         spark.stop()
 
     # Spark is stopped, so the loops have the machine to themselves.
-    loop_pre = preprocess_loop(config, slice_files, workdir / "preprocess-loop.parquet")
-    loop_cand = cut_loop(config, cand_frame)
-    loop_win = cut_loop(config, win_frame)
-
-    def section(unit: str, spark_count: int, spark_seconds: float, stages: dict, memory: dict, summary: dict,
-                loop: tuple[float, float, int], tasks: int | None = None) -> dict:
-        loop_seconds, loop_cpu, loop_count = loop
-        spark_cpu = round(memory["driver_python_cpu_s"] + memory["jvm_cpu_s"] + memory["python_worker_cpu_s"], 2)
-        return {"spark": {"seconds": round(spark_seconds, 2), unit: spark_count,
-                          f"{unit}_per_s": rate(spark_count, spark_seconds), "cpu_s": spark_cpu,
-                          f"{unit}_per_cpu_s": rate(spark_count, spark_cpu),
-                          "stages": stages, "memory": memory, "summary": summary},
-                "loop": {"seconds": round(loop_seconds, 2), unit: loop_count, f"{unit}_per_s": rate(loop_count, loop_seconds),
-                         "cpu_s": round(loop_cpu, 2), f"{unit}_per_cpu_s": rate(loop_count, loop_cpu),
-                         **({"slice_tasks": tasks} if tasks is not None else {})},
-                "ratio": round(spark_count / spark_seconds / (loop_count / loop_seconds * cores), 3)
-                if spark_seconds > 0 and loop_count and loop_seconds > 0 else 0.0,
-                # Independent of other load on the machine: CPU spent per item by the loop / by Spark.
-                "cpu_efficiency": round((spark_count / spark_cpu) / (loop_count / loop_cpu), 3)
-                if spark_cpu > 0 and loop_count and loop_cpu > 0 else 0.0}
+    sections = {}
+    if "preprocess" in args.stages:
+        sections["preprocess"] = section(cores, "slices", runs["preprocess"], "slices_processed",
+                                         preprocess_loop(config, slice_files, workdir / "preprocess-loop.parquet"))
+    if "candidates" in args.stages:
+        sections["candidates"] = section(cores, "patches", runs["candidates"], "patches_total",
+                                         patches_loop(config, works["candidates"], workdir / "patches-loop.parquet"))
+    if "features" in args.stages:
+        sections["features"] = section(cores, "patches", runs["features"], "patches_featurized",
+                                       features_loop(config, patch_files, series_mm, workdir / "features-loop.parquet"))
+    if "window" in args.stages:
+        sections["window"] = {**section(cores, "patches", runs["window"], "patches_total",
+                                        patches_loop(config, works["window"], workdir / "patches-loop.parquet")),
+                              "series": len(series)}
 
     stamp = json.loads((workdir / "cohort" / STAMP_NAME).read_text())
     result = {
@@ -341,13 +462,7 @@ def main(argv=None) -> int:
                    "generated": generated, "generate_seconds": round(generate_seconds, 1),
                    "ingested": ingested, "ingest_seconds": round(ingest_seconds, 1)},
         "warmup_seconds": round(warmup_seconds, 2),
-        "preprocess": section("slices", pre_summary["slices_processed"], pre_seconds, pre_stages, pre_memory,
-                              pre_summary, loop_pre),
-        "candidates": section("patches", cand_summary["patches_total"], cand_seconds, cand_stages, cand_memory,
-                              cand_summary, loop_cand, len(cand_frame)),
-        "window": {**section("patches", win_summary["patches_total"], win_seconds, win_stages, win_memory,
-                             win_summary, loop_win, len(win_frame)),
-                   "series": len(series)},
+        **sections,
         "target_ratio": TARGET_RATIO,
     }
     write_result(result, human_table(result), workdir / "preprocess.json")

@@ -197,6 +197,25 @@ class StageClock:
         self._restore.clear()
 
 
+def time_progress(clock: StageClock, module, label: str | None = None) -> None:
+    """Time every ``StageProgress`` block of ``module`` (a job's Spark jobs) into ``clock`` while it is entered.
+
+    Labelled ``label``, or the block's own label.
+    """
+    original = module.StageProgress
+
+    class TimedProgress(original):
+        def __enter__(self):
+            self._bench_started = time.perf_counter()
+            return super().__enter__()
+
+        def __exit__(self, *exc_info):
+            clock.add(label or self.label, time.perf_counter() - self._bench_started)
+            return super().__exit__(*exc_info)
+
+    clock.replace(module, "StageProgress", TimedProgress)
+
+
 # --- memory sampling ------------------------------------------------------------------------------
 
 def _status_kb(pid: int, field: str) -> int | None:

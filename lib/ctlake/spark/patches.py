@@ -288,11 +288,14 @@ def run(spark: SparkSession, settings: Settings, mode: str = "detected", series:
                 StageProgress(spark.sparkContext, f"patches ({mode})", settings.patches.progress_seconds):
             tables.merge_insert(spark, warehouse, tables.PATCHES, patches, ["patch_id"])
     meta.unpersist()
-    table = tables.read(spark, warehouse, tables.PATCHES).filter(F.col("params_hash") == p_hash)
-    by_mode = {f"{r['mode']}/{r['label']}": r["count"] for r in table.groupBy("mode", "label").count().collect()}
+    # The summary and the picture from key columns on the driver (tables.scan), not from Spark jobs.
+    table = tables.scan(spark, warehouse, tables.PATCHES, ["patch_id", "mode", "label"], {"params_hash": [p_hash]})
+    by_mode = {f"{r['mode']}/{r['label']}": r["count"] for r in
+               table.group_by(["mode", "label"], use_threads=False).aggregate([([], "count_all")])
+               .rename_columns(["mode", "label", "count"]).to_pylist()}
     summary = {"mode": mode, "params_hash": p_hash, **stats,
-               "patches_by_mode_label": dict(sorted(by_mode.items())), "patches_total": table.count()}
-    picture = write_patch_grid(settings.report.folder, table, mode)
+               "patches_by_mode_label": dict(sorted(by_mode.items())), "patches_total": table.num_rows}
+    picture = write_patch_grid(spark, settings, table, mode)
     if picture:
         summary["patch_grid"] = picture
     return summary
@@ -315,13 +318,9 @@ def _cut_direct(spark: SparkSession, settings: Settings, meta: DataFrame, tasks:
     the patch ids it added are dropped from this run's files and the commit retried.
     """
     warehouse, params = settings.warehouse, settings.patches.params()
-    rows = meta.join(tasks, ["series_uid", "slice_index"], "inner").toArrow()
-    if rows.num_rows == 0:
+    works = series_works(spark, warehouse, meta, tasks)
+    if not works:
         return 0
-    task_series = set(rows.column("series_uid").to_pylist())
-    indices = (meta.filter(F.col("series_uid").isin(sorted(task_series)))
-               .select("series_uid", "sop_uid", "frame", "slice_index").toArrow())
-    works = _series_work(spark, warehouse, rows, indices)
     body = cut_partition(params, params_hash(params), tables.local_folder(spark, warehouse, tables.PATCHES),
                          settings.patches.arrow_max_bytes_per_batch)
     source = spark.createDataFrame(spark.sparkContext.parallelize(
@@ -346,6 +345,17 @@ def _cut_direct(spark: SparkSession, settings: Settings, meta: DataFrame, tasks:
     except BaseException:
         datafiles.discard(spark, warehouse, tables.PATCHES, written)
         raise
+
+
+def series_works(spark: SparkSession, warehouse: str, meta: DataFrame, tasks: DataFrame) -> list[str]:
+    """The slice tasks without pixels (``tasks``) as one JSON work item per series (:func:`series_patches`)."""
+    rows = meta.join(tasks, ["series_uid", "slice_index"], "inner").toArrow()
+    if rows.num_rows == 0:
+        return []
+    task_series = set(rows.column("series_uid").to_pylist())
+    indices = (meta.filter(F.col("series_uid").isin(sorted(task_series)))
+               .select("series_uid", "sop_uid", "frame", "slice_index").toArrow())
+    return _series_work(spark, warehouse, rows, indices)
 
 
 def _series_work(spark: SparkSession, warehouse: str, rows: pa.Table, indices: pa.Table) -> list[str]:
@@ -437,18 +447,27 @@ def series_patches(work: dict, params: PatchParams, p_hash: str) -> Iterator[lis
         yield [patch_row(task, p, params, p_hash) for p in task_patches(task, params)]
 
 
-def write_patch_grid(report_folder: str, table: DataFrame, mode: str, per_class: int = 16) -> str | None:
-    """PNG grid of annotated-nodule and detected-candidate patches (or window patches)."""
+def write_patch_grid(spark: SparkSession, settings: Settings, table: pa.Table, mode: str,
+                     per_class: int = 16) -> str | None:
+    """PNG grid of annotated-nodule and detected-candidate patches (or window patches), first by patch id.
+
+    ``table``: patch_id, mode and label of the cut's patches; only the chosen
+    patches' pixels are read (:func:`ctlake.spark.tables.lookup`).
+    """
+    table = table.sort_by("patch_id")
     if mode == "detected":
-        chosen = (table.filter(F.col("mode") == "nodule").orderBy("patch_id").limit(per_class)
-                  .unionByName(table.filter(F.col("mode") == "detected").orderBy("patch_id").limit(per_class)))
+        chosen = [table.filter(pc.equal(table.column("mode"), m)).slice(0, per_class) for m in ("nodule", "detected")]
     else:
-        chosen = table.orderBy("patch_id").limit(2 * per_class)
-    rows = chosen.select("pixels", "patch_shape", "label", "mode").collect()
-    if not rows:
+        chosen = [table.slice(0, 2 * per_class)]
+    ids = [i for part in chosen for i in part.column("patch_id").to_pylist()]
+    if not ids:
         return None
+    found = tables.lookup(spark, settings.warehouse, tables.PATCHES, {"patch_id": ids},
+                          ["patch_id", "pixels", "patch_shape", "label", "mode"])
+    rows = {r["patch_id"]: r for r in found.to_pylist()}
+    rows = [rows[i] for i in ids if i in rows]
     patches_hu = [np.frombuffer(r["pixels"], "<i2").reshape(r["patch_shape"]) for r in rows]
     captions = [f"{'?' if r['label'] is None else r['label']} {r['mode'][:4]}" for r in rows]
-    path = tables.report_file(report_folder, tables.patch_grid_png(mode))
+    path = tables.report_file(settings.report.folder, tables.patch_grid_png(mode))
     cv2.imwrite(str(path), patch_grid(patches_hu, captions, [r["label"] for r in rows]))
     return str(path)

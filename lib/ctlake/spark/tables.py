@@ -465,7 +465,7 @@ def lookup(spark: SparkSession, warehouse: str, table: str, where: dict, columns
     located = locate(spark, warehouse, table, keys)
     hits = located.filter(condition)
     folder = local_folder(spark, warehouse, table)
-    parts = [pq.ParquetFile(os.path.join(folder, data_file)).read_row_group(group, columns=keys + columns)
+    parts = [pq.ParquetFile(os.path.join(folder, data_file)).read_row_group(group, columns=list(dict.fromkeys(keys + columns)))
              .filter(condition).select(columns)
              for data_file, group in sorted(set(zip(hits.column("data_file").to_pylist(),
                                                     hits.column("row_group").to_pylist())))]
