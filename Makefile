@@ -91,11 +91,19 @@ test: setup ## run the test suite (real Spark in local mode, real Delta tables)
 lint: setup ## static checks
 	$(VENV)/bin/ruff check lib jobs tests bench
 
-bench: setup ## benchmarks: ingest, preprocess, patches vs single-process loops; MLlib vs scikit-learn models; hostile files
-	$(PY) bench/bench_ingest.py --conf $(CONF) --sets "$$SET"
-	$(PY) bench/bench_preprocess.py --conf $(CONF) --sets "$$SET"
-	$(PY) bench/bench_models.py --conf $(CONF) --sets "$$SET"
+BENCH_DIR = data/bench
+BENCH     = --conf $(CONF) --sets "$$SET"
+bench: setup ## benchmarks of issue 11's table (about 30 min; the models part reads make run's features): stages vs loops that write, fixed cost, scale, models
+	$(PY) bench/bench_ingest.py $(BENCH) --patients 12 --slices 200 --set cohort.rle_fraction=0 --workdir $(BENCH_DIR)/x1
+	$(PY) bench/bench_ingest.py $(BENCH) --patients 12 --slices 200 --set cohort.rle_fraction=1 --workdir $(BENCH_DIR)/x1-rle
+	$(PY) bench/bench_preprocess.py $(BENCH) --patients 12 --slices 200 --set cohort.rle_fraction=0 \
+	    --workdir $(BENCH_DIR)/x1 --stages preprocess,window
+	$(PY) bench/bench_preprocess.py $(BENCH) --patients 200 --slices 32 --matrix 256 \
+	    --workdir $(BENCH_DIR)/sample --stages candidates,features
+	$(PY) bench/bench_scale.py $(BENCH) --set cohort.rle_fraction=0 --workdir $(BENCH_DIR)/scale
+	$(PY) bench/bench_models.py $(BENCH) --workdir $(BENCH_DIR)
 	$(PY) bench/bench_hostile.py
+	$(PY) bench/summary.py $(BENCH_DIR)
 
 package: setup ## build the ctlake wheel into dist/
 	$(VENV)/bin/pip wheel --quiet --no-deps -w dist .
