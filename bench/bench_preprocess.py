@@ -161,20 +161,6 @@ def timed(run, targets: list[tuple[object, str, str]], jobs: list[object]) -> tu
 
 # --- loop inputs and loops ------------------------------------------------------------------------
 
-def series_work(spark, config: Settings, mode: str, series: list[str] | None) -> list[str]:
-    """The per-series work items ``patches.run`` hands its workers (without its skip of done slices)."""
-    from ctlake.spark import patches
-
-    meta = patches.slice_metadata(spark, config.warehouse).cache()
-    if mode == "detected":
-        tasks, _ = patches.detected_tasks(spark, config, meta, None, pixels=False)
-    else:
-        tasks = patches.window_tasks(spark, config.warehouse, meta, series, pixels=False)
-    works = patches.series_works(spark, config.warehouse, meta, tasks)
-    meta.unpersist()
-    return works
-
-
 class LoopClock:
     """Seconds of a loop spent reading, computing and writing (what a Spark stage's time would split into)."""
 
@@ -394,8 +380,8 @@ def main(argv=None) -> int:
             (preprocess, "_pending", "pending keys (key columns read with delta-rs)"), commit,
             (tables, "merge_upsert", "read slices + UDF + Delta write (merge_upsert, table_writer spark)"),
             (preprocess, "write_montage", "montage picture")], [preprocess])
-        patch_targets = [(patches, "detected_tasks", "slice tasks (locate candidates, counts)"),
-                         (patches, "series_works", "work items per series (key columns, row groups)"), commit,
+        patch_targets = [(patches, "plan", "plan: slice tasks per series on the driver (key columns, locate)"),
+                         (patches, "detected_tasks", "slice tasks in Spark (table_writer spark)"), commit,
                          (tables, "merge_insert", "stacks join + UDF + Delta write (merge_insert)"),
                          (patches, "write_patch_grid", "patch grid picture")]
         meta = {"machine": machine(),
@@ -408,8 +394,9 @@ def main(argv=None) -> int:
         if "candidates" in args.stages:
             detect.run(spark, config)  # the detector's candidates are the patches' input, not timed here
             fresh(warehouse / tables.PATCHES)
+            # The loop's input: the work items the run is about to plan (nothing is cut yet), not timed.
+            works["candidates"] = patches.plan(spark, config, "detected", None)[0]
             runs["candidates"] = timed(lambda: patches.run(spark, config, "detected"), patch_targets, [patches])
-            works["candidates"] = series_work(spark, config, "detected", None)
         if "features" in args.stages:
             fresh(warehouse / tables.FEATURES)
             runs["features"] = timed(lambda: features.run(spark, config), [
@@ -431,8 +418,8 @@ def main(argv=None) -> int:
                       .orderBy("series_uid").limit(args.window_series).collect()]
             # Window and detected runs share the parameters hash, so slices cut as detected would be skipped.
             fresh(warehouse / tables.PATCHES)
+            works["window"] = patches.plan(spark, config, "window", series)[0]
             runs["window"] = timed(lambda: patches.run(spark, config, "window", series), patch_targets, [patches])
-            works["window"] = series_work(spark, config, "window", series)
     finally:
         spark.stop()
 

@@ -31,6 +31,7 @@ from ctlake.spark.partitioned_svc import (
     PartitionedSVC,
     PartitionedSVCModel,
     assign_partitions,
+    shuffle_keys,
     tune_partitioned_svc,
 )
 
@@ -172,6 +173,15 @@ def test_last_bit_differences_do_not_deal_the_rows_anew(spark):
         vector_to_array("features"), lambda x: x * F.lit(1.0 + 2.0 ** -50))))
     assert nudged.select(vector_to_array("features")).collect() != df.select(vector_to_array("features")).collect()
     assert assignment(nudged, seed=11) == assignment(df, seed=11)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 8, 16, 32])
+def test_shuffle_keys_give_each_partition_its_own_task(spark, k):
+    keys = shuffle_keys(k)
+    frame = spark.createDataFrame([(key,) for key in keys], "key int")
+    assert [r[0] for r in frame.select(F.pmod(F.hash("key"), F.lit(k))).collect()] == list(range(k))
+    tasks = frame.repartition(k, "key").select("key", F.spark_partition_id().alias("task")).collect()
+    assert sorted(r["task"] for r in tasks) == list(range(k))
 
 
 def test_uneven_classes_differ_by_at_most_one_row_per_partition(spark):

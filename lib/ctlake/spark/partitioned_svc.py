@@ -2,7 +2,7 @@
 
 A kernel SVM costs between O(n^2) and O(n^3) to train, so one SVC on all the
 nodule candidates is out of reach; k SVCs on k disjoint, stratified slices of
-the data train in parallel (one ``applyInPandas`` group each) and their
+the data train in parallel (one ``applyInArrow`` group each) and their
 averaged scores classify about as well as the single large model would.
 
 Flow of :class:`PartitionedSVC`:
@@ -15,9 +15,9 @@ Flow of :class:`PartitionedSVC`:
    data never moves a row to another partition.
 2. Each partition is capped at ``maxRowsPerPartition`` rows *before* the
    groupBy (the rows dropped are the highest-numbered of each label, i.e. a
-   seeded, stratified sample), because ``applyInPandas`` loads a whole group
+   seeded, stratified sample), because ``applyInArrow`` loads a whole group
    into one Python worker's memory.
-3. ``groupBy(partition).applyInPandas`` fits one model per partition
+3. ``groupBy(partition).applyInArrow`` fits one model per partition
    (:mod:`ctlake.core.svm_partition`) and returns it pickled in
    one small row; the k rows are gathered on the driver.
 4. :class:`PartitionedSVCModel` broadcasts the pickled models once per
@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import sklearn
 from pyspark import keyword_only
 from pyspark.ml import Estimator, Model
@@ -67,6 +68,7 @@ from pyspark.ml.util import (
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
+from pyspark.sql.pandas.types import to_arrow_schema
 
 from ctlake.core.svm_partition import (
     AGGREGATIONS,
@@ -88,7 +90,7 @@ PARTITION_COL = "partition"
 #: its label in its partition, in seeded-hash order (downsampling keeps the lowest).
 RANK_COL = "rank_in_partition"
 
-#: One row per partition, as ``applyInPandas`` returns it and as the model saves it.
+#: One row per partition, as ``applyInArrow`` returns it and as the model saves it.
 #: ``model`` is null (and ``skipped`` says why) when the partition could not be trained.
 PARTITION_RESULT_SCHEMA = T.StructType([
     T.StructField("partition", T.IntegerType(), False),
@@ -219,30 +221,70 @@ def _require_vector_column(dataset: DataFrame, column: str) -> None:
 
 
 def _train_udf(settings: dict):
-    """The applyInPandas function: one partition's rows in, one PARTITION_RESULT_SCHEMA row out.
+    """The applyInArrow function: one partition's rows in, one PARTITION_RESULT_SCHEMA row out.
 
-    The group has columns ``features``, ``label``, :data:`PARTITION_COL`, :data:`RANK_COL`
-    and, when the estimator has a weight column, ``weight`` (passed as ``sample_weight``).
+    The group has columns ``features`` (array of doubles), ``label``, :data:`PARTITION_COL`,
+    :data:`RANK_COL` and, when the estimator has a weight column, ``weight`` (passed as
+    ``sample_weight``).  Arrow, not pandas: the feature arrays become one matrix without a
+    Python object per row (in pandas they were a column of arrays stacked row by row).
     """
-    def train(group: pd.DataFrame) -> pd.DataFrame:
+    schema = to_arrow_schema(PARTITION_RESULT_SCHEMA)
+
+    def train(group: pa.Table) -> pa.Table:
         # Shuffles deliver rows in any order; SVC's solver and the calibration folds depend on it.
-        group = group.sort_values(["label", RANK_COL], kind="stable")
-        partition = int(group[PARTITION_COL].iloc[0])
-        features = np.vstack(group["features"].to_numpy()).astype(np.float64, copy=False)
-        labels = group["label"].to_numpy(dtype=np.float64)
-        weights = group["weight"].to_numpy(dtype=np.float64) if "weight" in group.columns else None
+        group = group.sort_by([("label", "ascending"), (RANK_COL, "ascending")])
+        partition = group.column(PARTITION_COL)[0].as_py()
+        features = group.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        features = features.astype(np.float64, copy=False).reshape(group.num_rows, -1)
+        labels = group.column("label").to_numpy().astype(np.float64, copy=False)
+        weights = (group.column("weight").to_numpy().astype(np.float64, copy=False)
+                   if "weight" in group.column_names else None)
         started = time.perf_counter()
         model, skipped = train_partition(features, labels, dict(settings, partition=partition),
                                          sample_weight=weights)
-        return pd.DataFrame([{
+        return pa.Table.from_pylist([{
             "partition": partition,
             "model": pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL) if model is not None else None,
             "n_rows": len(labels),
             "n_pos": int(np.sum(labels == 1.0)),
             "train_seconds": time.perf_counter() - started,
             "skipped": skipped,
-        }], columns=PARTITION_RESULT_SCHEMA.fieldNames())
+        }], schema=schema)
     return train
+
+
+def _murmur3(value: int, seed: int = 42) -> int:
+    """Spark's ``hash()`` of an int (Murmur3 x86 32-bit, seed 42): what its hash partitioning deals rows by."""
+    def rotate(x: int, bits: int) -> int:
+        return ((x << bits) | (x >> (32 - bits))) & 0xFFFFFFFF
+
+    k1 = rotate((value & 0xFFFFFFFF) * 0xCC9E2D51 & 0xFFFFFFFF, 15) * 0x1B873593 & 0xFFFFFFFF
+    h1 = (rotate(seed ^ k1, 13) * 5 + 0xE6546B64) & 0xFFFFFFFF
+    h1 ^= 4
+    h1 = (h1 ^ (h1 >> 16)) * 0x85EBCA6B & 0xFFFFFFFF
+    h1 = (h1 ^ (h1 >> 13)) * 0xC2B2AE35 & 0xFFFFFFFF
+    h1 ^= h1 >> 16
+    return h1 - 2**32 if h1 >= 2**31 else h1
+
+
+def shuffle_keys(k: int) -> list[int]:
+    """One int per partition 0..k-1 that Spark's hash partitioning into k sends exactly there.
+
+    Why: hash partitioning of the partition numbers themselves often sends two
+    to one task (and leaves another idle), and range partitioning, which does
+    not, first runs a sampling job over the whole input (its window and sort
+    included: about a fifth of a fit at 289k rows).
+    """
+    keys: dict[int, int] = {}
+    value = 0
+    while len(keys) < k:
+        keys.setdefault(_murmur3(value) % k, value)
+        value += 1
+    return [keys[p] for p in range(k)]
+
+
+#: The column the rows are shuffled and grouped by: :func:`shuffle_keys` of their partition.
+_SHUFFLE_COL = "_svm_shuffle_key"
 
 
 def _score_udf(models_broadcast, aggregation: str):
@@ -527,11 +569,12 @@ class PartitionedSVC(_PartitionedSVCParams, Estimator["PartitionedSVCModel"],
                         largest, max_rows, caps[0.0], caps[1.0])
             parts = parts.filter(F.col(RANK_COL) < F.when(F.col("label") == 0.0, F.lit(caps[0.0]))
                                                    .otherwise(F.lit(caps[1.0])))
-        # Range partitioning on k distinct ids gives each partition its own task (a hash
-        # of small ints often collides), and AQE does not coalesce an explicit count.
-        results = (parts.repartitionByRange(k, PARTITION_COL)
-                        .groupBy(PARTITION_COL)
-                        .applyInPandas(_train_udf(self._settings()), PARTITION_RESULT_SCHEMA)
+        # Each partition its own task: keys Spark's hash partitioning deals one to a task, and an
+        # explicit count AQE does not coalesce; the groupBy reuses that partitioning (no second shuffle).
+        keys = F.element_at(F.array(*[F.lit(key) for key in shuffle_keys(k)]), F.col(PARTITION_COL) + 1)
+        results = (parts.withColumn(_SHUFFLE_COL, keys).repartition(k, _SHUFFLE_COL)
+                        .groupBy(_SHUFFLE_COL)
+                        .applyInArrow(_train_udf(self._settings()), PARTITION_RESULT_SCHEMA)
                         .collect())
         results = sorted((row.asDict() for row in results), key=lambda row: row["partition"])
         for row in results:

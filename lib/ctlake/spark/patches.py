@@ -180,9 +180,8 @@ def patch_row(task: dict, patch: dict, params: PatchParams, p_hash: str) -> dict
     }
 
 
-def detected_tasks(spark: SparkSession, settings: Settings, meta: DataFrame, series: list[str] | None,
-                   pixels: bool = True) -> tuple[DataFrame, dict]:
-    """Slice tasks at the detector's candidates (of ``series``, or all), plus every annotated nodule.
+def candidate_requests(spark: SparkSession, settings: Settings, series: list[str] | None) -> DataFrame:
+    """What to cut, in patient mm: the detector's candidates (of ``series``, or all), plus every annotated nodule.
 
     The annotated nodules (``patches.annotations``, patient mm) are cut only
     when no series is given: they are training data, and a scan being scored
@@ -190,7 +189,7 @@ def detected_tasks(spark: SparkSession, settings: Settings, meta: DataFrame, ser
     ``patches.jitter.copies`` displaced centres (mode ``jittered``,
     :func:`ctlake.core.patch_tasks.jittered_nodules`).  Their ``candidate_id``
     is the nodule's key in ``nodules.csv``; a detected patch's is the
-    detection's.
+    detection's.  Columns: series_uid, coordX/Y/Z, candidate_id, mode, label, radius_mm.
     """
     patches = settings.patches
     found = tables.read_candidates(spark, settings.warehouse, detector_hash(settings.detect.params()))
@@ -209,44 +208,50 @@ def detected_tasks(spark: SparkSession, settings: Settings, meta: DataFrame, ser
             displaced = jittered_nodules(nodules.toPandas(), patches.jitter.copies, patches.jitter.fraction)
             rows = rows.unionByName(spark.createDataFrame(displaced.assign(mode="jittered")[columns],
                                                           rows.schema))
-    located = locate(rows, meta).cache()
+    return rows
+
+
+def _located_counts(counts: dict) -> dict:
+    """The summary's ``<mode>_located`` and ``<mode>_off_slab`` from {mode: (located, off the slab)}."""
+    return {f"{mode}_located": n for mode, (n, _) in sorted(counts.items())} | {
+        f"{mode}_off_slab": off for mode, (_, off) in sorted(counts.items())}
+
+
+def detected_tasks(spark: SparkSession, settings: Settings, meta: DataFrame,
+                   series: list[str] | None) -> tuple[DataFrame, dict]:
+    """Slice tasks (with their masks) at :func:`candidate_requests`, and the located counts by mode."""
+    patches = settings.patches
+    located = locate(candidate_requests(spark, settings, series), meta).cache()
     usable = located.filter(F.col("distance_mm") <= patches.max_slice_distance_mm)
     requests = (usable.groupBy("series_uid", "slice_index")
                 .agg(F.collect_list(F.struct(*REQUEST.fieldNames())).alias("requests")))
-    masks = valid_masks(spark, settings.warehouse, meta, pixels)
-    tasks = (requests.join(masks.select("series_uid", "slice_index", "mask" if pixels else HAS_MASK),
-                           ["series_uid", "slice_index"], "left")
+    masks = valid_masks(spark, settings.warehouse, meta)
+    tasks = (requests.join(masks.select("series_uid", "slice_index", "mask"), ["series_uid", "slice_index"], "left")
              .withColumn("window", F.lit(False)))
     counts = {r["mode"]: (r["n"], r["off_slab"]) for r in located.groupBy("mode").agg(
         F.count("*").alias("n"), F.sum((F.col("distance_mm") > patches.max_slice_distance_mm).cast("int"))
         .alias("off_slab")).collect()}
     located.unpersist()
-    return tasks, {f"{mode}_located": n for mode, (n, _) in sorted(counts.items())} | {
-        f"{mode}_off_slab": off for mode, (_, off) in sorted(counts.items())}
+    return tasks, _located_counts(counts)
 
 
-def valid_masks(spark: SparkSession, warehouse: str, meta: DataFrame, pixels: bool = True) -> DataFrame:
-    """The lung mask of every slice whose mask passed the quality check, with its series and index.
-
-    ``pixels`` False: a ``has_mask`` flag instead of the mask, for workers that read the masks themselves.
-    """
-    mask = "mask" if pixels else F.lit(True).alias(HAS_MASK)
+def valid_masks(spark: SparkSession, warehouse: str, meta: DataFrame) -> DataFrame:
+    """The lung mask of every slice whose mask passed the quality check, with its series and index."""
     return (tables.read(spark, warehouse, tables.PREPROCESSED).filter(F.col("mask_valid"))
-            .select("sop_uid", "frame", mask).join(meta.select("sop_uid", "frame", "series_uid", "slice_index"),
-                                                    ["sop_uid", "frame"]))
+            .select("sop_uid", "frame", "mask").join(meta.select("sop_uid", "frame", "series_uid", "slice_index"),
+                                                      ["sop_uid", "frame"]))
 
 
 #: The task column that says a valid mask exists, where the workers read masks themselves.
 HAS_MASK = "has_mask"
 
 
-def window_tasks(spark: SparkSession, warehouse: str, meta: DataFrame, series: list[str] | None,
-                 pixels: bool = True) -> DataFrame:
+def window_tasks(spark: SparkSession, warehouse: str, meta: DataFrame, series: list[str] | None) -> DataFrame:
     """Slice tasks for scoring: every slice with a valid lung mask of the chosen series."""
-    masks = valid_masks(spark, warehouse, meta, pixels)
+    masks = valid_masks(spark, warehouse, meta)
     if series:
         masks = masks.filter(F.col("series_uid").isin(series))
-    return (masks.select("series_uid", "slice_index", "mask" if pixels else HAS_MASK)
+    return (masks.select("series_uid", "slice_index", "mask")
             .withColumn("requests", F.lit(None).cast(T.ArrayType(REQUEST)))
             .withColumn("window", F.lit(True)))
 
@@ -260,34 +265,13 @@ def run(spark: SparkSession, settings: Settings, mode: str = "detected", series:
     direct = (params.depth_mm > 0 and datafiles.direct(spark, settings.table_writer, warehouse)
               and all(tables.whole_files(spark, warehouse, t) for t in (tables.SLICES, tables.PREPROCESSED,
                                                                        tables.PATCHES)))
-    # The version the new patches' check is made at (see _cut_direct).
-    version = datafiles.ensure_table(spark, warehouse, tables.PATCHES) if direct else None
-    meta = slice_metadata(spark, warehouse).cache()
-    if mode == "detected":
-        tasks, stats = detected_tasks(spark, settings, meta, series, pixels=not direct)
-    else:
-        tasks = window_tasks(spark, warehouse, meta, series, pixels=not direct)
-        stats = {"series": len(series) if series else "all"}
-    # A slice task is all-or-nothing, so a slice with this mode's patches under these parameters is done.
-    produced = ["window"] if mode == "window" else list(TRAINING_MODES)
-    existing = (tables.read(spark, warehouse, tables.PATCHES)
-                .filter((F.col("params_hash") == p_hash) & F.col("mode").isin(produced))
-                .select("series_uid", "slice_index").distinct())
-    tasks = tasks.join(existing, ["series_uid", "slice_index"], "left_anti")
-    # The task table is small but costly to derive (CSV reads, locating, windows, joins) and is
-    # used twice below: derive it once (measured: 30% less JVM time in candidates mode).
-    tasks = tasks.localCheckpoint()
     if direct:
-        _cut_direct(spark, settings, meta, tasks, version, mode)
+        # The version the new patches' check is made at (see _cut_direct).
+        version = datafiles.ensure_table(spark, warehouse, tables.PATCHES)
+        works, stats = plan(spark, settings, mode, series)
+        _cut_direct(spark, settings, works, version, mode)
     else:
-        job = job_frame(spark, warehouse, meta, tasks, params)
-        schema = T.StructType([f for f in tables.PATCHES_SCHEMA.fields if f.name != "created_at"])
-        patches = job.mapInPandas(cut_udf(params, p_hash), schema).withColumn("created_at", F.current_timestamp())
-        with session_conf(spark, {"spark.sql.execution.arrow.maxBytesPerBatch":
-                                  settings.patches.arrow_max_bytes_per_batch}), \
-                StageProgress(spark.sparkContext, f"patches ({mode})", settings.patches.progress_seconds):
-            tables.merge_insert(spark, warehouse, tables.PATCHES, patches, ["patch_id"])
-    meta.unpersist()
+        stats = _cut_with_spark(spark, settings, mode, series)
     # The summary and the picture from key columns on the driver (tables.scan), not from Spark jobs.
     table = tables.scan(spark, warehouse, tables.PATCHES, ["patch_id", "mode", "label"], {"params_hash": [p_hash]})
     by_mode = {f"{r['mode']}/{r['label']}": r["count"] for r in
@@ -301,24 +285,119 @@ def run(spark: SparkSession, settings: Settings, mode: str = "detected", series:
     return summary
 
 
+def _cut_with_spark(spark: SparkSession, settings: Settings, mode: str, series: list[str] | None) -> dict:
+    """Spark's joins of pixel rows and a MERGE (any warehouse, 2D/2.5D patches); the located counts."""
+    warehouse, params = settings.warehouse, settings.patches.params()
+    p_hash = params_hash(params)
+    meta = slice_metadata(spark, warehouse).cache()
+    if mode == "detected":
+        tasks, stats = detected_tasks(spark, settings, meta, series)
+    else:
+        tasks = window_tasks(spark, warehouse, meta, series)
+        stats = {"series": len(series) if series else "all"}
+    # A slice task is all-or-nothing, so a slice with this mode's patches under these parameters is done.
+    existing = (tables.read(spark, warehouse, tables.PATCHES)
+                .filter((F.col("params_hash") == p_hash) & F.col("mode").isin(_produced(mode)))
+                .select("series_uid", "slice_index").distinct())
+    tasks = tasks.join(existing, ["series_uid", "slice_index"], "left_anti")
+    # The task table is small but costly to derive (CSV reads, locating, windows, joins) and is
+    # used twice below: derive it once (measured: 30% less JVM time in candidates mode).
+    tasks = tasks.localCheckpoint()
+    job = job_frame(spark, warehouse, meta, tasks, params)
+    schema = T.StructType([f for f in tables.PATCHES_SCHEMA.fields if f.name != "created_at"])
+    patches = job.mapInPandas(cut_udf(params, p_hash), schema).withColumn("created_at", F.current_timestamp())
+    with session_conf(spark, {"spark.sql.execution.arrow.maxBytesPerBatch":
+                              settings.patches.arrow_max_bytes_per_batch}), \
+            StageProgress(spark.sparkContext, f"patches ({mode})", settings.patches.progress_seconds):
+        tables.merge_insert(spark, warehouse, tables.PATCHES, patches, ["patch_id"])
+    meta.unpersist()
+    return stats
+
+
+def _produced(mode: str) -> list[str]:
+    """The patch modes a run of ``mode`` makes (a slice with any of them under these parameters is done)."""
+    return ["window"] if mode == "window" else list(TRAINING_MODES)
+
+
+#: The ``slices`` columns a slice task carries (besides its index), for the driver's plan.
+_META_COLUMNS = [f.name for f in tables.LINEAGE_FIELDS] + [
+    "z_position", "image_position", "image_orientation", "pixel_spacing_row", "pixel_spacing_col", "rows", "columns"]
+
+
+def plan(spark: SparkSession, settings: Settings, mode: str, series: list[str] | None) -> tuple[list[str], dict]:
+    """The direct writer's work, planned on the driver: one JSON item per series (:func:`series_patches`),
+    and the located counts.
+
+    The same tasks as Spark's path (:func:`slice_metadata`, :func:`detected_tasks` or
+    :func:`window_tasks`, less the slices already cut), from key and metadata columns read
+    with delta-rs and the same pure :func:`~ctlake.core.patch_tasks.locate_candidates`: the
+    slice metadata of a 200-patient cohort is a few thousand small rows, and deriving it in
+    Spark jobs (window, cogroup, joins, a checkpoint) cost 15 s of a 37 s run.
+    """
+    warehouse, patches = settings.warehouse, settings.patches
+    p_hash = params_hash(patches.params())
+    scanned = tables.scan(spark, warehouse, tables.SLICES, _META_COLUMNS)
+    meta = scanned.to_pandas()
+    masks = tables.scan(spark, warehouse, tables.PREPROCESSED, _KEY + ["mask_valid"])
+    valid = masks.filter(pc.fill_null(masks.column("mask_valid"), False))
+    # Keys as Arrow strings: numpy's fixed-width strings drop the key's NUL separator.
+    meta[HAS_MASK] = pc.is_in(datafiles.key_strings(scanned, _KEY),
+                              value_set=datafiles.key_strings(valid, _KEY)).to_numpy(zero_copy_only=False)
+    # slice_metadata's order: ascending z (nulls first, as Spark sorts), then sop_uid and frame.
+    meta = meta.sort_values(["series_uid", "z_position", "sop_uid", "frame"], na_position="first", kind="stable")
+    meta["slice_index"] = meta.groupby("series_uid").cumcount()
+    done = tables.scan(spark, warehouse, tables.PATCHES, ["series_uid", "slice_index"],
+                       {"params_hash": [p_hash], "mode": _produced(mode)}, distinct=True)
+    done = set(zip(done.column("series_uid").to_pylist(), done.column("slice_index").to_pylist()))
+    by_slice = {(r["series_uid"], r["slice_index"]): r for r in meta.to_dict("records")}
+    if mode == "detected":
+        located, counts = _located(candidate_requests(spark, settings, series).toPandas(), meta,
+                                   patches.max_slice_distance_mm)
+        tasks = [{**by_slice[key], "requests": requests, "window": False} for key, requests in located.items()]
+        stats = _located_counts(counts)
+    else:
+        chosen = meta[meta[HAS_MASK] & (meta["series_uid"].isin(series) if series else True)]
+        tasks = [{**by_slice[key], "requests": None, "window": True}
+                 for key in zip(chosen["series_uid"], chosen["slice_index"])]
+        stats = {"series": len(series) if series else "all"}
+    tasks = [t for t in tasks if (t["series_uid"], t["slice_index"]) not in done]
+    task_series = {t["series_uid"] for t in tasks}
+    indices = meta[meta["series_uid"].isin(task_series)]
+    return _series_work(spark, warehouse, tasks, list(zip(indices["series_uid"], indices["sop_uid"],
+                                                          indices["frame"], indices["slice_index"]))), stats
+
+
+def _located(requests: pd.DataFrame, meta: pd.DataFrame, max_distance_mm: float) -> tuple[dict, dict]:
+    """{(series, slice index): [REQUEST dicts]} of the requests near a slice, and {mode: (located, off the slab)}."""
+    slices = dict(tuple(meta.groupby("series_uid")))
+    located, counts = {}, {}
+    for series_uid, group in requests.groupby("series_uid", sort=True):
+        for row in locate_candidates(group, slices.get(series_uid, meta.iloc[:0])):
+            off = row["distance_mm"] > max_distance_mm
+            n, off_slab = counts.get(row["mode"], (0, 0))
+            counts[row["mode"]] = (n + 1, off_slab + int(off))
+            if not off:
+                label = row["label"]
+                request = {name: _plain(row[name]) for name in REQUEST.fieldNames()}
+                request["label"] = None if label is None or label != label else int(label)  # NaN: no label
+                located.setdefault((series_uid, row["slice_index"]), []).append(request)
+    return located, counts
+
+
 #: A task of the direct writer: one series, as JSON (its slices' indices and data files, its tasks).
 _WORK_SCHEMA = T.StructType([T.StructField("work", T.StringType())])
 
 _KEY = ["sop_uid", "frame"]
 
 
-def _cut_direct(spark: SparkSession, settings: Settings, meta: DataFrame, tasks: DataFrame, version: int,
-                mode: str) -> int:
-    """Volume patches, one pass: a task per series reads its slices' row groups (and its masks from
-    ``preprocessed``), cuts and writes ``patches`` files; the driver commits them once; patches added.
+def _cut_direct(spark: SparkSession, settings: Settings, works: list[str], version: int, mode: str) -> int:
+    """Volume patches, one pass: a task per series (:func:`plan`) reads its slices' row groups (and its masks
+    from ``preprocessed``), cuts and writes ``patches`` files; the driver commits them once; patches added.
 
-    The slice tasks (no pixels) are collected to the driver and grouped by series; where each slice
-    and mask lives comes from the key columns (:func:`ctlake.spark.tables.locate`).  The commit is
-    made at ``version``, read before the check of done slices; when another writer committed first,
-    the patch ids it added are dropped from this run's files and the commit retried.
+    The commit is made at ``version``, read before the check of done slices; when another writer
+    committed first, the patch ids it added are dropped from this run's files and the commit retried.
     """
     warehouse, params = settings.warehouse, settings.patches.params()
-    works = series_works(spark, warehouse, meta, tasks)
     if not works:
         return 0
     body = cut_partition(params, params_hash(params), tables.local_folder(spark, warehouse, tables.PATCHES),
@@ -347,26 +426,18 @@ def _cut_direct(spark: SparkSession, settings: Settings, meta: DataFrame, tasks:
         raise
 
 
-def series_works(spark: SparkSession, warehouse: str, meta: DataFrame, tasks: DataFrame) -> list[str]:
-    """The slice tasks without pixels (``tasks``) as one JSON work item per series (:func:`series_patches`)."""
-    rows = meta.join(tasks, ["series_uid", "slice_index"], "inner").toArrow()
-    if rows.num_rows == 0:
-        return []
-    task_series = set(rows.column("series_uid").to_pylist())
-    indices = (meta.filter(F.col("series_uid").isin(sorted(task_series)))
-               .select("series_uid", "sop_uid", "frame", "slice_index").toArrow())
-    return _series_work(spark, warehouse, rows, indices)
+def _series_work(spark: SparkSession, warehouse: str, tasks: list[dict], indices: list[tuple]) -> list[str]:
+    """The JSON work item of each series: slice index by key, the row groups of its slices and masks, its tasks.
 
-
-def _series_work(spark: SparkSession, warehouse: str, rows: pa.Table, indices: pa.Table) -> list[str]:
-    """The JSON task of each series: slice index by key, the row groups of its slices and masks, its tasks."""
+    ``indices``: (series_uid, sop_uid, frame, slice_index) of every slice of the tasks' series.
+    """
     slice_files = tables.locate(spark, warehouse, tables.SLICES, _KEY + ["series_uid"])
     mask_files = tables.locate(spark, warehouse, tables.PREPROCESSED, _KEY + ["mask_valid"])
     mask_files = mask_files.filter(pc.fill_null(mask_files.column("mask_valid"), False))
     slice_folder = tables.local_folder(spark, warehouse, tables.SLICES)
     mask_folder = tables.local_folder(spark, warehouse, tables.PREPROCESSED)
 
-    def groups(located: pa.Table, folder: str) -> dict[str, list]:
+    def groups(located: pa.Table, folder: str) -> dict[str, set]:
         found: dict[str, set] = {}
         for key, data_file, group in zip(datafiles.key_strings(located, _KEY).to_pylist(),
                                          located.column("data_file").to_pylist(), located.column("row_group").to_pylist()):
@@ -375,20 +446,29 @@ def _series_work(spark: SparkSession, warehouse: str, rows: pa.Table, indices: p
 
     slice_at, mask_at = groups(slice_files, slice_folder), groups(mask_files, mask_folder)
     works: dict[str, dict] = {}
-    for series_uid, key, index in zip(indices.column("series_uid").to_pylist(),
-                                      datafiles.key_strings(indices, _KEY).to_pylist(),
-                                      indices.column("slice_index").to_pylist()):
+    for series_uid, sop_uid, frame, index in indices:
+        key = f"{sop_uid}\x00{frame}"
         work = works.setdefault(series_uid, {"series_uid": series_uid, "slices": {}, "slice_groups": set(),
                                              "mask_groups": set(), "tasks": []})
-        work["slices"][key] = index
+        work["slices"][key] = int(index)
         work["slice_groups"] |= slice_at.get(key, set())
-    for task, key in zip(rows.to_pylist(), datafiles.key_strings(rows, _KEY).to_pylist()):
+    for task in tasks:
+        task = {k: _plain(v) for k, v in task.items()}
         work = works[task["series_uid"]]
         work["tasks"].append(task)
         if task.pop(HAS_MASK):
-            work["mask_groups"] |= mask_at.get(key, set())
+            work["mask_groups"] |= mask_at.get(f"{task['sop_uid']}\x00{task['frame']}", set())
     return [json.dumps({**w, "slice_groups": sorted(w["slice_groups"]), "mask_groups": sorted(w["mask_groups"])})
             for _, w in sorted(works.items())]
+
+
+def _plain(value):
+    """A pandas/numpy cell as JSON holds it (numpy scalars and arrays to Python, NaN to None)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    return None if isinstance(value, float) and value != value else value
 
 
 def cut_partition(params: PatchParams, p_hash: str, folder: str, max_batch_bytes: int):
