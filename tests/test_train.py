@@ -186,6 +186,5 @@ def test_the_direct_writer_and_spark_make_the_same_features(spark, trained, tmp_
     assert merged["patches_featurized"] == merged["table_rows"] > 0
     direct, again = (tables.read(spark, c.warehouse, tables.FEATURES).drop("computed_at") for c in (config, with_spark))
     assert direct.schema == again.schema  # the feature names travel in the metadata of both
-    # float32 pixel vectors and float sums: a last-bit difference between two workers' runs is not a different row.
-    assertDataFrameEqual(direct, again, rtol=1e-6)
+    assertDataFrameEqual(direct, again)
     assert features.run(spark, with_spark)["patches_featurized"] == 0

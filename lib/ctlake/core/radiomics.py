@@ -204,7 +204,10 @@ def _detach(foreground: np.ndarray, region: np.ndarray, seed_index, beyond: np.n
             return cv2.dilate(core.astype(np.uint8), grow) & foreground, core_seed
     # The patch border does not count as background here, so a wall running
     # out of the patch is deep, not thin.
-    depth = cv2.distanceTransform(foreground, cv2.DIST_L2, cv2.DIST_MASK_PRECISE).ravel()
+    # Rounded: OpenCV's precise transform differs in the last bit from call to call on the same
+    # input (seen: 6.708204 and 6.7082043), which let the argmax below pick another of two equally
+    # deep pixels and changed a patch's features between runs.  Ties now go to the first pixel.
+    depth = np.round(cv2.distanceTransform(foreground, cv2.DIST_L2, cv2.DIST_MASK_PRECISE), 4).ravel()
     near = np.flatnonzero(region.ravel() & (dist2.ravel() <= SEED_RADIUS_PX ** 2))
     ridge = near[np.argmax(depth[near])]
     cols = region.shape[1]
