@@ -367,9 +367,10 @@ def _replacing(spark: SparkSession, warehouse: str, table: str, existing: pa.Tab
     for data_file, key in zip(existing.column("data_file").to_pylist(), key_strings(existing, key_columns).to_pylist()):
         by_file.setdefault(data_file, []).append(key in keys)
     removed = [name for name, replaced in by_file.items() if any(replaced)]
+    # A file that keeps some rows is written again with them (never empty, so never None).
     added = [rewrite_without(spark, warehouse, table, name, key_columns, keys, PIXEL_CODEC)
              for name in removed if not all(by_file[name])]
-    return [f for f in added if f is not None], removed
+    return added, removed
 
 
 def discard(spark: SparkSession, warehouse: str, table: str, files: list[WrittenFile]) -> None:

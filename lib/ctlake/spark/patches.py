@@ -336,12 +336,13 @@ def plan(spark: SparkSession, settings: Settings, mode: str, series: list[str] |
     """
     warehouse, patches = settings.warehouse, settings.patches
     p_hash = params_hash(patches.params())
-    scanned = tables.scan(spark, warehouse, tables.SLICES, _META_COLUMNS)
-    meta = scanned.to_pandas()
-    masks = tables.scan(spark, warehouse, tables.PREPROCESSED, _KEY + ["mask_valid"])
+    # Read once, with where each row lives: the work items name the row groups to read.
+    slices = tables.locate(spark, warehouse, tables.SLICES, _META_COLUMNS)
+    masks = tables.locate(spark, warehouse, tables.PREPROCESSED, _KEY + ["mask_valid"])
     valid = masks.filter(pc.fill_null(masks.column("mask_valid"), False))
+    meta = slices.drop_columns(["data_file", "row_group"]).to_pandas()
     # Keys as Arrow strings: numpy's fixed-width strings drop the key's NUL separator.
-    meta[HAS_MASK] = pc.is_in(datafiles.key_strings(scanned, _KEY),
+    meta[HAS_MASK] = pc.is_in(datafiles.key_strings(slices, _KEY),
                               value_set=datafiles.key_strings(valid, _KEY)).to_numpy(zero_copy_only=False)
     # slice_metadata's order: ascending z (nulls first, as Spark sorts), then sop_uid and frame.
     meta = meta.sort_values(["series_uid", "z_position", "sop_uid", "frame"], na_position="first", kind="stable")
@@ -363,8 +364,8 @@ def plan(spark: SparkSession, settings: Settings, mode: str, series: list[str] |
     tasks = [t for t in tasks if (t["series_uid"], t["slice_index"]) not in done]
     task_series = {t["series_uid"] for t in tasks}
     indices = meta[meta["series_uid"].isin(task_series)]
-    return _series_work(spark, warehouse, tasks, list(zip(indices["series_uid"], indices["sop_uid"],
-                                                          indices["frame"], indices["slice_index"]))), stats
+    indices = list(zip(indices["series_uid"], indices["sop_uid"], indices["frame"], indices["slice_index"]))
+    return _series_work(spark, warehouse, tasks, indices, slices, valid), stats
 
 
 def _located(requests: pd.DataFrame, meta: pd.DataFrame, max_distance_mm: float) -> tuple[dict, dict]:
@@ -426,14 +427,14 @@ def _cut_direct(spark: SparkSession, settings: Settings, works: list[str], versi
         raise
 
 
-def _series_work(spark: SparkSession, warehouse: str, tasks: list[dict], indices: list[tuple]) -> list[str]:
+def _series_work(spark: SparkSession, warehouse: str, tasks: list[dict], indices: list[tuple],
+                 slice_files: pa.Table, mask_files: pa.Table) -> list[str]:
     """The JSON work item of each series: slice index by key, the row groups of its slices and masks, its tasks.
 
-    ``indices``: (series_uid, sop_uid, frame, slice_index) of every slice of the tasks' series.
+    ``indices``: (series_uid, sop_uid, frame, slice_index) of every slice of the tasks' series;
+    ``slice_files`` and ``mask_files``: :func:`ctlake.spark.tables.locate` rows of the slices and
+    of the valid masks.
     """
-    slice_files = tables.locate(spark, warehouse, tables.SLICES, _KEY + ["series_uid"])
-    mask_files = tables.locate(spark, warehouse, tables.PREPROCESSED, _KEY + ["mask_valid"])
-    mask_files = mask_files.filter(pc.fill_null(mask_files.column("mask_valid"), False))
     slice_folder = tables.local_folder(spark, warehouse, tables.SLICES)
     mask_folder = tables.local_folder(spark, warehouse, tables.PREPROCESSED)
 
