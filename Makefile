@@ -17,7 +17,7 @@ JOB          = $(PY) jobs/$(1).py --conf $(CONF) --sets "$$SET"
 # Overrides reach the job whole, quotes and spaces included: make ingest SET="ingest.input=/scans"
 export SET
 
-.PHONY: help setup run eval test lint bench package clean cohort ingest preprocess detect patches features train score
+.PHONY: help setup run eval test lint bench package cluster-up cluster-down submit history history-down clean cohort ingest preprocess detect patches features train score
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -105,8 +105,48 @@ bench: setup ## benchmarks of issue 11's table (about 30 min; the models part re
 	$(PY) bench/bench_hostile.py
 	$(PY) bench/summary.py $(BENCH_DIR)
 
-package: setup ## build the ctlake wheel into dist/
+# --- clusters ----------------------------------------------------------------------------------
+# The executors' Python: a venv with ctlake's wheel and every native dependency (OpenCV, pydicom and
+# its decoders, scikit-learn, numpy, pyarrow), packed by venv-pack and unpacked by Spark in each
+# executor's work folder (spark.archives). PySpark itself comes from the workers' Spark installation.
+PACKAGE_VENV := .cache/package-venv
+ENV_ARCHIVE  := dist/ctlake-env.tar.gz
+CLUSTER_DIR  := .cache/cluster
+EVENTS       ?= data/spark-events
+WORKERS      ?= 2
+package: $(ENV_ARCHIVE) ## build the ctlake wheel and the executors' environment archive (venv-pack) into dist/
+
+$(ENV_ARCHIVE): $(STAMP) setup.py $(shell git ls-files lib 2>/dev/null)
+	rm -rf $(PACKAGE_VENV) dist
 	$(VENV)/bin/pip wheel --quiet --no-deps -w dist .
+	$(PY) -c 'import importlib.metadata as m; print("\n".join(r for r in m.requires("ctlake") \
+	    if "extra ==" not in r and not r.startswith(("pyspark", "delta-spark"))))' > dist/executor-requirements.txt
+	$(PYTHON_BOOT) -m venv $(PACKAGE_VENV)
+	$(PACKAGE_VENV)/bin/pip install --quiet --no-deps dist/ctlake-*.whl
+	$(PACKAGE_VENV)/bin/pip install --quiet -r dist/executor-requirements.txt
+	$(VENV)/bin/venv-pack --quiet --format tar.gz -p $(PACKAGE_VENV) -o $@.part
+	mv $@.part $@
+	@du -h $@ | awk '{print "environment archive: " $$2 " (" $$1 ")"}'
+
+cluster-up: setup ## start a standalone master and WORKERS (default 2) one-core workers on 127.0.0.1 (.cache/cluster)
+	$(PY) -m ctlake.spark.cluster up --folder $(CLUSTER_DIR) --workers $(WORKERS)
+
+cluster-down: setup ## stop the master and workers cluster-up started (by pid)
+	$(PY) -m ctlake.spark.cluster down --folder $(CLUSTER_DIR)
+
+MASTER ?= $(shell $(PY) -m ctlake.spark.cluster url --folder $(CLUSTER_DIR) 2>/dev/null)
+JOB    ?= ingest
+submit: package ## run JOB (default ingest) with CONF on MASTER (default: cluster-up's) with the packaged environment
+	@test -n "$(MASTER)" || { echo "submit: no MASTER given and no cluster running: make cluster-up" >&2; exit 2; }
+	$(PY) jobs/$(JOB).py --conf $(CONF) --sets "$$SET" --set spark.master=$(MASTER) \
+	    --set "spark.conf.spark.archives=$(abspath $(ENV_ARCHIVE))#environment" \
+	    --set spark.executor_python=./environment/bin/python
+
+history: setup ## start the Spark History Server on 127.0.0.1 over EVENTS (default data/spark-events)
+	$(PY) -m ctlake.spark.cluster history --folder $(CLUSTER_DIR) --events $(EVENTS)
+
+history-down: setup ## stop the History Server make history started
+	$(PY) -m ctlake.spark.cluster history-down --folder $(CLUSTER_DIR)
 
 clean: ## remove generated data (keeps .venv and the jar cache)
 	rm -rf data spark-warehouse

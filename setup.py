@@ -31,6 +31,6 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pydicom-data>=1.0", "ruff>=0.5"],
+        "test": ["pytest>=8", "pydicom-data>=1.0", "ruff>=0.5", "venv-pack>=0.2"],
     },
 )

@@ -29,6 +29,7 @@ def base_config(key_file) -> Settings:
         "privacy.restricted_warehouse": None,
         "spark.master": "local[2]",
         "spark.delta_jars_dir": str(ROOT / ".cache" / "delta-jars"),
+        "spark.event_log_dir": None,
         "spark.conf.spark.sql.shuffle.partitions": 2,
         "spark.conf.spark.default.parallelism": 2,
         "ingest.progress_seconds": 0,

@@ -80,6 +80,32 @@ def test_rerun_writes_nothing_and_new_files_add_exactly_their_rows(spark, config
     assert outcomes(spark, config) == {**expected, "later.dcm": "slices:1"}
 
 
+def test_each_run_records_itself_in_ingest_runs(spark, config, mixed, tmp_path):
+    folder, expected = mixed
+    first = ingest.run(spark, config, str(folder))
+    latest = {t: tables.version(spark, config.warehouse, t) for t in (tables.SLICES, tables.QUARANTINE, tables.SERIES)}
+    second = ingest.run(spark, config, str(folder))
+    other_key = tmp_path / "other.key"
+    other_key.write_text("b" * 64)
+    with pytest.raises(InputError):
+        ingest.run(spark, config.updated({"privacy.key_file": str(other_key)}), str(folder))
+    runs = {r["run_id"]: r.asDict() for r in tables.read(spark, config.warehouse, tables.INGEST_RUNS).collect()}
+    assert len(runs) == 3 and {first["run_id"], second["run_id"]} < set(runs)
+    done = runs[first["run_id"]]
+    assert (done["mode"], done["status"], done["files_seen"], done["new_files"], done["files_ingested"],
+            done["slices_written"], done["unaccounted"], done["error"]) == (
+        "batch", "succeeded", len(expected), len(expected), first["files_ingested"], 6, 0, None)
+    assert done["quarantined"] == first["quarantined"] and done["ended_at"] > done["started_at"]
+    # A new warehouse: the run created each table (version 0) and committed its rows.
+    assert done["versions_written"] == {t: list(range(v + 1)) for t, v in latest.items()}
+    again = runs[second["run_id"]]
+    assert (again["status"], again["new_files"], again["already_ingested"], again["versions_written"]) == (
+        "succeeded", 0, len(expected), {})
+    (failed,) = [r for r in runs.values() if r["status"] == "failed"]
+    assert failed["error"].startswith("InputError: the slices table was pseudonymized under key")
+    assert failed["ended_at"] is not None and failed["files_seen"] is None
+
+
 def test_a_run_without_new_files_repairs_a_stale_series_table(spark, config, mixed):
     """As after a run killed between its slices commit and its series update."""
     folder, _ = mixed

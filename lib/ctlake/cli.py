@@ -11,14 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 import time
-import traceback
+from datetime import UTC, datetime
 from typing import Callable
 
 from ctlake.config import Settings, load_settings
-from ctlake.errors import ConcurrentWriteError, ConfigError, InputError
+from ctlake.errors import ConcurrentWriteError, ConfigError, InputError, error_cause
 
 log = logging.getLogger("ctlake")
 
@@ -43,15 +44,36 @@ def job_parser(name: str, description: str) -> argparse.ArgumentParser:
                              "values are YAML: --set 'train.svm.c=[0.3, 1.0]')")
     parser.add_argument("--sets", default="", metavar="'KEY=VALUE ...'",
                         help="several overrides in one shell-quoted string (what `make ... SET=\"...\"` passes)")
+    parser.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("CTLAKE_LOG_FORMAT", "text"),
+                        help="log lines on standard error as text or as JSON objects, one per line "
+                             "(default: $CTLAKE_LOG_FORMAT, else text)")
     parser.add_argument("--check", action="store_true",
                         help="validate the arguments and the configuration, print the settings, and exit "
                              "without starting Spark")
     return parser
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+class JsonLines(logging.Formatter):
+    """One JSON object per log record, for log shippers (Fluent Bit, Loki, CloudWatch) that parse fields."""
+
+    def __init__(self, job: str):
+        super().__init__()
+        self.job = job
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+                 "level": record.levelname, "logger": record.name, "job": self.job, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(job: str = "ctlake", log_format: str = "text") -> None:
+    """Log lines on standard error only: standard output carries the summary and nothing else."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines(job) if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     logging.getLogger("py4j").setLevel(logging.WARNING)
 
 
@@ -71,12 +93,6 @@ def format_summary(job: str, summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _last_line(text: str) -> str:
-    """Py4J and Python-worker errors put the actual cause on their last line."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else text
-
-
 def overrides(args: argparse.Namespace) -> list[str]:
     try:
         return shlex.split(args.sets) + list(args.overrides)
@@ -93,8 +109,8 @@ def run_job(parser: argparse.ArgumentParser, run: Callable, argv: list[str] | No
     nothing; it raises ConfigError or InputError.
     """
     args = parser.parse_args(argv)
-    setup_logging()
     job = parser.prog
+    setup_logging(job, args.log_format)
     try:
         settings = load_settings(args.conf, overrides(args))
         if validate is not None:
@@ -114,7 +130,7 @@ def _run_with_session(job: str, run: Callable, settings: Settings, args: argpars
 
     started = time.monotonic()
     try:
-        spark = build_session(settings.spark)
+        spark = build_session(settings.spark, job)
     except ConfigError as exc:
         print(f"{job}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -128,8 +144,8 @@ def _run_with_session(job: str, run: Callable, settings: Settings, args: argpars
         print(f"{job}: error: {exc}", file=sys.stderr)
         summary, status, code = {"error": str(exc)}, "failed", EXIT_FAILED
     except Exception as exc:  # the run itself failed: keep the traceback for the operator
-        traceback.print_exc()
-        summary, status, code = {"error": _last_line(f"{type(exc).__name__}: {exc}")}, "failed", EXIT_FAILED
+        log.exception("%s failed", job)
+        summary, status, code = {"error": error_cause(exc)}, "failed", EXIT_FAILED
     finally:
         spark.stop()
     summary = {"job": job, "status": status, "seconds": round(time.monotonic() - started, 1), **summary}

@@ -209,6 +209,8 @@ class SparkSettings:
     delta_jars_dir: str | None
     #: The Python executors start (a venv-pack archive's interpreter); null: the driver's own.
     executor_python: str | None
+    #: Folder (or Hadoop URI) the driver writes Spark event logs to, which ``make history`` serves; null: none.
+    event_log_dir: str | None
     #: Spark properties, passed as they are.
     conf: dict
 

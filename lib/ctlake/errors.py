@@ -19,3 +19,18 @@ class InputError(CtlakeError):
 
 class ConcurrentWriteError(CtlakeError):
     """Other writers kept committing to a table first; the run wrote nothing there and can be run again."""
+
+
+def error_cause(exc: BaseException) -> str:
+    """The one line of a failure that names its cause, for a run's summary and its ``ingest_runs`` row.
+
+    A Python traceback carried in the message (a Python worker's error, seen
+    through Py4J) ends with the cause; a JVM error (Delta's
+    ``[DELTA_CONCURRENT_APPEND] ConcurrentAppendException: ...``) starts with
+    it and ends with a link to documentation.
+    """
+    text = f"{type(exc).__name__}: {exc}"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if "Traceback (most recent call last)" in text:
+        return lines[-1]
+    return lines[0]

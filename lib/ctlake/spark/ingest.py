@@ -41,7 +41,7 @@ from ctlake.config import IngestSettings, Settings
 from ctlake.core.deid import DEV_KEY, Pseudonymizer, UidReplacer, key_fingerprint, source_id
 from ctlake.core.dicom_parse import ParsePolicy, Rejection, parse_dicom, read_file
 from ctlake.core.series_layout import series_row
-from ctlake.errors import ConcurrentWriteError, ConfigError, InputError
+from ctlake.errors import ConcurrentWriteError, ConfigError, InputError, error_cause
 from ctlake.spark import datafiles, tables
 from ctlake.spark.progress import StageProgress
 from ctlake.spark.session import session_conf
@@ -367,13 +367,66 @@ _OUTCOME_COLUMNS = ["source_id", "frame", "sop_uid", "series_uid", "modality", "
                     "reason", "message"]
 
 
-def run(spark: SparkSession, settings: Settings, input_path: str | None = None) -> dict:
-    """Ingest every new file under the input; return the run summary (counts that add up)."""
+def run(spark: SparkSession, settings: Settings, input_path: str | None = None, mode: str = "batch") -> dict:
+    """Ingest every new file under the input; return the run summary (counts that add up).
+
+    The run records itself in ``ingest_runs``: a ``running`` row first, then
+    its outcome (``succeeded`` with its counts, or ``failed`` with the cause),
+    so a run killed on the way is still visible to operators.
+    """
     input_path = input_path or settings.ingest.input
     validate(settings, input_path)
-    warehouse = settings.warehouse
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     key = settings.privacy.key(input_path)
+    record = {"run_id": new_run_id(), "mode": mode, "status": "running", "started_at": datetime.now(UTC),
+              "input_id": source_id(key, input_path), "key_fingerprint": key_fingerprint(key)}
+    warehouse = settings.warehouse
+    before = {t: tables.version(spark, warehouse, t) for t in _RUN_TABLES}
+    _record_run(spark, warehouse, record)
+    # Spark's Delta writers name the run in each commit, as delta-rs commits do with ctlake.run.
+    with session_conf(spark, {"spark.databricks.delta.commitInfo.userMetadata": record["run_id"]}):
+        try:
+            summary = _ingest(spark, settings, input_path, record["run_id"], key)
+        except BaseException as exc:
+            _record_run(spark, warehouse, {**record, "status": "failed", "ended_at": datetime.now(UTC),
+                                           "error": error_cause(exc),
+                                           "versions_written": _versions_written(spark, warehouse, record, before)})
+            raise
+    _record_run(spark, warehouse, {**record, **_run_counts(summary), "status": "succeeded",
+                                   "ended_at": datetime.now(UTC),
+                                   "versions_written": _versions_written(spark, warehouse, record, before)})
+    return {"run_id": record["run_id"], "mode": mode, **summary}
+
+
+def new_run_id() -> str:
+    """Sortable by start time, unique across concurrent runs."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+#: The warehouse tables an ingestion run commits to (``ingest_runs`` itself aside).
+_RUN_TABLES = (tables.SLICES, tables.QUARANTINE, tables.SERIES)
+
+
+def _record_run(spark: SparkSession, warehouse: str, record: dict) -> None:
+    row = pa.Table.from_pylist([record], schema=tables.arrow_schema(tables.INGEST_RUNS))
+    tables.upsert(spark, warehouse, tables.INGEST_RUNS, row, ["run_id"], {"run": record["run_id"], "stage": "ingest"})
+
+
+def _versions_written(spark: SparkSession, warehouse: str, record: dict, before: dict) -> dict:
+    written = {t: tables.versions_by_run(spark, warehouse, t, record["run_id"], before[t]) for t in _RUN_TABLES}
+    return {t: versions for t, versions in written.items() if versions}
+
+
+def _run_counts(summary: dict) -> dict:
+    """The ``ingest_runs`` columns a summary fills."""
+    counted = {k: summary.get(k, 0) for k in ("files_seen", "already_ingested", "new_files", "files_ingested",
+                                              "ingested_elsewhere", "slices_written", "series_updated")}
+    accounted = counted["files_ingested"] + counted["ingested_elsewhere"] + sum(summary["quarantined"].values())
+    return {**counted, "quarantined": summary["quarantined"], "walk_skipped": summary["walk_skipped"],
+            "unaccounted": counted["new_files"] - accounted}
+
+
+def _ingest(spark: SparkSession, settings: Settings, input_path: str, run_id: str, key: bytes) -> dict:
+    warehouse = settings.warehouse
     fingerprint = key_fingerprint(key)
     if key == DEV_KEY:
         log.warning("pseudonymizing with the public development key (%s): acceptable for the synthetic "
@@ -387,10 +440,11 @@ def run(spark: SparkSession, settings: Settings, input_path: str | None = None) 
     if new_files and settings.privacy.restricted_warehouse:
         record_sources(spark, settings, new_files, run_id)
 
-    summary = {"run_id": run_id, "input": input_path, "files_seen": len(listing),
+    summary = {"input": input_path, "files_seen": len(listing),
                "already_ingested": len(listing) - len(new_files), "new_files": len(new_files),
-               "files_ingested": 0, "slices_written": 0, "series_updated": 0, "quarantined": {},
-               "walk_skipped": skipped, "key_fingerprint": fingerprint, "development_key": key == DEV_KEY}
+               "files_ingested": 0, "ingested_elsewhere": 0, "slices_written": 0, "series_updated": 0,
+               "quarantined": {}, "walk_skipped": skipped, "key_fingerprint": fingerprint,
+               "development_key": key == DEV_KEY}
     if skipped:
         log.warning("the walk skipped entries that are not files to read: %s", skipped)
     if not listing:
@@ -404,7 +458,7 @@ def run(spark: SparkSession, settings: Settings, input_path: str | None = None) 
             # A file deleted between listing and reading is in neither table; say so rather than hide it.
             log.warning("%d new files but %d accounted for in this run", len(new_files), accounted)
     # Also without new files: a run killed between its slices commit and this repairs nothing else.
-    summary["series_updated"] = update_series(spark, warehouse)
+    summary["series_updated"] = update_series(spark, warehouse, run_id)
     for table in (tables.SLICES, tables.SERIES, tables.QUARANTINE):
         tables.create_if_missing(spark, warehouse, table)
     summary["table_totals"] = {t: tables.row_count(spark, warehouse, t)
@@ -690,7 +744,7 @@ def _find_duplicates(spark: SparkSession, warehouse: str, frames: list, listed_b
     return duplicates, elsewhere
 
 
-def update_series(spark: SparkSession, warehouse: str) -> int:
+def update_series(spark: SparkSession, warehouse: str, run_id: str) -> int:
     """Recompute the ``series`` rows of series that changed since they were last summarized.
 
     A series changed when a run added slices after its row was written: the
@@ -717,7 +771,8 @@ def update_series(spark: SparkSession, warehouse: str) -> int:
     now = datetime.now(UTC)
     summaries = [{**series_row(group), "updated_at": now} for _, group in metadata.groupby("series_uid", sort=True)]
     tables.upsert(spark, warehouse, tables.SERIES,
-                  pa.Table.from_pylist(summaries, schema=tables.arrow_schema(tables.SERIES)), ["series_uid"])
+                  pa.Table.from_pylist(summaries, schema=tables.arrow_schema(tables.SERIES)), ["series_uid"],
+                  {"run": run_id, "stage": "ingest"})
     return len(summaries)
 
 

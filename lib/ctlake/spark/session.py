@@ -33,8 +33,8 @@ BASE_CONF = {
 }
 
 
-def build_session(settings: SparkSettings) -> SparkSession:
-    """Create (or reuse) the session the settings describe.
+def build_session(settings: SparkSettings, job: str | None = None) -> SparkSession:
+    """Create (or reuse) the session the settings describe; ``job`` names it (``ctlake ingest``) in UIs and history.
 
     In local mode the Delta jars come from the cache ``make setup`` filled, and
     the Python workers run the same interpreter as the driver, so the venv's
@@ -52,15 +52,26 @@ def build_session(settings: SparkSettings) -> SparkSession:
         jars = cached_jars(settings.delta_jars_dir)
         if jars:
             conf["spark.jars"] = ",".join(jars)
+    if settings.event_log_dir:
+        conf.update(_event_log_conf(settings.event_log_dir))
     conf.update({k: _as_conf_value(v) for k, v in settings.conf.items()})
 
-    builder = SparkSession.builder.master(settings.master).appName(settings.app_name)
+    builder = SparkSession.builder.master(settings.master).appName(f"{settings.app_name} {job}" if job else settings.app_name)
     for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(settings.log_level)
     _require_delta(spark, settings)
     return spark
+
+
+def _event_log_conf(folder: str) -> dict:
+    """Event logs into ``folder``: Spark refuses to start when a local log folder is missing, so it is made."""
+    if "://" not in folder and not folder.startswith(("file:", "hdfs:", "s3a:", "gs:", "abfss:")):
+        os.makedirs(folder, exist_ok=True)
+        folder = "file:" + os.path.abspath(folder)
+    # Compressed: a job of thousands of tasks writes tens of MB of JSON events.
+    return {"spark.eventLog.enabled": "true", "spark.eventLog.dir": folder, "spark.eventLog.compress": "true"}
 
 
 def _as_conf_value(value) -> str:

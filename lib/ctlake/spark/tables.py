@@ -32,6 +32,7 @@ DETECTIONS = "detections"
 PATCHES = "patches"
 FEATURES = "features"
 RUNS = "runs"
+INGEST_RUNS = "ingest_runs"
 SOURCE_MAP = "source_map"
 PREDICTIONS = "predictions"
 
@@ -236,6 +237,32 @@ RUNS_SCHEMA = T.StructType([
     T.StructField("key_fingerprints", T.ArrayType(T.StringType())),
 ])
 
+#: ``ingest_runs``: one row per ingestion run, written when it starts (``running``) and replaced when it ends,
+#: so a run killed on the way stays visible as ``running`` with no ``ended_at``.
+INGEST_RUNS_SCHEMA = T.StructType([
+    T.StructField("run_id", T.StringType()),
+    T.StructField("mode", T.StringType()),
+    T.StructField("status", T.StringType()),
+    T.StructField("started_at", T.TimestampType()),
+    T.StructField("ended_at", T.TimestampType()),
+    # The input as a keyed hash, like source ids: receivers' folders can name patients.
+    T.StructField("input_id", T.StringType()),
+    T.StructField("files_seen", T.LongType()),
+    T.StructField("already_ingested", T.LongType()),
+    T.StructField("new_files", T.LongType()),
+    T.StructField("files_ingested", T.LongType()),
+    T.StructField("ingested_elsewhere", T.LongType()),
+    T.StructField("unaccounted", T.LongType()),
+    T.StructField("slices_written", T.LongType()),
+    T.StructField("series_updated", T.LongType()),
+    T.StructField("quarantined", T.MapType(T.StringType(), T.LongType())),
+    T.StructField("walk_skipped", T.MapType(T.StringType(), T.LongType())),
+    T.StructField("error", T.StringType()),
+    # The Delta versions of each table this run committed (slices, quarantine, series).
+    T.StructField("versions_written", T.MapType(T.StringType(), T.ArrayType(T.LongType()))),
+    T.StructField("key_fingerprint", T.StringType()),
+])
+
 #: ``predictions``: one row per scored series and run, with the patches that drove the score.
 EVIDENCE = T.StructType([
     T.StructField("patch_id", T.StringType()),
@@ -262,7 +289,8 @@ PREDICTIONS_SCHEMA = T.StructType([
 SCHEMAS = {SLICES: SLICES_SCHEMA, SERIES: SERIES_SCHEMA, QUARANTINE: QUARANTINE_SCHEMA,
            PREPROCESSED: PREPROCESSED_SCHEMA, CANDIDATES: CANDIDATES_SCHEMA, DETECTIONS: DETECTIONS_SCHEMA,
            PATCHES: PATCHES_SCHEMA, FEATURES: FEATURES_SCHEMA,
-           RUNS: RUNS_SCHEMA, PREDICTIONS: PREDICTIONS_SCHEMA, SOURCE_MAP: SOURCE_MAP_SCHEMA}
+           RUNS: RUNS_SCHEMA, INGEST_RUNS: INGEST_RUNS_SCHEMA, PREDICTIONS: PREDICTIONS_SCHEMA,
+           SOURCE_MAP: SOURCE_MAP_SCHEMA}
 
 #: The names of the feature vectors' elements live in this metadata key of their columns.
 FEATURE_NAMES_KEY = "ctlake.feature_names"
@@ -537,22 +565,27 @@ def _merge(spark: SparkSession, warehouse: str, table: str, rows: DataFrame, key
     merge.whenNotMatchedInsertAll().withSchemaEvolution().execute()
 
 
-def upsert(spark: SparkSession, warehouse: str, table: str, rows: pa.Table, keys: list[str]) -> None:
+def upsert(spark: SparkSession, warehouse: str, table: str, rows: pa.Table, keys: list[str],
+           operation: dict | None = None) -> None:
     """:func:`merge_upsert` of the driver's small ``rows`` (a derived table's changed rows, such as ``series``).
 
     Where the warehouse is mounted the MERGE is delta-rs's (no Spark job: about 0.05 s instead of 3 s);
     the table is created or evolved by Spark first, so its schema and protocol stay Spark's.
+    ``operation`` goes into the commit's metadata (``ctlake.*`` keys), as in
+    :func:`ctlake.spark.datafiles.commit`.
     """
     folder = local_folder(spark, warehouse, table)
     if folder is None:
-        merge_upsert(spark, warehouse, table, spark.createDataFrame(rows.to_pandas(), SCHEMAS[table]), keys)
+        merge_upsert(spark, warehouse, table, spark.createDataFrame(rows, SCHEMAS[table]), keys)
         return
-    from deltalake import DeltaTable
+    from deltalake import CommitProperties, DeltaTable
 
     create_if_missing(spark, warehouse, table)
     add_missing_columns(spark, warehouse, table)
     condition = " AND ".join(f"t.{k} = n.{k}" for k in keys)
-    (DeltaTable(folder).merge(rows.select(SCHEMAS[table].fieldNames()), condition, source_alias="n", target_alias="t")
+    properties = CommitProperties(custom_metadata={f"ctlake.{k}": str(v) for k, v in (operation or {}).items()})
+    (DeltaTable(folder).merge(rows.select(SCHEMAS[table].fieldNames()), condition, source_alias="n", target_alias="t",
+                              commit_properties=properties)
      .when_matched_update_all().when_not_matched_insert_all().execute())
 
 
@@ -578,6 +611,30 @@ def version(spark: SparkSession, warehouse: str, table: str) -> int | None:
     from delta.tables import DeltaTable
 
     return int(DeltaTable.forPath(spark, table_path(warehouse, table)).history(1).first()["version"])
+
+
+def versions_by_run(spark: SparkSession, warehouse: str, table: str, run_id: str, since: int | None) -> list[int]:
+    """The versions after ``since`` that ``run_id`` committed to ``table`` (its ``ctlake.run`` commit metadata).
+
+    Spark's writers record the run as the commit's ``userMetadata`` (the
+    session's ``spark.databricks.delta.commitInfo.userMetadata``), delta-rs
+    commits as ``ctlake.run``; both are read from the table's history.
+    """
+    latest = version(spark, warehouse, table)
+    if latest is None or (since is not None and latest <= since):
+        return []
+    folder = local_folder(spark, warehouse, table)
+    limit = latest - (since if since is not None else -1)
+    if folder is not None:
+        from deltalake import DeltaTable
+
+        history = DeltaTable(folder).history(limit)
+    else:
+        from delta.tables import DeltaTable
+
+        history = [r.asDict() for r in DeltaTable.forPath(spark, table_path(warehouse, table)).history(limit).collect()]
+    return sorted(int(c["version"]) for c in history
+                  if run_id in (c.get("ctlake.run"), c.get("userMetadata")))
 
 
 def latest_run_id(spark: SparkSession, warehouse: str) -> str:
