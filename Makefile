@@ -85,7 +85,7 @@ eval: setup ## the pipeline on the larger evaluation cohort (conf/eval.yaml: 500
 	    $(MAKE) --no-print-directory $$job CONF=$(EVAL) || exit 1; done
 	@echo "report: data/eval/report/index.html"
 
-test: setup ## run the test suite (real Spark in local mode, real Delta tables)
+test: setup package ## run the test suite (real Spark in local mode and on a standalone cluster, real Delta tables)
 	$(PY) -m pytest -q tests
 
 lint: setup ## static checks

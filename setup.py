@@ -1,12 +1,13 @@
 """ctlake: CT imaging at scale on Apache Spark and Delta Lake."""
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="ctlake",
     version="0.1.0",
     description="Ingest, preprocess and learn from CT image sets on Apache Spark and Delta Lake",
     package_dir={"": "lib"},
-    packages=find_packages("lib"),
+    # ctlake.core and ctlake.spark have no __init__.py: namespace packages, which find_packages skips.
+    packages=find_namespace_packages("lib", include=["ctlake*"]),
     python_requires=">=3.11",
     install_requires=[
         # delta-spark 4.4.x is built against Spark 4.2; Maven Central serves the
