@@ -236,7 +236,7 @@ def commit(spark: SparkSession, warehouse: str, table: str, files: list[WrittenF
     adds = [AddAction(f.name, f.size, {}, now_ms, True, f.stats) for f in files]
     adds += [RemoveAction(name, True, now_ms) for name in removed]
     properties = CommitProperties(max_commit_retries=0,
-                                  custom_metadata={f"ctlake.{k}": str(v) for k, v in operation.items()})
+                                  custom_metadata=tables.commit_metadata(operation))
     try:
         delta.create_write_transaction(adds, "append", delta.schema(), commit_properties=properties)
     except CommitFailedError as exc:

@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import resource
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -377,7 +376,7 @@ def run(spark: SparkSession, settings: Settings, input_path: str | None = None, 
     input_path = input_path or settings.ingest.input
     validate(settings, input_path)
     key = settings.privacy.key(input_path)
-    record = {"run_id": new_run_id(), "mode": mode, "status": "running", "started_at": datetime.now(UTC),
+    record = {"run_id": tables.new_run_id(datetime.now(UTC)), "mode": mode, "status": "running", "started_at": datetime.now(UTC),
               "input_id": source_id(key, input_path), "key_fingerprint": key_fingerprint(key)}
     warehouse = settings.warehouse
     before = {t: tables.version(spark, warehouse, t) for t in _RUN_TABLES}
@@ -397,11 +396,6 @@ def run(spark: SparkSession, settings: Settings, input_path: str | None = None, 
     return {"run_id": record["run_id"], "mode": mode, **summary}
 
 
-def new_run_id() -> str:
-    """Sortable by start time, unique across concurrent runs."""
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-
-
 #: The warehouse tables an ingestion run commits to (``ingest_runs`` itself aside).
 _RUN_TABLES = (tables.SLICES, tables.QUARANTINE, tables.SERIES)
 
@@ -418,11 +412,9 @@ def _versions_written(spark: SparkSession, warehouse: str, record: dict, before:
 
 def _run_counts(summary: dict) -> dict:
     """The ``ingest_runs`` columns a summary fills."""
-    counted = {k: summary.get(k, 0) for k in ("files_seen", "already_ingested", "new_files", "files_ingested",
-                                              "ingested_elsewhere", "slices_written", "series_updated")}
-    accounted = counted["files_ingested"] + counted["ingested_elsewhere"] + sum(summary["quarantined"].values())
-    return {**counted, "quarantined": summary["quarantined"], "walk_skipped": summary["walk_skipped"],
-            "unaccounted": counted["new_files"] - accounted}
+    return {k: summary[k] for k in ("files_seen", "already_ingested", "new_files", "files_ingested",
+                                    "ingested_elsewhere", "unaccounted", "slices_written", "series_updated",
+                                    "quarantined", "walk_skipped")}
 
 
 def _ingest(spark: SparkSession, settings: Settings, input_path: str, run_id: str, key: bytes) -> dict:
@@ -442,7 +434,8 @@ def _ingest(spark: SparkSession, settings: Settings, input_path: str, run_id: st
 
     summary = {"input": input_path, "files_seen": len(listing),
                "already_ingested": len(listing) - len(new_files), "new_files": len(new_files),
-               "files_ingested": 0, "ingested_elsewhere": 0, "slices_written": 0, "series_updated": 0,
+               "files_ingested": 0, "ingested_elsewhere": 0, "unaccounted": 0, "slices_written": 0,
+               "series_updated": 0,
                "quarantined": {}, "walk_skipped": skipped, "key_fingerprint": fingerprint,
                "development_key": key == DEV_KEY}
     if skipped:
@@ -454,6 +447,7 @@ def _ingest(spark: SparkSession, settings: Settings, input_path: str, run_id: st
             outcome = _ingest_new(spark, settings, new_files, run_id, key, fingerprint)
         summary.update(outcome)
         accounted = summary["files_ingested"] + summary["ingested_elsewhere"] + sum(summary["quarantined"].values())
+        summary["unaccounted"] = len(new_files) - accounted
         if accounted != len(new_files):
             # A file deleted between listing and reading is in neither table; say so rather than hide it.
             log.warning("%d new files but %d accounted for in this run", len(new_files), accounted)

@@ -11,6 +11,7 @@ from pyspark.sql import SparkSession
 from ctlake.config import SECRET_KEYS, SparkSettings
 from ctlake.errors import ConfigError
 from ctlake.spark.jars import DELTA_COORDINATE, cached_jars
+from ctlake.spark.tables import SCHEME
 
 #: A filesystem URI as Spark writes it into plan strings (file:/..., hdfs://..., s3a://...).
 PATH_PATTERN = r"(?i)\b(?:file|hdfs|s3a?|s3n|abfss?|wasbs?|gs|viewfs|dbfs|local):/[^\s,\]\)\}\"']*"
@@ -67,7 +68,7 @@ def build_session(settings: SparkSettings, job: str | None = None) -> SparkSessi
 
 def _event_log_conf(folder: str) -> dict:
     """Event logs into ``folder``: Spark refuses to start when a local log folder is missing, so it is made."""
-    if "://" not in folder and not folder.startswith(("file:", "hdfs:", "s3a:", "gs:", "abfss:")):
+    if not SCHEME.match(folder):
         os.makedirs(folder, exist_ok=True)
         folder = "file:" + os.path.abspath(folder)
     # Compressed: a job of thousands of tasks writes tens of MB of JSON events.

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -339,12 +341,12 @@ def report_file(folder: str, name: str) -> Path:
 
 # --------------------------------------------------------------------------- Delta tables
 
-_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):")
+SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):")
 
 
 def local_path(spark: SparkSession, uri: str) -> str | None:
     """The local filesystem path ``uri`` names (no scheme on a local default filesystem, or ``file:``), else None."""
-    match = _SCHEME.match(uri)
+    match = SCHEME.match(uri)
     if match is None:
         default_fs = spark._jsc.hadoopConfiguration().get("fs.defaultFS", "file:///")
         return uri if default_fs.lower().startswith("file:") else None
@@ -583,7 +585,7 @@ def upsert(spark: SparkSession, warehouse: str, table: str, rows: pa.Table, keys
     create_if_missing(spark, warehouse, table)
     add_missing_columns(spark, warehouse, table)
     condition = " AND ".join(f"t.{k} = n.{k}" for k in keys)
-    properties = CommitProperties(custom_metadata={f"ctlake.{k}": str(v) for k, v in (operation or {}).items()})
+    properties = CommitProperties(custom_metadata=commit_metadata(operation))
     (DeltaTable(folder).merge(rows.select(SCHEMAS[table].fieldNames()), condition, source_alias="n", target_alias="t",
                               commit_properties=properties)
      .when_matched_update_all().when_not_matched_insert_all().execute())
@@ -611,6 +613,16 @@ def version(spark: SparkSession, warehouse: str, table: str) -> int | None:
     from delta.tables import DeltaTable
 
     return int(DeltaTable.forPath(spark, table_path(warehouse, table)).history(1).first()["version"])
+
+
+def new_run_id(started: datetime) -> str:
+    """A run's id (``runs``, ``ingest_runs``, commit metadata): sortable by start time, unique across concurrent runs."""
+    return started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def commit_metadata(operation: dict | None) -> dict:
+    """``operation`` (run id, stage) as the ``ctlake.*`` custom metadata of a delta-rs commit."""
+    return {f"ctlake.{k}": str(v) for k, v in (operation or {}).items()}
 
 
 def versions_by_run(spark: SparkSession, warehouse: str, table: str, run_id: str, since: int | None) -> list[int]:

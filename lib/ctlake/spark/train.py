@@ -27,7 +27,6 @@ import json
 import logging
 import subprocess
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -297,7 +296,7 @@ def with_empty_patients(scored: pd.DataFrame, assignment: pd.DataFrame) -> pd.Da
 def run(spark: SparkSession, settings: Settings) -> dict:
     """Train, evaluate on the scoring path and record one run; the summary carries ``_meta`` and ``_scores``."""
     started, clock = datetime.now(timezone.utc), time.monotonic()
-    run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    run_id = tables.new_run_id(started)
     train, models_path = settings.train, tables.models_path(settings.warehouse, run_id)
     names, assignment, frame = load_training_data(spark, settings)
     sizes = split_sizes(assignment)
