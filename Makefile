@@ -57,6 +57,9 @@ features: setup ## radiomics features and the pixel baseline for new patches int
 train: setup ## split, train both stages (forest, SVM ensemble, ensemble), evaluate on the scoring path, runs table, HTML report
 	$(call JOB,train)
 
+maintain: setup ## VACUUM every table: reclaim files of killed or losing writers and superseded versions (maintenance.retain_hours)
+	$(call JOB,maintain)
+
 RUN_ID ?= latest
 LABELS ?=
 score: setup ## score series not yet scored by RUN_ID (default: the newest run) into predictions; LABELS=labels.csv measures them

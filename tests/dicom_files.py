@@ -131,3 +131,17 @@ def build_hostile_folder(folder: Path, zeros_bytes: int = 40 * 2**20) -> dict[st
         handle.truncate(zeros_bytes)
     expected["zeros.dcm"] = "not_dicom"
     return expected
+
+
+def copies_of_a_real_ct(folder: Path, count: int, entropy: str) -> None:
+    """``count`` JPEG 2000 512x512 CT slices (real pixels, new SOP instances): seconds of decoding per core."""
+    folder.mkdir(parents=True)
+    ds = pydicom.dcmread(real("693_J2KR.dcm"))
+    series = generate_uid(entropy_srcs=[entropy])
+    for index in range(count):
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[entropy, str(index)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = index + 1
+        ds.ImagePositionPatient = [0.0, 0.0, float(index)]
+        ds.save_as(folder / f"slice_{index:04d}.dcm", enforce_file_format=False)

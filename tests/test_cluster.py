@@ -8,23 +8,21 @@ archive, and work lost or repeated when a worker dies.
 """
 import glob
 import json
-import os
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-import pydicom
+import job_runs
 import pytest
 from conftest import ROOT
-from dicom_files import build_mixed_folder, real
-from pydicom.uid import generate_uid
+from dicom_files import build_mixed_folder, copies_of_a_real_ct
+from job_runs import job_env, summary_of
 
 from ctlake.spark import cluster
 
 ARCHIVE = ROOT / "dist" / "ctlake-env.tar.gz"
-KEY = "c" * 32
 
 
 @pytest.fixture(scope="module")
@@ -44,26 +42,10 @@ def standalone(tmp_path_factory):
 
 def job_command(job: str, master: str, tmp_path: Path, *sets: str) -> list[str]:
     """``make submit``'s command: the job's driver here, its executors on the cluster with the archive's Python."""
-    command = [sys.executable, f"jobs/{job}.py", "--set", f"spark.master={master}",
-               "--set", f"spark.conf.spark.archives={ARCHIVE}#environment",
-               "--set", "spark.executor_python=./environment/bin/python",
-               "--set", f"warehouse={tmp_path / 'warehouse'}", "--set", f"spark.event_log_dir={tmp_path / 'events'}",
-               "--set", "spark.conf.spark.executor.memory=1g", "--set", "ingest.progress_seconds=1",
-               "--set", f"privacy.restricted_warehouse={tmp_path / 'restricted'}"]
-    for item in sets:
-        command += ["--set", item]
-    return command
-
-
-def job_env() -> dict:
-    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "CTLAKE_PSEUDONYM_KEY": KEY}
-    env.pop("PYSPARK_PYTHON", None)
-    return env
-
-
-def summary_of(result: subprocess.CompletedProcess) -> dict:
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return job_runs.job_command(job, tmp_path, f"spark.conf.spark.archives={ARCHIVE}#environment",
+                                "spark.executor_python=./environment/bin/python",
+                                f"spark.event_log_dir={tmp_path / 'events'}", "spark.conf.spark.executor.memory=1g",
+                                *sets, master=master)
 
 
 def test_ingest_runs_on_the_cluster_from_the_packaged_environment(standalone, tmp_path):
@@ -83,20 +65,6 @@ def test_ingest_runs_on_the_cluster_from_the_packaged_environment(standalone, tm
     assert "ctlake.ingest: " in result.stderr and "ctlake.ingest: " not in result.stdout
 
 
-def _copies_of_a_real_ct(folder: Path, count: int) -> None:
-    """``count`` JPEG 2000 512x512 CT slices (real pixels, new SOP instances): seconds of decoding per core."""
-    folder.mkdir(parents=True)
-    ds = pydicom.dcmread(real("693_J2KR.dcm"))
-    series = generate_uid(entropy_srcs=["kill-a-worker"])
-    for index in range(count):
-        ds.SeriesInstanceUID = series
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=["kill-a-worker", str(index)])
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = index + 1
-        ds.ImagePositionPatient = [0.0, 0.0, float(index)]
-        ds.save_as(folder / f"slice_{index:04d}.dcm", enforce_file_format=False)
-
-
 def _running_tasks(folder: str) -> int:
     """Tasks the cluster's executors have started so far, from their logs in the workers' work folders."""
     return sum(Path(log).read_text(errors="replace").count("Running task")
@@ -111,7 +79,7 @@ def test_a_worker_killed_mid_ingest_loses_and_duplicates_nothing(standalone, tmp
                               cwd=ROOT, capture_output=True, text=True, timeout=600, env=job_env()))
     before = {t: tables_count(tmp_path, t) for t in ("slices", "quarantine")}
     files = 240
-    _copies_of_a_real_ct(tmp_path / "input", files)
+    copies_of_a_real_ct(tmp_path / "input", files, "kill-a-worker")
     started_tasks = _running_tasks(standalone.folder)
     stderr = (tmp_path / "driver.err").open("w")
     job = subprocess.Popen(job_command("ingest", standalone.master_url, tmp_path, f"ingest.input={tmp_path / 'input'}",
@@ -141,13 +109,8 @@ def test_a_worker_killed_mid_ingest_loses_and_duplicates_nothing(standalone, tmp
 
 
 def tables_count(tmp_path: Path, table: str, distinct: list[str] | None = None) -> int:
-    """Rows of a table of the test's warehouse, read with delta-rs (independently of Spark and of ctlake)."""
-    from deltalake import DeltaTable
-
-    rows = DeltaTable(str(tmp_path / "warehouse" / table)).to_pyarrow_table(columns=distinct or ["source_id"])
-    if distinct:
-        return rows.group_by(distinct).aggregate([]).num_rows
-    return rows.num_rows
+    rows = job_runs.table_rows(tmp_path, table, distinct or ["source_id"])
+    return len(set(rows)) if distinct else len(rows)
 
 
 def test_the_history_server_shows_past_runs(tmp_path):

@@ -318,3 +318,25 @@ def test_a_run_that_loses_the_commit_race_checks_again_and_adds_nothing_twice(sp
     referenced = {Path(p).name for p in tables.read(spark, config.warehouse, tables.SLICES).inputFiles()}
     unreferenced = [p for p in slices_folder.glob("*.parquet") if p.name not in referenced]
     assert all(pq.read_metadata(p).num_rows == 0 for p in unreferenced)  # the loser left no rows behind
+
+
+def test_a_file_deleted_or_rewritten_after_listing_is_read_next_run(spark, config, mixed, monkeypatch):
+    """The race of a scheduled run over a landing folder: one file removed, one still being copied."""
+    folder, expected = mixed
+    listed = ingest.list_files
+
+    def list_then_change(spark_, path):
+        listing = listed(spark_, path)
+        (folder / "random.bin").unlink()
+        (folder / "explicit_VR-UN.dcm").write_bytes(b"")  # truncated to nothing, as a copy starts
+        return listing
+
+    monkeypatch.setattr(ingest, "list_files", list_then_change)
+    first = ingest.run(spark, config, str(folder))
+    assert (first["new_files"], first["unaccounted"], first["accounted_for"]) == (len(expected), 2, False)
+    assert "random.bin" not in outcomes(spark, config) and "explicit_VR-UN.dcm" not in outcomes(spark, config)
+    monkeypatch.setattr(ingest, "list_files", listed)
+    shutil.copy(real("explicit_VR-UN.dcm"), folder / "explicit_VR-UN.dcm")  # the copy completes
+    second = ingest.run(spark, config, str(folder))
+    assert (second["new_files"], second["files_ingested"], second["unaccounted"]) == (1, 1, 0)
+    assert outcomes(spark, config) == {n: o for n, o in expected.items() if n != "random.bin"}

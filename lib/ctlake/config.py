@@ -377,6 +377,13 @@ class ReportSettings:
 
 
 @dataclass(frozen=True)
+class MaintenanceSettings:
+    #: VACUUM keeps files a table version of the last ``retain_hours`` still reads (time travel back that
+    #: far) and any unreferenced file younger than that (a running writer's uncommitted files).
+    retain_hours: int = field(metadata=_range(0))
+
+
+@dataclass(frozen=True)
 class FeatureSettings:
     pixel_size: int = field(metadata=_range(1))
     arrow_max_bytes_per_batch: Bytes
@@ -445,6 +452,7 @@ class Settings:
     detect: DetectSettings
     patches: PatchSettings
     report: ReportSettings
+    maintenance: MaintenanceSettings
     features: FeatureSettings
     train: TrainSettings
     source: dict = field(default_factory=dict, init=False, compare=False, repr=False)

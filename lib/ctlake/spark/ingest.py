@@ -41,7 +41,7 @@ from ctlake.core.deid import DEV_KEY, Pseudonymizer, UidReplacer, key_fingerprin
 from ctlake.core.dicom_parse import ParsePolicy, Rejection, parse_dicom, read_file
 from ctlake.core.series_layout import series_row
 from ctlake.errors import ConcurrentWriteError, ConfigError, InputError, error_cause
-from ctlake.spark import datafiles, tables
+from ctlake.spark import datafiles, faults, tables
 from ctlake.spark.progress import StageProgress
 from ctlake.spark.session import session_conf
 
@@ -348,8 +348,13 @@ def _contents(batch: pa.RecordBatch, key: bytes) -> Iterator[tuple[str, int, byt
     for identifier, path, length in zip(*(batch.column(c).to_pylist() for c in ("source_id", "path", "length"))):
         try:
             content = read_file(path)
+            size = os.stat(path).st_size
         except OSError:
             continue  # gone (or unreadable) since it was listed: counted as unaccounted, listed again next run
+        if size != length:
+            # Rewritten since it was listed (a copy still arriving, or replaced): parsing these bytes could
+            # quarantine a file that is whole a moment later.  Unaccounted now, listed again next run.
+            continue
         yield identifier, length, content
 
 
@@ -452,6 +457,7 @@ def _ingest(spark: SparkSession, settings: Settings, input_path: str, run_id: st
             # A file deleted between listing and reading is in neither table; say so rather than hide it.
             log.warning("%d new files but %d accounted for in this run", len(new_files), accounted)
     # Also without new files: a run killed between its slices commit and this repairs nothing else.
+    faults.point("ingest.series_update")
     summary["series_updated"] = update_series(spark, warehouse, run_id)
     for table in (tables.SLICES, tables.SERIES, tables.QUARANTINE):
         tables.create_if_missing(spark, warehouse, table)
@@ -530,6 +536,7 @@ def _ingest_new(spark: SparkSession, settings: Settings, new_files: dict[str, Li
         routed = write(spark, settings, readable, run_id, key, fingerprint)
     quarantine_rows += routed.quarantine_rows
     if quarantine_rows:
+        faults.point("ingest.quarantine_write")
         now = datetime.now(UTC)
         rows = [(*row, now, run_id, fingerprint) for row in quarantine_rows]
         if direct:
@@ -558,6 +565,7 @@ def _write_direct(spark: SparkSession, settings: Settings, readable: dict[str, L
     stamp = {"ingested_at": datetime.now(UTC), "ingest_run": run_id, "key_fingerprint": fingerprint}
     body = write_partition(key, ingest.arrow_max_bytes_per_batch, ingest.policy(), settings.privacy.uids == "replace",
                            ingest.worker_address_space, tables.local_folder(spark, warehouse, tables.SLICES), stamp)
+    faults.point("ingest.parse")
     with StageProgress(spark.sparkContext, "ingest: parsing and writing slices", ingest.progress_seconds):
         rows = [r.asDict() for r in
                 _source(spark, readable, ingest.max_partition_bytes).mapInArrow(body, WRITE_OUTCOME_SCHEMA).collect()]
@@ -570,6 +578,7 @@ def _write_direct(spark: SparkSession, settings: Settings, readable: dict[str, L
             duplicates, elsewhere = _find_duplicates(spark, warehouse, frames, readable, version)
             routed = route_outcomes([o for o in outcomes if o["source_id"] not in elsewhere], duplicates, readable)
             written = _drop_sources(spark, warehouse, written, frames, set(duplicates) | elsewhere)
+            faults.point("ingest.slices_commit")
             try:
                 datafiles.commit(spark, warehouse, tables.SLICES, list(written.values()), version,
                                  {"run": run_id, "stage": "ingest"})
@@ -739,35 +748,50 @@ def _find_duplicates(spark: SparkSession, warehouse: str, frames: list, listed_b
 
 
 def update_series(spark: SparkSession, warehouse: str, run_id: str) -> int:
-    """Recompute the ``series`` rows of series that changed since they were last summarized.
+    """Recompute the ``series`` rows that do not describe the ``slices`` table as it is now.
 
-    A series changed when a run added slices after its row was written: the
-    distinct (series, run stamp) pairs of ``slices`` say so without reading
-    more than two small columns, so every run checks (a run killed between
-    its slices commit and this update is repaired by the next one, new files
-    or not).  Only the changed series' metadata rows (no pixels) are read,
-    summarized on the driver and upserted.
+    A row is stale when its series has more or fewer slices than it counted,
+    or a run added slices after the row was written: two small columns of
+    ``slices`` say so, so every run checks (a run killed between its slices
+    commit and this update is repaired by the next one, new files or not).
+    Only the stale series' metadata rows (no pixels) are read, summarized on
+    the driver and upserted.  The check is repeated after the upsert until it
+    finds nothing: a concurrent run may commit slices of the same series after
+    this run read them, with an ``ingested_at`` older than this row's
+    ``updated_at``, which only the count reveals.  Whichever run writes last
+    checks last, so the table ends up exact.
     """
-    stamps = tables.scan(spark, warehouse, tables.SLICES, ["series_uid", "ingested_at"], distinct=True).to_pandas()
+    updated = set()
+    for _ in range(datafiles.COMMIT_ATTEMPTS):
+        stale = _stale_series(spark, warehouse)
+        if not stale:
+            return len(updated)
+        metadata = tables.scan(spark, warehouse, tables.SLICES, _SERIES_INPUT, {"series_uid": stale}).to_pandas()
+        # Six cosines as one string, so equal orientations compare equal.
+        metadata["orientation"] = metadata.pop("image_orientation").map(
+            lambda cosines: None if cosines is None else ",".join(map(str, cosines.tolist())))
+        metadata = metadata.sort_values(["series_uid", "sop_uid", "frame"], kind="stable")
+        now = datetime.now(UTC)
+        summaries = [{**series_row(group), "updated_at": now} for _, group in metadata.groupby("series_uid", sort=True)]
+        tables.upsert(spark, warehouse, tables.SERIES,
+                      pa.Table.from_pylist(summaries, schema=tables.arrow_schema(tables.SERIES)), ["series_uid"],
+                      {"run": run_id, "stage": "ingest"})
+        updated.update(stale)
+    raise ConcurrentWriteError(f"series: still stale after {datafiles.COMMIT_ATTEMPTS} updates; run again")
+
+
+def _stale_series(spark: SparkSession, warehouse: str) -> list[str]:
+    """Series whose ``series`` row is missing, counts other slices, or predates their newest slices."""
+    stamps = tables.scan(spark, warehouse, tables.SLICES, ["series_uid", "ingested_at"]).group_by(
+        "series_uid", use_threads=False).aggregate([("ingested_at", "max"), ("ingested_at", "count")]).to_pandas()
     if stamps.empty:
-        return 0
-    latest = stamps.groupby("series_uid")["ingested_at"].max()
-    current = tables.scan(spark, warehouse, tables.SERIES, ["series_uid", "updated_at"]).to_pandas()
-    updated = current.set_index("series_uid")["updated_at"].reindex(latest.index)
-    stale = latest.index[updated.isna() | (updated < latest)].tolist()
-    if not stale:
-        return 0
-    metadata = tables.scan(spark, warehouse, tables.SLICES, _SERIES_INPUT, {"series_uid": stale}).to_pandas()
-    # Six cosines as one string, so equal orientations compare equal.
-    metadata["orientation"] = metadata.pop("image_orientation").map(
-        lambda cosines: None if cosines is None else ",".join(map(str, cosines.tolist())))
-    metadata = metadata.sort_values(["series_uid", "sop_uid", "frame"], kind="stable")
-    now = datetime.now(UTC)
-    summaries = [{**series_row(group), "updated_at": now} for _, group in metadata.groupby("series_uid", sort=True)]
-    tables.upsert(spark, warehouse, tables.SERIES,
-                  pa.Table.from_pylist(summaries, schema=tables.arrow_schema(tables.SERIES)), ["series_uid"],
-                  {"run": run_id, "stage": "ingest"})
-    return len(summaries)
+        return []
+    stamps = stamps.set_index("series_uid")
+    current = tables.scan(spark, warehouse, tables.SERIES, ["series_uid", "slice_count", "updated_at"]).to_pandas()
+    current = current.set_index("series_uid").reindex(stamps.index)
+    stale = (current["updated_at"].isna() | (current["updated_at"] < stamps["ingested_at_max"])
+             | (current["slice_count"] != stamps["ingested_at_count"]))
+    return stamps.index[stale].tolist()
 
 
 #: The ``slices`` columns a ``series`` row is computed from.

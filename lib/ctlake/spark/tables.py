@@ -516,9 +516,15 @@ def read(spark: SparkSession, warehouse: str, table: str, version: int | None = 
 def create_if_missing(spark: SparkSession, warehouse: str, table: str, schema: T.StructType | None = None) -> None:
     """An empty table with the declared schema (or ``schema``: column metadata too), so readers never meet a
     missing table."""
-    if not exists(spark, warehouse, table):
+    if exists(spark, warehouse, table):
+        return
+    try:
         spark.createDataFrame([], schema or SCHEMAS[table]).write.format("delta").mode("ignore").save(
             table_path(warehouse, table))
+    except Exception:
+        # Two runs creating a new warehouse at once: the one whose first commit lost sees the table now.
+        if not exists(spark, warehouse, table):
+            raise
 
 
 def add_missing_columns(spark: SparkSession, warehouse: str, table: str) -> None:
@@ -585,10 +591,23 @@ def upsert(spark: SparkSession, warehouse: str, table: str, rows: pa.Table, keys
     create_if_missing(spark, warehouse, table)
     add_missing_columns(spark, warehouse, table)
     condition = " AND ".join(f"t.{k} = n.{k}" for k in keys)
+    from deltalake.exceptions import CommitFailedError
+
     properties = CommitProperties(custom_metadata=commit_metadata(operation))
-    (DeltaTable(folder).merge(rows.select(SCHEMAS[table].fieldNames()), condition, source_alias="n", target_alias="t",
-                              commit_properties=properties)
-     .when_matched_update_all().when_not_matched_insert_all().execute())
+    for attempt in range(_UPSERT_ATTEMPTS):
+        try:
+            (DeltaTable(folder).merge(rows.select(SCHEMAS[table].fieldNames()), condition, source_alias="n",
+                                      target_alias="t", commit_properties=properties)
+             .when_matched_update_all().when_not_matched_insert_all().execute())
+            return
+        except CommitFailedError:
+            # A concurrent writer's commit conflicts with this MERGE's read; the MERGE is keyed, so again is safe.
+            if attempt + 1 == _UPSERT_ATTEMPTS:
+                raise
+
+
+#: Times :func:`upsert` tries its MERGE against the latest version when concurrent commits conflict with it.
+_UPSERT_ATTEMPTS = 20
 
 
 def replace(spark: SparkSession, warehouse: str, table: str, rows: DataFrame) -> None:
