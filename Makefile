@@ -17,7 +17,7 @@ JOB          = $(PY) jobs/$(1).py --conf $(CONF) --sets "$$SET"
 # Overrides reach the job whole, quotes and spaces included: make ingest SET="ingest.input=/scans"
 export SET
 
-.PHONY: help setup run eval test lint bench package cluster-up cluster-down submit history history-down clean cohort ingest preprocess detect patches features train score
+.PHONY: help setup run eval test lint bench package cluster-up cluster-down submit history history-down clean maintain cohort ingest preprocess detect patches features train score
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
