@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 from ctlake.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The executors' environment `make package` builds (and `make test` before the tests).
+ARCHIVE = ROOT / "dist" / "ctlake-env.tar.gz"
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +84,29 @@ def cohort_config(ingested_cohort, tmp_path) -> Settings:
     warehouse = tmp_path / "warehouse"
     shutil.copytree(ingested_cohort.warehouse, warehouse)
     return ingested_cohort.updated({"warehouse": str(warehouse), "report.folder": str(tmp_path / "report")})
+
+
+@pytest.fixture(scope="module")
+def standalone(tmp_path_factory):
+    """A standalone master and two workers of one core and 2 GB each, registered; stopped by pid afterwards."""
+    from ctlake.spark import cluster
+
+    if not ARCHIVE.is_file():
+        pytest.fail(f"{ARCHIVE} is missing: `make test` builds it (make package)")
+    folder = tmp_path_factory.mktemp("cluster")
+    state = cluster.start(folder, workers=2, cores=1, memory="2g")
+    try:
+        yield state
+    finally:
+        started = cluster.ClusterState.load(folder).servers  # workers added by a test included
+        stopped = {s.pid for s in cluster.stop(folder)}
+        assert not any(cluster._running(s) for s in started), "a cluster process outlived the fixture"
+        assert stopped <= {s.pid for s in started}
+
+
+@pytest.fixture(scope="session")
+def installed_env(tmp_path_factory) -> Path:
+    """The archive unpacked once, away from where it was built: an environment installed on every node."""
+    folder = tmp_path_factory.mktemp("installed-env")
+    subprocess.run(["tar", "xzf", str(ARCHIVE), "-C", str(folder)], check=True)
+    return folder / "bin" / "python"

@@ -9,7 +9,6 @@ archive, and work lost or repeated when a worker dies.
 import glob
 import json
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -18,40 +17,23 @@ import job_runs
 import pytest
 from conftest import ROOT
 from dicom_files import build_mixed_folder, copies_of_a_real_ct
+from job_runs import cluster_command as job_command
 from job_runs import job_env, summary_of
 
 from ctlake.spark import cluster
 
-ARCHIVE = ROOT / "dist" / "ctlake-env.tar.gz"
-
 
 @pytest.fixture(scope="module")
-def standalone(tmp_path_factory):
-    """Two workers of one core and 2 GB each, registered with their master; stopped by pid afterwards."""
-    if not ARCHIVE.is_file():
-        pytest.fail(f"{ARCHIVE} is missing: `make test` builds it (make package)")
-    folder = tmp_path_factory.mktemp("cluster")
-    state = cluster.start(folder, workers=2, cores=1, memory="2g")
-    try:
-        yield state
-    finally:
-        stopped = {s.pid for s in cluster.stop(folder)}
-        assert not any(cluster._running(s) for s in state.servers), "a cluster process outlived the fixture"
-        assert stopped <= {s.pid for s in state.servers}
+def first_ingest(standalone, tmp_path_factory):
+    """The mixed folder ingested on the cluster into a new warehouse: what the later tests start from."""
+    tmp = tmp_path_factory.mktemp("on-cluster")
+    expected = build_mixed_folder(tmp / "first")
+    result = job_runs.run(job_command("ingest", standalone.master_url, tmp, f"ingest.input={tmp / 'first'}"))
+    return tmp, expected, result
 
 
-def job_command(job: str, master: str, tmp_path: Path, *sets: str) -> list[str]:
-    """``make submit``'s command: the job's driver here, its executors on the cluster with the archive's Python."""
-    return job_runs.job_command(job, tmp_path, f"spark.conf.spark.archives={ARCHIVE}#environment",
-                                "spark.executor_python=./environment/bin/python",
-                                f"spark.event_log_dir={tmp_path / 'events'}", "spark.conf.spark.executor.memory=1g",
-                                *sets, master=master)
-
-
-def test_ingest_runs_on_the_cluster_from_the_packaged_environment(standalone, tmp_path):
-    expected = build_mixed_folder(tmp_path / "input")
-    result = subprocess.run(job_command("ingest", standalone.master_url, tmp_path, f"ingest.input={tmp_path / 'input'}"),
-                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=job_env())
+def test_ingest_runs_on_the_cluster_from_the_packaged_environment(standalone, first_ingest):
+    _, expected, result = first_ingest
     summary = summary_of(result)
     assert summary["status"] == "succeeded"
     assert summary["files_seen"] == len(expected) and summary["accounted_for"]
@@ -65,47 +47,68 @@ def test_ingest_runs_on_the_cluster_from_the_packaged_environment(standalone, tm
     assert "ctlake.ingest: " in result.stderr and "ctlake.ingest: " not in result.stdout
 
 
-def _running_tasks(folder: str) -> int:
-    """Tasks the cluster's executors have started so far, from their logs in the workers' work folders."""
-    return sum(Path(log).read_text(errors="replace").count("Running task")
-               for log in glob.glob(f"{folder}/work-*/app-*/*/stderr"))
+def _running_tasks(folder: str) -> dict[str, int]:
+    """Tasks each worker's executors have started so far, from their logs in the worker's work folder."""
+    return {work: sum(Path(log).read_text(errors="replace").count("Running task")
+                      for log in glob.glob(f"{folder}/{work}/app-*/*/stderr"))
+            for work in sorted(p.name for p in Path(folder).glob("work-*"))}
 
 
-def test_a_worker_killed_mid_ingest_loses_and_duplicates_nothing(standalone, tmp_path):
-    first = tmp_path / "first"
-    build_mixed_folder(first)
-    # The tables exist before the run under test, so its first executor tasks are the parsing ones.
-    summary_of(subprocess.run(job_command("ingest", standalone.master_url, tmp_path, f"ingest.input={first}"),
-                              cwd=ROOT, capture_output=True, text=True, timeout=600, env=job_env()))
-    before = {t: tables_count(tmp_path, t) for t in ("slices", "quarantine")}
-    files = 240
-    copies_of_a_real_ct(tmp_path / "input", files, "kill-a-worker")
-    started_tasks = _running_tasks(standalone.folder)
-    stderr = (tmp_path / "driver.err").open("w")
-    job = subprocess.Popen(job_command("ingest", standalone.master_url, tmp_path, f"ingest.input={tmp_path / 'input'}",
-                                       "ingest.max_partition_bytes=8m"),
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, env=job_env())
+def _kill_a_busy_worker(state, job: subprocess.Popen, started: dict[str, int]) -> str:
+    """Wait until an executor of ``job`` runs a task, then SIGKILL that executor's worker; its role."""
     deadline = time.monotonic() + 300
-    while _running_tasks(standalone.folder) == started_tasks:
+    while True:
+        busy = [work for work, count in _running_tasks(state.folder).items() if count > started.get(work, 0)]
+        if busy:
+            break
         assert job.poll() is None and time.monotonic() < deadline, "the job ended before any task ran"
         time.sleep(0.2)
-    victim = standalone.server("worker-2")
-    cluster.kill(victim)
-    stdout, _ = job.communicate(timeout=600)
-    driver_log = (tmp_path / "driver.err").read_text()
+    victim = "worker-" + busy[0].split("-")[1]
+    cluster.kill(cluster.ClusterState.load(state.folder).server(victim))
+    return victim
+
+
+def _submit_and_kill(state, command: list[str], stderr: Path) -> tuple[dict, str]:
+    """Run ``command`` on the cluster, kill the worker of its first task; the summary and the driver's log."""
+    started = _running_tasks(state.folder)
+    with stderr.open("w") as err:
+        job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, env=job_env())
+        victim = _kill_a_busy_worker(state, job, started)
+        stdout, _ = job.communicate(timeout=600)
+    driver_log = stderr.read_text()
     assert job.returncode == 0, driver_log[-3000:]
-    summary = json.loads(stdout.strip().splitlines()[-1])
-    assert "Lost executor" in driver_log, "the kill did not reach the job's executors"
+    assert "Lost executor" in driver_log, f"the kill of {victim} did not reach the job's executors"
+    return json.loads(stdout.strip().splitlines()[-1]), victim
+
+
+def test_a_worker_killed_mid_ingest_and_mid_preprocess_loses_and_duplicates_nothing(standalone, first_ingest,
+                                                                                   installed_env):
+    tmp, _, result = first_ingest
+    summary_of(result)
+    before = {t: tables_count(tmp, t) for t in ("slices", "quarantine")}
+    files = 240
+    copies_of_a_real_ct(tmp / "input", files, "kill-a-worker")
+    summary, _ = _submit_and_kill(standalone, job_command("ingest", standalone.master_url, tmp,
+                                                          f"ingest.input={tmp / 'input'}", "ingest.max_partition_bytes=8m",
+                                                          events="events-later", python=installed_env), tmp / "ingest.err")
     assert (summary["new_files"], summary["files_ingested"], summary["slices_written"], summary["quarantined"],
             summary["accounted_for"]) == (files, files, files, {}, True)
-    assert tables_count(tmp_path, "slices") == before["slices"] + files
-    assert tables_count(tmp_path, "quarantine") == before["quarantine"]
-    assert tables_count(tmp_path, "slices", distinct=["sop_uid", "frame"]) == before["slices"] + files
-    # A re-run finds everything ingested.
-    again = summary_of(subprocess.run(job_command("ingest", standalone.master_url, tmp_path,
-                                                  f"ingest.input={tmp_path / 'input'}"),
-                                      cwd=ROOT, capture_output=True, text=True, timeout=600, env=job_env()))
+    slices = before["slices"] + files
+    assert tables_count(tmp, "slices") == tables_count(tmp, "slices", distinct=["sop_uid", "frame"]) == slices
+    assert tables_count(tmp, "quarantine") == before["quarantine"]
+    # A re-run (in local mode: the tables alone decide) finds everything ingested.
+    again = summary_of(job_runs.run(job_runs.job_command("ingest", tmp, f"ingest.input={tmp / 'input'}")))
     assert (again["new_files"], again["slices_written"]) == (0, 0)
+
+    # Two workers again, then preprocessing of every slice loses one of them.
+    cluster.add_worker(standalone.folder)
+    summary, _ = _submit_and_kill(standalone, job_command("preprocess", standalone.master_url, tmp,
+                                                          "preprocess.arrow_max_bytes_per_batch=2m",
+                                                          events="events-later", python=installed_env), tmp / "preprocess.err")
+    assert summary["slices_processed"] == slices
+    key = ["sop_uid", "frame"]
+    assert sorted(job_runs.table_rows(tmp, "preprocessed", key)) == sorted(job_runs.table_rows(tmp, "slices", key))
+    assert tables_count(tmp, "preprocessed", distinct=key) == slices
 
 
 def tables_count(tmp_path: Path, table: str, distinct: list[str] | None = None) -> int:
@@ -113,18 +116,11 @@ def tables_count(tmp_path: Path, table: str, distinct: list[str] | None = None) 
     return len(set(rows)) if distinct else len(rows)
 
 
-def test_the_history_server_shows_past_runs(tmp_path):
-    """Event logs of a local job, served by the History Server that `make history` starts."""
-    build_mixed_folder(tmp_path / "input")
-    result = subprocess.run([sys.executable, "jobs/ingest.py", "--set", f"ingest.input={tmp_path / 'input'}",
-                             "--set", f"warehouse={tmp_path / 'warehouse'}", "--set",
-                             f"spark.event_log_dir={tmp_path / 'events'}", "--set", "spark.master=local[1]",
-                             "--set", "privacy.restricted_warehouse=null"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env=job_env())
-    summary_of(result)
-    folder = tmp_path / "servers"
-    server = cluster.start_history(folder, tmp_path / "events")
+def test_the_history_server_shows_past_runs(first_ingest):
+    """The event logs of the cluster's first ingest, served by the History Server that `make history` starts."""
+    tmp = first_ingest[0]
+    folder = tmp / "servers"
+    server = cluster.start_history(folder, tmp / "events")
     try:
         url = f"http://127.0.0.1:{server.web_ui_port}/api/v1/applications"
         deadline = time.monotonic() + 60
@@ -138,3 +134,21 @@ def test_the_history_server_shows_past_runs(tmp_path):
     finally:
         assert [s.pid for s in cluster.stop(folder)] == [server.pid]
     assert not cluster._running(server)
+
+
+
+def test_a_server_is_waited_for_while_its_process_lives_whatever_its_command_line_reads(tmp_path):
+    """Right after a launch /proc/<pid>/cmdline can read empty: that is no reason to call the server dead."""
+    log = tmp_path / "server.log"
+    log.write_text("")
+    process = subprocess.Popen(["bash", "-c", f"sleep 1; echo 'I have been elected leader' >> {log}; exec sleep 600"],
+                               start_new_session=True)
+    server = cluster.Server("master", "a class its command line does not name", process.pid, str(log), 0)
+    try:
+        cluster.wait_for_log(server, "elected leader", seconds=30)
+        process.kill()
+        process.wait()
+        with pytest.raises(cluster.ClusterError, match=r"did not log 'never said' in 0 s, and its process ended"):
+            cluster.wait_for_log(server, "never said", seconds=30)
+    finally:
+        process.kill()

@@ -110,17 +110,26 @@ def _launch(state: ClusterState, role: str, main_class: str, arguments: list[str
 
 
 def wait_for_log(server: Server, text: str, seconds: float = 90) -> None:
-    """Block until ``text`` is in the server's log; a server that exits or stays silent is an error."""
-    deadline = time.monotonic() + seconds
+    """Block until ``text`` is in the server's log; a server that exits or stays silent is an error.
+
+    Liveness here is the pid alone, not :func:`_running`'s command-line check:
+    right after the launch ``/proc/<pid>/cmdline`` can still read empty, and
+    that check made a server just started look dead (the test suite's
+    history server "did not log" with an empty log, at once).  The pid is our
+    unreaped child, so it cannot belong to another program yet.
+    """
+    started = time.monotonic()
     path = Path(server.log)
-    while time.monotonic() < deadline:
+    while time.monotonic() < started + seconds:
         if text in path.read_text(errors="replace"):
             return
-        if not _running(server):
+        if not _alive(server.pid):
             break
         time.sleep(0.3)
+    waited = time.monotonic() - started
+    ended = "" if _alive(server.pid) else ", and its process ended"
     tail = path.read_text(errors="replace")[-2000:]
-    raise ClusterError(f"{server.role} (pid {server.pid}) did not log {text!r} in {seconds:.0f} s:\n{tail}")
+    raise ClusterError(f"{server.role} (pid {server.pid}) did not log {text!r} in {waited:.0f} s{ended}:\n{tail}")
 
 
 def start(folder: str | Path, workers: int = 2, cores: int = 1, memory: str = "2g",
@@ -145,16 +154,31 @@ def start(folder: str | Path, workers: int = 2, cores: int = 1, memory: str = "2
         state.master_url = f"spark://127.0.0.1:{port}"
         state.save()
         for index in range(1, workers + 1):
-            ui = free_port()
-            _launch(state, f"worker-{index}", WORKER_CLASS,
-                    [state.master_url, "--host", "127.0.0.1", "--cores", str(cores), "--memory", memory,
-                     "--webui-port", str(ui), "--work-dir", str(folder / f"work-{index}")], ui, env)
+            _launch_worker(state, index, cores, memory, env)
         for worker in state.workers():
             wait_for_log(worker, "Successfully registered with master")
     except BaseException:
         stop(folder)
         raise
     return state
+
+
+def _launch_worker(state: ClusterState, index: int, cores: int, memory: str, env: dict) -> Server:
+    ui = free_port()
+    return _launch(state, f"worker-{index}", WORKER_CLASS,
+                   [state.master_url, "--host", "127.0.0.1", "--cores", str(cores), "--memory", memory,
+                    "--webui-port", str(ui), "--work-dir", str(Path(state.folder) / f"work-{index}")], ui, env)
+
+
+def add_worker(folder: str | Path, cores: int = 1, memory: str = "2g", python: str | None = None) -> Server:
+    """Start one more worker for the running master of ``folder`` (after a lost one) and wait until it registered."""
+    state = ClusterState.load(Path(folder).resolve())
+    if not state.master_url:
+        raise ClusterError(f"no master runs from {folder}: start a cluster first")
+    index = 1 + max((int(s.role.split("-")[1]) for s in state.workers()), default=0)
+    worker = _launch_worker(state, index, cores, memory, _environment(python))
+    wait_for_log(worker, "Successfully registered with master")
+    return worker
 
 
 def start_history(folder: str | Path, event_logs: str | Path) -> Server:
