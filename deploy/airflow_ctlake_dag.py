@@ -1,4 +1,4 @@
-"""Example Airflow DAGs for ctlake: ingest every 5 minutes, then preprocess; VACUUM daily.
+"""Example Airflow DAGs for ctlake: streaming ingest every 5 minutes, then preprocess; VACUUM daily.
 
 Copy into Airflow's dags folder and set the Airflow Variables ``ctlake_home`` (the checkout with
 ``make package`` done), ``ctlake_master`` (the Spark master URL) and ``ctlake_conf``; put the
@@ -16,10 +16,10 @@ from airflow.operators.bash import BashOperator
 from airflow.operators.python import PythonOperator
 
 
-def submit(job: str) -> str:
-    """``make submit`` of one job with the packaged environment on the configured cluster."""
-    return ("cd {{ var.value.ctlake_home }} && make submit JOB=%s MASTER={{ var.value.ctlake_master }} "
-            "CONF={{ var.value.ctlake_conf }}" % job)
+def submit(job: str, args: str = "") -> str:
+    """``make submit`` of one job (with its options ``args``) with the packaged environment on the cluster."""
+    return ("cd {{ var.value.ctlake_home }} && make submit JOB=%s ARGS='%s' MASTER={{ var.value.ctlake_master }} "
+            "CONF={{ var.value.ctlake_conf }}" % (job, args))
 
 
 def check_ingest(ti) -> None:
@@ -33,7 +33,8 @@ def check_ingest(ti) -> None:
 with DAG("ctlake_ingest", schedule=timedelta(minutes=5), start_date=datetime(2026, 1, 1), catchup=False,
          max_active_runs=1, default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
          tags=["ctlake"]) as ingest_dag:
-    ingest = BashOperator(task_id="ingest", bash_command=submit("ingest"))
+    # --stream: each run ingests what arrived since the last one (checkpointed), then stops.
+    ingest = BashOperator(task_id="ingest", bash_command=submit("ingest", "--stream"))
     check = PythonOperator(task_id="check_ingest", python_callable=check_ingest)
     preprocess = BashOperator(task_id="preprocess", bash_command=submit("preprocess"))
     ingest >> [check, preprocess]

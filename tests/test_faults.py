@@ -127,3 +127,24 @@ def test_two_ingests_then_two_preprocess_runs_started_together_all_succeed_and_w
     processed = table_rows(tmp_path, tables.PREPROCESSED, ["sop_uid", "frame"])
     assert sorted(processed) == sorted(keys)
     assert first["status"] == second["status"] == "succeeded"
+
+
+def test_a_streaming_run_killed_in_a_micro_batch_is_replayed_by_the_next_exactly_once(tmp_path):
+    """The kill lands before the first micro-batch's slices commit; Spark's checkpoint replays that batch."""
+    expected = build_mixed_folder(tmp_path / "input" / "mixed")
+    copies_of_a_real_ct(tmp_path / "input" / "ct", 30, "stream-kill")
+    frames = 30 + sum(int(o.split(":")[1]) for o in expected.values() if o.startswith("slices:"))
+    files = len(expected) + 30
+    command = job_command("ingest", tmp_path, f"ingest.input={tmp_path / 'input'}", "ingest.stream_max_files=16")
+    command.append("--stream")
+    killed = run(command, job_env(**{KILL_AT: "ingest.slices_commit"}))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert state(tmp_path)["slices"] == 0
+    final = summary_of(run(command))
+    # Nothing new was queued: the killed run had queued every file; the replay and the rest ingest them once.
+    assert (final["files_logged"], final["batches"], final["new_files"], final["accounted_for"]) == (
+        0, -(-files // 16), files, True)
+    series = {s for (s,) in table_rows(tmp_path, tables.SLICES, ["series_uid"])}
+    assert state(tmp_path) == {"slices": frames, "distinct": frames, "quarantine": files - final["files_ingested"],
+                               "series": len(series), "runs": {"running": 1, "succeeded": 1}}
+    assert summary_of(run(command))["new_files"] == 0

@@ -16,7 +16,7 @@ from pyspark.testing import assertDataFrameEqual
 
 from ctlake.core.deid import DEV_KEY, IDENTIFYING_ATTRIBUTES, SYNTHETIC_MARKER, key_fingerprint
 from ctlake.errors import ConfigError, InputError
-from ctlake.spark import datafiles, ingest, tables
+from ctlake.spark import datafiles, ingest, ingest_stream, tables
 
 
 def outcomes(spark, config):
@@ -160,6 +160,81 @@ def test_whole_pydicom_test_folder_is_accounted_for(spark, config):
 def test_missing_input_is_a_clear_error(spark, config, tmp_path):
     with pytest.raises(InputError, match="input path not found"):
         ingest.run(spark, config, str(tmp_path / "nowhere"))
+
+
+def test_partitioned_prefixes_and_a_manifest_ingest_what_one_folder_does(spark, config, mixed, tmp_path):
+    folder, expected = mixed
+    days = tmp_path / "days"
+    for i, name in enumerate(sorted(expected)):  # a file's duplicate stays after it in path order
+        (days / f"day{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / name, days / f"day{i % 2}" / name)
+    # The same prefix twice and a glob inside another input add nothing.
+    summary = ingest.run(spark, config, [str(days / "day1"), str(days / "day0"), str(days / "day0"),
+                                         str(days / "day0" / "*.dcm")])
+    assert outcomes(spark, config) == expected
+    assert (summary["files_seen"], summary["accounted_for"], summary["walk_skipped"]) == (
+        len(expected), True, {"overlapping_input": 1})
+
+    other = config.updated({"warehouse": str(tmp_path / "w2"), "privacy.restricted_warehouse": str(tmp_path / "r2")})
+    lines = ["# from the scanner's export", ""]
+    for i, name in enumerate(sorted(expected)):
+        path = folder / name
+        lines.append(f"{path},{path.stat().st_size}" if i % 2 else f"file://{path}" if i % 3 else str(path))
+    lines.append(str(folder / "never-written.dcm"))
+    (tmp_path / "manifest.txt").write_text("\n".join(lines) + "\n")
+    summary = ingest.run(spark, other, manifest=str(tmp_path / "manifest.txt"))
+    assert outcomes(spark, other) == expected
+    assert (summary["files_seen"], summary["accounted_for"], summary["walk_skipped"]) == (
+        len(expected), True, {"missing_file": 1})
+    # A manifest names files as the walk does: the folder holds nothing new.
+    assert ingest.run(spark, other, str(folder))["new_files"] == 0
+    with pytest.raises(ConfigError, match="--input or --manifest, not both"):
+        ingest.run(spark, other, str(folder), manifest=str(tmp_path / "manifest.txt"))
+    with pytest.raises(InputError, match="cannot read the manifest"):
+        ingest.run(spark, other, manifest=str(tmp_path / "no-manifest.txt"))
+
+
+MIXED_QUARANTINE = {"bad_geometry": 1, "duplicate": 2, "no_pixel_data": 1, "not_ct": 1, "not_dicom": 2, "truncated": 1}
+
+
+def test_scheduled_streaming_runs_ingest_what_arrived_since_the_last_one_exactly_once(spark, config, mixed):
+    folder, expected = mixed
+    stream = config.updated({"ingest.stream_max_files": 4})
+    first = ingest.run(spark, stream, str(folder), mode="stream")
+    assert outcomes(spark, config) == expected  # what a batch run gives, duplicates across micro-batches included
+    assert (first["mode"], first["files_seen"], first["files_logged"], first["new_files"], first["batches"],
+            first["slices_written"], first["quarantined"], first["accounted_for"]) == (
+        "stream", len(expected), len(expected), len(expected), -(-len(expected) // 4), 6, MIXED_QUARANTINE, True)
+    versions = {t: tables.version(spark, config.warehouse, t) for t in (tables.SLICES, tables.QUARANTINE)}
+
+    nothing = ingest.run(spark, stream, str(folder), mode="stream")
+    assert (nothing["files_logged"], nothing["batches"], nothing["new_files"], nothing["already_ingested"]) == (
+        0, 0, 0, len(expected))
+    assert {t: tables.version(spark, config.warehouse, t) for t in versions} == versions
+
+    # One file arrives; another was queued by a run killed before its micro-batch (logged, never processed).
+    shutil.copy(real("693_UNCI.dcm"), folder / "later.dcm")
+    queued = folder.parent / "queued.dcm"
+    shutil.copy(real("CT_small.dcm"), queued)
+    file_log = ingest_stream.FileLog(Path(config.privacy.restricted_warehouse) / "checkpoints" / "ingest" / "files")
+    file_log.append([(f"file:{queued}", queued.stat().st_size)])
+    later = ingest.run(spark, stream, str(folder), mode="stream")
+    assert (later["files_logged"], later["new_files"], later["files_ingested"], later["batches"]) == (1, 2, 1, 1)
+    assert outcomes(spark, config) == {**expected, "later.dcm": "slices:1", "queued.dcm": "duplicate"}
+    assert file_log.processed() == file_log.count() == len(expected) + 2
+    runs = tables.read(spark, config.warehouse, tables.INGEST_RUNS).select("mode", "status", "new_files").collect()
+    assert sorted(tuple(r) for r in runs) == sorted(
+        [("stream", "succeeded", len(expected)), ("stream", "succeeded", 0), ("stream", "succeeded", 2)])
+
+
+def test_a_second_streaming_run_on_the_same_checkpoint_is_refused(spark, config, mixed):
+    folder, _ = mixed
+    checkpoint = Path(config.privacy.restricted_warehouse) / "checkpoints" / "ingest"
+    with ingest_stream.checkpoint_lock(checkpoint):
+        with pytest.raises(InputError, match="another streaming ingest holds the checkpoint"):
+            ingest.run(spark, config, str(folder), mode="stream")
+    with pytest.raises(ConfigError, match="streaming ingest needs a checkpoint"):
+        ingest.validate(config.updated({"privacy.restricted_warehouse": None}), [str(folder)], mode="stream")
 
 
 def test_local_listing_sees_every_file_in_binaryfile_path_form(spark, tmp_path):

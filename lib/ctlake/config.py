@@ -36,6 +36,9 @@ from ctlake.errors import ConfigError
 #: A size in bytes, written ``64m``, ``512k``, ``1g`` or as plain bytes.
 Bytes = NewType("Bytes", int)
 
+#: One path or a list of them (``--set ingest.input=/scans`` or ``ingest.input: [s3a://b/2026/01, ...]``).
+Paths = NewType("Paths", tuple)
+
 #: The key of an environment file that names the file of shared defaults it overlays.
 EXTENDS = "extends"
 
@@ -150,6 +153,11 @@ def _convert(kind: Any, value: Any, key: str) -> Any:
         return _convert(inner, value, key)
     if kind is Bytes:
         return size_bytes(value, key)
+    if kind is Paths:
+        paths = [value] if isinstance(value, str) else value
+        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+            raise ConfigError(f"configuration key {key} must be a path or a non-empty list of paths, found {value!r}")
+        return tuple(paths)
     if dataclasses.is_dataclass(kind):
         return parse_section(kind, value, key)
     if origin is Literal:
@@ -226,7 +234,7 @@ class PrivacySettings:
     #: PS3.15: keep the archive's UIDs (linkable back to it), or replace them by keyed 2.25. UIDs.
     uids: Literal["retain", "replace"]
 
-    def key(self, input_path: str | None = None) -> bytes:
+    def key(self, inputs: tuple[str, ...] = ()) -> bytes:
         """The pseudonymization key: environment variable, then secret file, then (if allowed) the dev key.
 
         The development key is public, so pseudonyms made with it are
@@ -244,10 +252,12 @@ class PrivacySettings:
             if not path.is_file():
                 raise ConfigError(f"privacy.key_file {self.key_file} does not exist")
             return _long_enough(path.read_bytes().strip(), f"privacy.key_file {self.key_file}")
-        if self.allow_dev_key and input_path and in_synthetic_cohort(input_path):
+        outside = [path for path in inputs if not in_synthetic_cohort(path)]
+        if self.allow_dev_key and inputs and not outside:
             return DEV_KEY
         where = ("" if not self.allow_dev_key
-                 else f"; the development key is only for a synthetic cohort, and {input_path} is not one")
+                 else f"; the development key is only for a synthetic cohort, and {(outside or ['no input'])[0]} "
+                      "is not one")
         raise ConfigError(f"no pseudonymization key: set the environment variable {self.key_env} "
                           f"({MIN_KEY_BYTES} bytes or more, e.g. `openssl rand -hex 32`) or privacy.key_file{where}")
 
@@ -282,7 +292,14 @@ class CohortSection:
 
 @dataclass(frozen=True)
 class IngestSettings:
-    input: str | None
+    #: Folders, globs or Hadoop URIs to list (several: partitioned prefixes such as one per day).
+    input: Paths | None
+    #: A file naming the files to ingest, one per line (``path`` or ``path,size``): nothing is listed.
+    manifest: str | None
+    #: Streaming mode: the folder of its file log and query checkpoint (null: in the restricted warehouse).
+    checkpoint: str | None
+    #: Streaming mode: files per micro-batch (0: the whole queue in one).
+    stream_max_files: int = field(metadata=_range(0))
     max_partition_bytes: Bytes
     arrow_max_bytes_per_batch: Bytes
     progress_seconds: float = field(metadata=_range(0.0))

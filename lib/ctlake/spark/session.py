@@ -48,6 +48,9 @@ def build_session(settings: SparkSettings, job: str | None = None) -> SparkSessi
     # this interpreter (right for local mode and a cluster on shared disks); a cluster shipping
     # a venv-pack archive sets spark.executor_python to ./environment/bin/python.
     os.environ.setdefault("PYSPARK_PYTHON", settings.executor_python or sys.executable)
+    # Python that Spark starts on the driver's machine (the planner and stream reader of a Python data
+    # source, as streaming ingest uses) is this interpreter, not the executors' archive-relative path.
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     if "spark.jars.packages" not in settings.conf and settings.delta_jars_dir:
         # The driver ships spark.jars to every executor, so the cache serves clusters too.
         jars = cached_jars(settings.delta_jars_dir)
