@@ -17,7 +17,7 @@ JOB          = $(PY) jobs/$(1).py --conf $(CONF) --sets "$$SET"
 # Overrides reach the job whole, quotes and spaces included: make ingest SET="ingest.input=/scans"
 export SET
 
-.PHONY: help setup run eval test lint bench package cluster-up cluster-down submit history history-down clean maintain cohort ingest preprocess detect patches features train score
+.PHONY: help setup run eval test lint bench package cluster-up cluster-down submit history history-down clean maintain pipeline cohort ingest ingest-stream preprocess detect patches features train score
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ cohort: setup ## generate the sample cohort (DICOM + LUNA16-style CSVs) under da
 
 ingest: setup ## ingest DICOM files into the slices, series and quarantine Delta tables
 	$(call JOB,ingest)
+
+ingest-stream: setup ## scheduled incremental ingest: queue what arrived since the last run (checkpoint), stream it (availableNow)
+	$(call JOB,ingest) --stream
 
 preprocess: setup ## OpenCV chain over new slices into the preprocessed table (+ montage PNG)
 	$(call JOB,preprocess)
@@ -68,18 +71,17 @@ score: setup ## score series not yet scored by RUN_ID (default: the newest run) 
 NEW_PATIENT = data/new_patient
 run: setup ## everything: cohort, ingest, preprocess, detect, patches, features, train, report, score a new patient
 	@test -f data/cohort/labels.csv || $(MAKE) --no-print-directory cohort
-	$(MAKE) --no-print-directory ingest
-	$(MAKE) --no-print-directory preprocess
-	$(MAKE) --no-print-directory detect
-	$(MAKE) --no-print-directory patches
-	$(MAKE) --no-print-directory features
-	$(call JOB,train) --if-no-run
+	@# The chain in one Spark session (jobs/pipeline.py); each stage is also its own job and make target.
+	$(call JOB,pipeline) --stages ingest,preprocess,detect,patches,features,train --if-no-run
 	@# A patient the models never saw: another seed, ingested into the same tables, then scored.
 	@test -f $(NEW_PATIENT)/labels.csv || $(call JOB,make_cohort) \
 	    --output $(NEW_PATIENT) --set cohort.seed=20261125 --set cohort.patients=1 --set cohort.no_nodule_fraction=0
-	$(call JOB,ingest) --input $(NEW_PATIENT)/dicom
-	$(MAKE) --no-print-directory score
+	$(call JOB,pipeline) --stages ingest,score --input $(NEW_PATIENT)/dicom --run-id $(RUN_ID)
 	@echo "report: data/report/index.html"
+
+STAGES ?= ingest,preprocess,detect,patches,features,train
+pipeline: setup ## STAGES (default: ingest to train) in one Spark session; with MASTER=... `make submit JOB=pipeline`
+	$(call JOB,pipeline) --stages $(STAGES)
 
 EVAL = conf/eval.yaml
 eval: setup ## the pipeline on the larger evaluation cohort (conf/eval.yaml: 500 patients, seed 23) into data/eval
@@ -139,11 +141,12 @@ cluster-down: setup ## stop the master and workers cluster-up started (by pid)
 
 MASTER ?= $(shell $(PY) -m ctlake.spark.cluster url --folder $(CLUSTER_DIR) 2>/dev/null)
 JOB    ?= ingest
-submit: package ## run JOB (default ingest) with CONF on MASTER (default: cluster-up's) with the packaged environment
+ARGS   ?=
+submit: package ## run JOB (default ingest) with CONF, ARGS (its options) on MASTER (default: cluster-up's) with the packaged environment
 	@test -n "$(MASTER)" || { echo "submit: no MASTER given and no cluster running: make cluster-up" >&2; exit 2; }
 	$(PY) jobs/$(JOB).py --conf $(CONF) --sets "$$SET" --set spark.master=$(MASTER) \
 	    --set "spark.conf.spark.archives=$(abspath $(ENV_ARCHIVE))#environment" \
-	    --set spark.executor_python=./environment/bin/python
+	    --set spark.executor_python=./environment/bin/python $(ARGS)
 
 history: setup ## start the Spark History Server on 127.0.0.1 over EVENTS (default data/spark-events)
 	$(PY) -m ctlake.spark.cluster history --folder $(CLUSTER_DIR) --events $(EVENTS)

@@ -12,7 +12,7 @@ from ctlake.config import load_config, load_settings, merged, parse_settings
 from ctlake.core.deid import DEV_KEY, SYNTHETIC_MARKER
 from ctlake.errors import ConfigError
 
-JOBS = ("make_cohort", "ingest", "preprocess", "detect", "patches", "features", "train", "score")
+JOBS = ("make_cohort", "ingest", "preprocess", "detect", "patches", "features", "train", "score", "pipeline", "maintain")
 SHIPPED = ("local.yaml", "cluster.yaml", "eval.yaml")
 
 
@@ -108,9 +108,14 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
     (["--set", "ingest.inptu=/scans"], "ingest: error: unknown configuration key ingest.inptu; did you mean ingest.input?"),
     (["--sets", "'ingest.input=/a b"], "ingest: error: --sets is not a shell-quoted list"),
     (["--bogus"], "ingest: error: unrecognized arguments: --bogus"),
+    (["--input", "/a", "--manifest", "/b"], "ingest: error: give --input or --manifest, not both"),
+    (["--set", "ingest.input=[]"], "ingest: error: configuration key ingest.input must be a path or a non-empty list"),
+    (["pipeline", "--stages", "train,ingest"], "pipeline: error: --stages must name each stage once, in the order"),
+    (["pipeline", "--stages", "ingest,predict"], "pipeline: error: --stages takes names from cohort, ingest,"),
 ])
 def test_job_reports_bad_arguments_in_one_line_with_exit_code_2(args, expected):
-    result = run_job("ingest", *args)
+    job, args = (args[0], args[1:]) if args[0] == "pipeline" else ("ingest", args)
+    result = run_job(job, *args)
     assert result.returncode == 2
     assert result.stderr.startswith(expected)
     assert len(result.stderr.strip().splitlines()) == 1
@@ -152,10 +157,12 @@ def test_the_development_key_serves_a_marked_synthetic_cohort_only(tmp_path):
     (tmp_path / "cohort" / SYNTHETIC_MARKER).write_text("synthetic")
     (tmp_path / "hospital").mkdir()
     os.environ.pop(privacy.key_env, None)
-    assert privacy.key(str(tmp_path / "cohort" / "dicom")) == DEV_KEY
-    assert privacy.key(str(tmp_path / "cohort" / "dicom" / "*.dcm")) == DEV_KEY
-    with pytest.raises(ConfigError, match="development key is only for a synthetic cohort"):
-        privacy.key(str(tmp_path / "hospital"))
+    cohort = str(tmp_path / "cohort" / "dicom")
+    assert privacy.key((cohort,)) == DEV_KEY
+    assert privacy.key((cohort + "/*.dcm", cohort)) == DEV_KEY
+    # Every input must lie in a marked cohort: one hospital folder among them needs the real key.
+    with pytest.raises(ConfigError, match=f"development key is only for a synthetic cohort, and {tmp_path}/hospital"):
+        privacy.key((cohort, str(tmp_path / "hospital")))
     result = run_job("ingest", "--check", "--input", str(tmp_path / "hospital"), env={privacy.key_env: ""})
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no pseudonymization key" in result.stderr
 

@@ -3,8 +3,11 @@ import json
 import shutil
 from pathlib import Path
 
+import job_runs
 import numpy as np
+import pyarrow as pa
 import pytest
+from deltalake import DeltaTable
 from pyspark.ml import PipelineModel
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import functions as F
@@ -118,13 +121,21 @@ def test_the_permutation_null_is_centred_at_one_half():
     assert permutation_null(np.zeros(5), np.arange(5), 10, 0) == []
 
 
-def test_score_a_new_patient_and_refuse_bad_runs(spark, trained, tmp_path):
-    config, summary, meta, _, _ = trained
+@pytest.fixture(scope="module")
+def scored(spark, trained):
+    """A patient the run never saw (another seed), ingested into the fixture's warehouse and scored."""
+    config = trained[0]
+    folder = Path(config.cohort.output).parent / "new"
     new = config.updated({"cohort.seed": 4242, "cohort.patients": 1, "cohort.no_nodule_fraction": 0.0})
-    cohort.run(spark, new, str(tmp_path / "new"))
-    ingest.run(spark, config, str(tmp_path / "new" / "dicom"))
-    uid = next((tmp_path / "new" / "dicom").rglob("*.dcm")).parent.name
-    result = score.run(spark, config, score.LATEST, [uid], labels=str(tmp_path / "new" / "labels.csv"))
+    cohort.run(spark, new, str(folder))
+    ingest.run(spark, config, str(folder / "dicom"))
+    uid = next((folder / "dicom").rglob("*.dcm")).parent.name
+    return folder, uid, score.run(spark, config, score.LATEST, [uid], labels=str(folder / "labels.csv"))
+
+
+def test_score_a_new_patient_and_refuse_bad_runs(spark, trained, scored):
+    config, summary, meta, _, _ = trained
+    _, uid, result = scored
     assert result["against_labels"] == {"series": 1, "note": "needs scored series of both labels"}
     assert result["run_id"] == summary["run_id"]
     assert result["series_scored"] == 1 and result["patches_scored"] > 0
@@ -188,3 +199,66 @@ def test_the_direct_writer_and_spark_make_the_same_features(spark, trained, tmp_
     assert direct.schema == again.schema  # the feature names travel in the metadata of both
     assertDataFrameEqual(direct, again)
     assert features.run(spark, with_spark)["patches_featurized"] == 0
+
+
+def comparable(warehouse: str | Path, table: str) -> list[tuple]:
+    """A table's rows without what differs between two runs of the same inputs (times, run ids), sorted."""
+    rows = DeltaTable(str(Path(warehouse) / table)).to_pyarrow_table()
+    kept = [f.name for f in rows.schema if not pa.types.is_timestamp(f.type) and f.name not in RUN_COLUMNS]
+    return sorted((to_12_digits(row) for row in zip(*(rows.column(c).to_pylist() for c in kept))), key=repr)
+
+
+def to_12_digits(value):
+    """Floats to 12 significant digits, inside rows, lists and dicts.
+
+    Spark merges partial sums (treeAggregate, a fitted model's statistics) in
+    the order tasks finish, so two runs of one training differ in the last bits
+    of a probability (1e-14 measured between local mode and the cluster); the
+    12th digit is far above that and far below any difference that matters.
+    """
+    if isinstance(value, float):
+        return float(f"{value:.12g}")
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_12_digits(v) for v in value)
+    if isinstance(value, dict):
+        return {k: to_12_digits(v) for k, v in value.items()}
+    return value
+
+
+#: Columns that name the run or time that wrote a row, not what it holds.
+RUN_COLUMNS = {"run_id", "ingest_run", "seconds", "models_path"}
+
+
+def test_the_chain_on_a_standalone_cluster_gives_the_tables_and_metrics_of_local_mode(
+        spark, trained, scored, standalone, installed_env, tmp_path):
+    """jobs/pipeline.py on two one-core workers with the packaged Python, against the fixtures' local stages.
+
+    The same cohort files and key, the same settings; the new patient is ingested with the cohort and
+    scored by the chain's own run.  Every table holds the same rows, and training gives the same metrics.
+    """
+    config, summary = trained[0], trained[1]
+    new_folder, uid, _ = scored
+    root = Path(config.cohort.output)
+    sets = [f"{key}={json.dumps(value)}" for key, value in SMALL.items()] + [
+        f"cohort.output={root}", f"patches.annotations={root / 'annotations.csv'}",
+        f"train.labels={root / 'labels.csv'}", f"train.nodules={root / 'nodules.csv'}",
+        f"privacy.key_file={config.privacy.key_file}",
+        "spark.conf.spark.sql.shuffle.partitions=2", "spark.conf.spark.default.parallelism=2"]
+    command = job_runs.cluster_command("pipeline", standalone.master_url, tmp_path, *sets, python=installed_env) + [
+        "--stages", "ingest,preprocess,detect,patches,features,train,score",
+        "--input", str(root / "dicom"), "--input", str(new_folder / "dicom")]
+    env = job_runs.job_env()
+    env.pop("CTLAKE_PSEUDONYM_KEY")
+    chain = job_runs.summary_of(job_runs.run(command, env=env))["stages"]
+    print({stage: chain[stage]["seconds"] for stage in chain})
+    assert chain["score"]["series_scored"] == 1 and list(chain["score"]["predictions"]) == [uid[-12:]]
+    for table in (tables.SLICES, tables.SERIES, tables.QUARANTINE, tables.PREPROCESSED, tables.CANDIDATES,
+                  tables.DETECTIONS, tables.PATCHES, tables.FEATURES, tables.PREDICTIONS):
+        local, on_cluster = (comparable(w, table) for w in (config.warehouse, tmp_path / "warehouse"))
+        assert len(on_cluster) == len(local) >= (table != tables.QUARANTINE), table  # only quarantine may be empty
+        assert on_cluster == local, table
+    runs = {w: to_12_digits(json.loads(DeltaTable(str(Path(w) / tables.RUNS)).to_pyarrow_table()
+                                       .column("metrics")[0].as_py()))
+            for w in (config.warehouse, str(tmp_path / "warehouse"))}
+    assert runs[str(tmp_path / "warehouse")] == runs[config.warehouse]
+    assert chain["train"]["run_id"] != summary["run_id"]
