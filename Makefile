@@ -127,8 +127,9 @@ $(ENV_ARCHIVE): $(STAMP) setup.py $(shell git ls-files lib 2>/dev/null)
 	$(PY) -c 'import importlib.metadata as m; print("\n".join(r for r in m.requires("ctlake") \
 	    if "extra ==" not in r and not r.startswith(("pyspark", "delta-spark"))))' > dist/executor-requirements.txt
 	$(PYTHON_BOOT) -m venv $(PACKAGE_VENV)
-	$(PACKAGE_VENV)/bin/pip install --quiet --no-deps dist/ctlake-*.whl
 	$(PACKAGE_VENV)/bin/pip install --quiet -r dist/executor-requirements.txt
+	@# Last and without dependencies: PySpark and delta-spark come from the workers' Spark, not the archive.
+	$(PACKAGE_VENV)/bin/pip install --quiet --no-deps dist/ctlake-*.whl
 	$(VENV)/bin/venv-pack --quiet --format tar.gz -p $(PACKAGE_VENV) -o $@.part
 	mv $@.part $@
 	@du -h $@ | awk '{print "environment archive: " $$2 " (" $$1 ")"}'

@@ -11,6 +11,7 @@ import sys
 from ctlake.cli import job_parser, run_job
 from ctlake.spark import pipeline, score
 
+
 def main(argv=None) -> int:
     parser = job_parser("pipeline", __doc__)
     parser.add_argument("--stages", default=pipeline.DEFAULT, metavar="A,B,...",

@@ -142,7 +142,7 @@ def test_a_streaming_run_killed_in_a_micro_batch_is_replayed_by_the_next_exactly
     assert state(tmp_path)["slices"] == 0
     final = summary_of(run(command))
     # Nothing new was queued: the killed run had queued every file; the replay and the rest ingest them once.
-    assert (final["files_logged"], final["batches"], final["new_files"], final["accounted_for"]) == (
+    assert (final["files_queued"], final["batches"], final["new_files"], final["accounted_for"]) == (
         0, -(-files // 16), files, True)
     series = {s for (s,) in table_rows(tmp_path, tables.SLICES, ["series_uid"])}
     assert state(tmp_path) == {"slices": frames, "distinct": frames, "quarantine": files - final["files_ingested"],

@@ -14,7 +14,7 @@ from dicom_files import build_hostile_folder, build_mixed_folder, pydicom_test_f
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
-from ctlake.core.deid import DEV_KEY, IDENTIFYING_ATTRIBUTES, SYNTHETIC_MARKER, key_fingerprint
+from ctlake.core.deid import DEV_KEY, IDENTIFYING_ATTRIBUTES, SYNTHETIC_MARKER, key_fingerprint, source_id
 from ctlake.errors import ConfigError, InputError
 from ctlake.spark import datafiles, ingest, ingest_stream, tables
 
@@ -202,26 +202,29 @@ def test_scheduled_streaming_runs_ingest_what_arrived_since_the_last_one_exactly
     stream = config.updated({"ingest.stream_max_files": 4})
     first = ingest.run(spark, stream, str(folder), mode="stream")
     assert outcomes(spark, config) == expected  # what a batch run gives, duplicates across micro-batches included
-    assert (first["mode"], first["files_seen"], first["files_logged"], first["new_files"], first["batches"],
+    assert (first["mode"], first["files_seen"], first["files_queued"], first["new_files"], first["batches"],
             first["slices_written"], first["quarantined"], first["accounted_for"]) == (
         "stream", len(expected), len(expected), len(expected), -(-len(expected) // 4), 6, MIXED_QUARANTINE, True)
     versions = {t: tables.version(spark, config.warehouse, t) for t in (tables.SLICES, tables.QUARANTINE)}
 
     nothing = ingest.run(spark, stream, str(folder), mode="stream")
-    assert (nothing["files_logged"], nothing["batches"], nothing["new_files"], nothing["already_ingested"]) == (
+    assert (nothing["files_queued"], nothing["batches"], nothing["new_files"], nothing["already_ingested"]) == (
         0, 0, 0, len(expected))
     assert {t: tables.version(spark, config.warehouse, t) for t in versions} == versions
 
-    # One file arrives; another was queued by a run killed before its micro-batch (logged, never processed).
+    # One file arrives; another was queued by a run killed before its micro-batch (queued, never streamed).
     shutil.copy(real("693_UNCI.dcm"), folder / "later.dcm")
     queued = folder.parent / "queued.dcm"
     shutil.copy(real("CT_small.dcm"), queued)
-    file_log = ingest_stream.FileLog(Path(config.privacy.restricted_warehouse) / "checkpoints" / "ingest" / "files")
-    file_log.append([(f"file:{queued}", queued.stat().st_size)])
+    restricted = config.privacy.restricted_warehouse
+    path = f"file:{queued}"
+    ingest_stream.enqueue(spark, restricted, [(source_id(config.privacy.key(), path), path, queued.stat().st_size)],
+                          "killed", 4)
     later = ingest.run(spark, stream, str(folder), mode="stream")
-    assert (later["files_logged"], later["new_files"], later["files_ingested"], later["batches"]) == (1, 2, 1, 1)
+    assert (later["files_queued"], later["new_files"], later["files_ingested"], later["batches"]) == (1, 2, 1, 2)
     assert outcomes(spark, config) == {**expected, "later.dcm": "slices:1", "queued.dcm": "duplicate"}
-    assert file_log.processed() == file_log.count() == len(expected) + 2
+    entries = tables.read(spark, restricted, tables.INGEST_QUEUE).orderBy("entry").select("entry").collect()
+    assert [r["entry"] for r in entries] == list(range(1, len(expected) + 3))
     runs = tables.read(spark, config.warehouse, tables.INGEST_RUNS).select("mode", "status", "new_files").collect()
     assert sorted(tuple(r) for r in runs) == sorted(
         [("stream", "succeeded", len(expected)), ("stream", "succeeded", 0), ("stream", "succeeded", 2)])
@@ -229,11 +232,11 @@ def test_scheduled_streaming_runs_ingest_what_arrived_since_the_last_one_exactly
 
 def test_a_second_streaming_run_on_the_same_checkpoint_is_refused(spark, config, mixed):
     folder, _ = mixed
-    checkpoint = Path(config.privacy.restricted_warehouse) / "checkpoints" / "ingest"
-    with ingest_stream.checkpoint_lock(checkpoint):
+    checkpoint = ingest_stream.checkpoint_location(None, config.privacy.restricted_warehouse)
+    with ingest_stream.checkpoint_lock(spark, checkpoint):
         with pytest.raises(InputError, match="another streaming ingest holds the checkpoint"):
             ingest.run(spark, config, str(folder), mode="stream")
-    with pytest.raises(ConfigError, match="streaming ingest needs a checkpoint"):
+    with pytest.raises(ConfigError, match="streaming ingest needs privacy.restricted_warehouse"):
         ingest.validate(config.updated({"privacy.restricted_warehouse": None}), [str(folder)], mode="stream")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from dicom_files import build_hostile_folder, real
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,9 @@ def texts_under(folder: Path) -> list[tuple[str, str]]:
     return found
 
 
-def test_a_patient_named_folder_reaches_no_table_log_statistic_or_event_log(tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--stream"]], ids=["batch", "stream"])
+def test_a_patient_named_folder_reaches_no_table_log_statistic_or_event_log(tmp_path, mode):
+    """Streaming too: its queue of paths is restricted, and its rows travel as data, never in a plan."""
     incoming = patient_named_tree(tmp_path)
     warehouse, restricted, events = tmp_path / "warehouse", tmp_path / "restricted", tmp_path / "events"
     events.mkdir()
@@ -69,7 +72,7 @@ def test_a_patient_named_folder_reaches_no_table_log_statistic_or_event_log(tmp_
         [sys.executable, "jobs/ingest.py", "--input", str(incoming), "--set", f"warehouse={warehouse}",
          "--set", f"privacy.restricted_warehouse={restricted}", "--set", "spark.conf.spark.eventLog.enabled=true",
          "--set", f"spark.conf.spark.eventLog.dir={events}", "--set", "spark.conf.spark.ui.enabled=true",
-         "--set", "spark.conf.spark.executorEnv.CTLAKE_PSEUDONYM_KEY=" + "s" * 40],
+         "--set", "spark.conf.spark.executorEnv.CTLAKE_PSEUDONYM_KEY=" + "s" * 40, *mode],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "CTLAKE_PSEUDONYM_KEY": "s" * 40})
     assert result.returncode == 0, result.stderr[-2000:]

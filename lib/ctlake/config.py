@@ -296,7 +296,7 @@ class IngestSettings:
     input: Paths | None
     #: A file naming the files to ingest, one per line (``path`` or ``path,size``): nothing is listed.
     manifest: str | None
-    #: Streaming mode: the folder of its file log and query checkpoint (null: in the restricted warehouse).
+    #: Streaming mode: the query's checkpoint, any Hadoop path (null: in the restricted warehouse).
     checkpoint: str | None
     #: Streaming mode: files per micro-batch (0: the whole queue in one).
     stream_max_files: int = field(metadata=_range(0))

@@ -84,7 +84,7 @@ def validate(settings: Settings, inputs: list[str] | tuple[str, ...] | None = No
         raise ConfigError("no input: pass --input PATH or --manifest FILE, or set ingest.input or ingest.manifest")
     settings.privacy.key(chosen.named())
     if mode == "stream":
-        ingest_stream.checkpoint_folder(settings.ingest.checkpoint, settings.privacy.restricted_warehouse)
+        ingest_stream.checkpoint_location(settings.ingest.checkpoint, settings.privacy.restricted_warehouse)
     return chosen
 
 
@@ -474,7 +474,7 @@ _OUTCOME_COLUMNS = ["source_id", "frame", "sop_uid", "series_uid", "modality", "
 
 
 #: How a run finds its files: ``batch`` lists the input and takes what the tables lack; ``stream`` also
-#: queues them in a checkpointed file log and ingests it with Structured Streaming (``ingest_stream``).
+#: queues them in the ``ingest_queue`` table and ingests it with Structured Streaming (``ingest_stream``).
 MODES = ("batch", "stream")
 
 
@@ -549,41 +549,43 @@ def _warn_development_key(key: bytes) -> None:
 
 
 def _stream(spark: SparkSession, settings: Settings, chosen: Source, run_id: str, key: bytes) -> dict:
-    """Queue the files that arrived since the last run in the checkpoint's log, then stream the log.
+    """Queue the files that arrived since the last run, then ingest the queue with Structured Streaming.
 
-    The summary adds up the micro-batches' summaries; ``files_logged`` is what
-    this run queued, ``batches`` how many micro-batches ingested the queue
-    (pending entries of a killed run included).
+    The summary adds up the micro-batches' summaries; ``files_queued`` is
+    what this run queued, ``batches`` how many micro-batches ingested the
+    queue (those a killed run left included).
     """
     _warn_development_key(key)
     named = ", ".join(chosen.named())
-    checkpoint = ingest_stream.checkpoint_folder(settings.ingest.checkpoint, settings.privacy.restricted_warehouse)
-    with ingest_stream.checkpoint_lock(checkpoint):
+    restricted = settings.privacy.restricted_warehouse
+    checkpoint = ingest_stream.checkpoint_location(settings.ingest.checkpoint, restricted)
+    with ingest_stream.checkpoint_lock(spark, checkpoint):
         check_key(spark, settings.warehouse, key_fingerprint(key))
-        file_log = ingest_stream.FileLog(checkpoint / ingest_stream.LOG_FOLDER)
         listing = _listing(spark, chosen)
-        queued = {path for path, _ in file_log.entries()[file_log.processed():]}
         by_id = {source_id(key, f.path): f for f in listing.files}
         known = _ingested_ids(spark, settings.warehouse, list(by_id))
-        arrived = [f for i, f in by_id.items() if i not in known and f.path not in queued]
-        file_log.append([(f.path, f.length) for f in arrived])
-        log.info("%d files under the input, %d already ingested, %d newly queued, %d queued before",
-                 len(listing.files), len(known), len(arrived), len(queued))
+        queued = ingest_stream.queued_ids(spark, restricted, [i for i in by_id if i not in known])
+        arrived = [(i, f.path, f.length) for i, f in by_id.items() if i not in known and i not in queued]
+        ingest_stream.enqueue(spark, restricted, arrived, run_id, settings.ingest.stream_max_files)
+        log.info("%d files under the input, %d already ingested, %d newly queued", len(listing.files), len(known),
+                 len(arrived))
         batches = []
 
         def ingest_batch(rows: list, batch_id: int) -> None:
-            files = Listing([ListedFile(r["path"], r["length"]) for r in rows], {})
-            log.info("micro-batch %d: %d files", batch_id, len(rows))
-            batches.append(_ingest(spark, settings, files, named, run_id, key))
-            file_log.mark_processed(rows[-1]["entry"])
+            files = {r["source_id"]: ListedFile(r["source_path"], r["source_size"]) for r in rows}
+            log.info("micro-batch %d: %d queued files", batch_id, len(files))
+            batches.append(_ingest(spark, settings, Listing(list(files.values()), {}), named, run_id, key))
+            # Changed while read (in no table): queued again, for the next run.
+            missed = set(files) - _ingested_ids(spark, settings.warehouse, list(files))
+            ingest_stream.enqueue(spark, restricted, [(i, files[i].path, files[i].length) for i in sorted(missed)],
+                                  run_id, settings.ingest.stream_max_files)
 
-        ingest_stream.stream_batches(spark, file_log, checkpoint / ingest_stream.QUERY_FOLDER,
-                                     settings.ingest.stream_max_files, ingest_batch)
+        ingest_stream.stream_queue(spark, restricted, checkpoint, ingest_batch)
+        ran = len(batches)
         if not batches:  # nothing queued: still repair a stale series, as a batch run does
             batches.append(_ingest(spark, settings, Listing([], {}), named, run_id, key))
     summary = {**batches[-1], "input": named, "files_seen": len(listing.files), "already_ingested": len(known),
-               "files_logged": len(arrived), "batches": len(batches) if batches[-1]["files_seen"] else 0,
-               "walk_skipped": listing.skipped}
+               "files_queued": len(arrived), "batches": ran, "walk_skipped": listing.skipped}
     for count in ("new_files", "files_ingested", "ingested_elsewhere", "unaccounted", "slices_written",
                   "series_updated"):
         summary[count] = sum(b[count] for b in batches)

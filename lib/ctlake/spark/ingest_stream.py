@@ -1,173 +1,104 @@
-"""Scheduled, incremental ingestion: Structured Streaming over new files, ``availableNow``, checkpointed.
+"""Scheduled, incremental ingestion: Structured Streaming over a queue of new files, ``availableNow``.
 
-The open-source counterpart of Auto Loader, built from the parts batch
-ingestion already trusts.  A scheduled run (cron, Airflow) does:
+The open-source counterpart of Auto Loader, built from parts batch ingestion
+already trusts.  A scheduled run (cron, Airflow) does:
 
 1. **discover** on the driver with the batch listing (``list_files`` or a
    manifest: hidden and empty files, Hadoop URIs and walk accounting exactly
-   as in batch), drop the files the tables already hold (by source id) and
-   those already queued, and append the rest to the checkpoint's **file
-   log**: numbered, append-only, written atomically;
-2. **stream** the log from the offset of the last run's checkpoint with the
-   ``ctlake_new_files`` source and ``trigger(availableNow=True)``: the query
-   processes every entry logged up to its start, in micro-batches of at most
-   ``ingest.stream_max_files`` files, then stops;
-3. **ingest** each micro-batch in ``foreachBatch`` with the batch path
-   itself (``ingest._ingest`` on the batch's files), so quarantine reasons,
+   as in batch), drop the files the tables already hold and those ever queued
+   (by source id), and append the rest to the Delta table ``ingest_queue`` in
+   the restricted warehouse, one commit per ``ingest.stream_max_files`` files;
+2. **stream** the queue with Delta's own streaming source from the query's
+   checkpoint, ``maxFilesPerTrigger=1`` (one queued commit per micro-batch)
+   and ``trigger(availableNow=True)``: every file queued before the query
+   started, then stop;
+3. **ingest** each micro-batch in ``foreachBatch`` with the batch path itself
+   (``ingest._ingest`` on the micro-batch's files), so quarantine reasons,
    duplicates, de-identification, the direct writer and its commit races are
    the batch ones.
 
-Exactly once: a micro-batch whose offsets were logged but whose commit was not
-(a killed driver) is replayed by Spark with the same files, and ingestion is
-idempotent by source id; the log's ``processed`` mark is advanced only after a
-batch's tables are committed.  A file the log held but no table took (deleted
-or rewritten between discovery and reading: ``unaccounted``) is queued again
-by the next run, as batch lists it again.
+Exactly once: a micro-batch whose offsets were logged but whose commit was
+not (a killed driver) is replayed by Spark from the checkpoint with the same
+rows, and ingestion is idempotent by source id.  A queued file that no table
+took (deleted or rewritten between discovery and reading: ``unaccounted``) is
+queued again at once, for the next run.
 
-The log names paths, so the checkpoint is restricted data: by default it
-lives in ``privacy.restricted_warehouse`` beside the source map.  Only its
-folder crosses into Spark's plan; the paths travel in task data, which no
-event log records.
+Why a Delta table and Delta's source rather than a Python data source: a Python
+stream reader runs its planning on the driver with the executors' interpreter
+(``spark.executor_python``), which for a shipped archive (``./environment``)
+exists only on the executors; the queue and its checkpoint also live on any
+storage Spark reaches (local, NFS, HDFS, S3), as the tables do.  The queue
+names paths, so it and the checkpoint are restricted data: they live with the
+source map, outside the warehouse, and only their folders enter a plan.
 """
 from __future__ import annotations
 
 import fcntl
-import json
-import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pyspark.sql import SparkSession
-from pyspark.sql.datasource import DataSource, DataSourceStreamReader, InputPartition
-from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadLimit, ReadMaxFiles, SupportsTriggerAvailableNow
+from pyspark.sql import functions as F
 
 from ctlake.errors import ConfigError, InputError
+from ctlake.spark import tables
 
-#: The source's name, as ``spark.readStream.format`` takes it.
-SOURCE_NAME = "ctlake_new_files"
-#: The checkpoint's parts: ctlake's file log and lock, and Spark's own query checkpoint.
-LOG_FOLDER, QUERY_FOLDER, LOCK_FILE = "files", "query", "lock"
-_PROCESSED = "processed"
+QUEUE = tables.INGEST_QUEUE
+_LOCK_FILE = "ctlake-ingest.lock"
 
 
-class FileLog:
-    """The numbered, append-only log of discovered files; entry ``n`` (from 1) is the ``n``-th file logged.
+def checkpoint_location(checkpoint: str | None, restricted_warehouse: str | None) -> str:
+    """The query checkpoint: ``ingest.checkpoint``, else ``<restricted warehouse>/checkpoints/ingest``."""
+    if not restricted_warehouse:
+        raise ConfigError("streaming ingest needs privacy.restricted_warehouse: its queue names paths, so it "
+                          "lives there beside the source map")
+    return checkpoint or f"{restricted_warehouse.rstrip('/')}/checkpoints/ingest"
 
-    Each append is one file ``entries-<first>.jsonl`` written to a temporary
-    name, fsynced and renamed: a reader sees a whole append or none.  Offsets of
-    the stream are entry counts, so a replayed range names the same files.
+
+def queued_ids(spark: SparkSession, restricted: str, ids: list[str]) -> set[str]:
+    """Which of ``ids`` any run has queued (processed or not)."""
+    rows = tables.scan(spark, restricted, QUEUE, ["source_id"], where={"source_id": ids}, distinct=True)
+    return set(rows.column(0).to_pylist())
+
+
+def enqueue(spark: SparkSession, restricted: str, files: list[tuple[str, str, int]], run_id: str,
+            per_batch: int) -> int:
+    """Append ``(source_id, path, size)`` rows in their order, one commit (and one file) per micro-batch.
+
+    ``per_batch`` 0 puts them all in one.  Returns how many were queued.
     """
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-
-    def _chunks(self) -> list[Path]:
-        return sorted(self.folder.glob("entries-*.jsonl")) if self.folder.is_dir() else []
-
-    def entries(self) -> list[tuple[str, int]]:
-        """Every logged (path, length), in log order."""
-        found = []
-        for chunk in self._chunks():
-            found += [tuple(json.loads(line)) for line in chunk.read_text().splitlines() if line]
-        return found
-
-    def count(self) -> int:
-        return len(self.entries())
-
-    def append(self, files: list[tuple[str, int]]) -> int:
-        """Log ``files`` after the present entries; the new entry count."""
-        first = self.count() + 1
-        if files:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            _write_atomically(self.folder / f"entries-{first:012d}.jsonl",
-                              "".join(json.dumps([path, length]) + "\n" for path, length in files))
-        return first - 1 + len(files)
-
-    def processed(self) -> int:
-        """Entries whose micro-batch committed its tables (the rest are pending: Spark replays them)."""
-        mark = self.folder / _PROCESSED
-        return int(mark.read_text()) if mark.is_file() else 0
-
-    def mark_processed(self, entry: int) -> None:
-        if entry > self.processed():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            _write_atomically(self.folder / _PROCESSED, str(entry))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    part = path.with_name(path.name + ".part")
-    with part.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(part, path)
-
-
-class NewFilesSource(DataSource):
-    """``spark.readStream.format("ctlake_new_files").option("log", folder)``: the file log as a stream.
-
-    Rows are (entry, path, length), metadata only: the files are read and
-    parsed by the micro-batch's ingestion, on the executors.
-    """
-
-    @classmethod
-    def name(cls) -> str:
-        return SOURCE_NAME
-
-    def schema(self) -> str:
-        return "entry bigint, path string, length bigint"
-
-    def streamReader(self, schema) -> DataSourceStreamReader:
-        return _NewFilesReader(self.options)
-
-
-class _NewFilesReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
-    """Offsets are ``{"entries": n}``: every file of the log up to entry ``n``."""
-
-    def __init__(self, options):
-        self.log = FileLog(options["log"])
-        self.max_files = int(options.get("max_files", "0"))
-        self.target: int | None = None
-
-    def initialOffset(self) -> dict:
-        return {"entries": 0}
-
-    def prepareForTriggerAvailableNow(self) -> None:
-        # What was logged when the query started: files logged later wait for the next run.
-        self.target = self.log.count()
-
-    def getDefaultReadLimit(self) -> ReadLimit:
-        return ReadMaxFiles(self.max_files) if self.max_files else ReadAllAvailable()
-
-    def latestOffset(self, start: dict, limit: ReadLimit) -> dict:
-        available = self.log.count() if self.target is None else self.target
-        end = available
-        if isinstance(limit, ReadMaxFiles):
-            end = min(available, start["entries"] + limit.max_files)
-        return {"entries": max(end, start["entries"])}
-
-    def partitions(self, start: dict, end: dict) -> list[InputPartition]:
-        first, last = start["entries"], end["entries"]
-        if last <= first:
-            return []
-        return [InputPartition((first, self.log.entries()[first:last]))]
-
-    def read(self, partition: InputPartition) -> Iterator[tuple]:
-        first, entries = partition.value
-        for number, (path, length) in enumerate(entries, start=first + 1):
-            yield number, path, length
+    tables.create_if_missing(spark, restricted, QUEUE)
+    if not files:
+        return 0
+    first = (tables.scan(spark, restricted, QUEUE, ["entry"]).column(0).to_pylist() or [0])
+    entry = max(first) + 1
+    now = datetime.now(UTC)
+    size = per_batch or len(files)
+    for start in range(0, len(files), size):
+        rows = [(entry + start + i, *file, run_id, now) for i, file in enumerate(files[start:start + size])]
+        (spark.createDataFrame(rows, tables.INGEST_QUEUE_SCHEMA).coalesce(1)
+         .write.format("delta").mode("append").save(tables.table_path(restricted, QUEUE)))
+    return len(files)
 
 
 @contextmanager
-def checkpoint_lock(checkpoint: Path) -> Iterator[None]:
-    """One scheduled run per checkpoint at a time: a second one is refused at once, with one clear line.
+def checkpoint_lock(spark: SparkSession, checkpoint: str) -> Iterator[None]:
+    """One scheduled run per checkpoint at a time: a second is refused at once, with one clear line.
 
     Spark detects two queries on one checkpoint only inside one session; two
-    cron runs are two drivers.
+    cron runs are two drivers.  Where the checkpoint is not a mounted folder
+    (HDFS, S3) the scheduler must keep runs apart (``flock``, Airflow's
+    ``max_active_runs=1``).
     """
-    checkpoint.mkdir(parents=True, exist_ok=True)
-    with (checkpoint / LOCK_FILE).open("w") as lock:
+    local = tables.local_path(spark, checkpoint)
+    if local is None:
+        yield
+        return
+    folder = Path(local)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / _LOCK_FILE).open("w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -176,42 +107,30 @@ def checkpoint_lock(checkpoint: Path) -> Iterator[None]:
         yield
 
 
-def checkpoint_folder(checkpoint: str | None, restricted_warehouse: str | None) -> Path:
-    """The stream's checkpoint: ``ingest.checkpoint``, else ``<restricted warehouse>/checkpoints/ingest``."""
-    if checkpoint:
-        chosen = checkpoint
-    elif restricted_warehouse:
-        chosen = f"{restricted_warehouse.rstrip('/')}/checkpoints/ingest"
-    else:
-        raise ConfigError("streaming ingest needs a checkpoint: set ingest.checkpoint or "
-                          "privacy.restricted_warehouse (its file log names paths, so it is restricted data)")
-    if "://" in chosen and not chosen.startswith("file:"):
-        raise ConfigError(f"ingest.checkpoint must be a folder the driver mounts (local, NFS), found {chosen}")
-    return Path(chosen.removeprefix("file:")).resolve()
+def stream_queue(spark: SparkSession, restricted: str, checkpoint: str,
+                 each_batch: Callable[[list, int], None]) -> None:
+    """Run the ``availableNow`` query over the queue; ``each_batch(rows, batch_id)`` ingests one micro-batch.
 
-
-def stream_batches(spark: SparkSession, log: FileLog, query_folder: Path, max_files: int,
-                   each_batch) -> None:
-    """Run the ``availableNow`` query over ``log``; ``each_batch(rows, batch_id)`` ingests one micro-batch.
-
-    Returns when every entry logged before the start is processed; the
-    micro-batch's failure is raised here (the query stops at it, and the next
-    run replays it).
+    Rows are (entry, source_id, source_path, source_size) in entry order.
+    Returns when every file queued before the start is processed; a
+    micro-batch's failure is raised here whole (the query stops at it, and
+    the next run replays it).
     """
-    spark.dataSource.register(NewFilesSource)
-    frame = (spark.readStream.format(SOURCE_NAME).option("log", str(log.folder))
-             .option("max_files", str(max_files)).load())
+    tables.create_if_missing(spark, restricted, QUEUE)
+    frame = (spark.readStream.format("delta").option("maxFilesPerTrigger", 1)
+             .load(tables.table_path(restricted, QUEUE)))
     failures = []
 
     def batch(micro_batch, batch_id: int) -> None:
         try:
-            each_batch(micro_batch.orderBy("entry").collect(), batch_id)
+            rows = micro_batch.select("entry", "source_id", "source_path", "source_size").orderBy(F.col("entry"))
+            each_batch(rows.collect(), batch_id)
         except BaseException as exc:  # kept whole: Spark would hand back only its text
             failures.append(exc)
             raise
 
     query = (frame.writeStream.foreachBatch(batch).trigger(availableNow=True)
-             .option("checkpointLocation", str(query_folder)).queryName("ctlake-ingest-stream").start())
+             .option("checkpointLocation", checkpoint).queryName("ctlake-ingest-stream").start())
     try:
         query.awaitTermination()
     except Exception:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,10 @@ BASE_CONF = {
 }
 
 
+#: A master on this machine (``make cluster-up``'s): the driver binds to loopback too.
+LOOPBACK_MASTER = re.compile(r"^spark://(127\.0\.0\.1|localhost):")
+
+
 def build_session(settings: SparkSettings, job: str | None = None) -> SparkSession:
     """Create (or reuse) the session the settings describe; ``job`` names it (``ctlake ingest``) in UIs and history.
 
@@ -42,7 +47,8 @@ def build_session(settings: SparkSettings, job: str | None = None) -> SparkSessi
     pydicom and OpenCV are what the executors import.
     """
     conf = dict(BASE_CONF)
-    if settings.master.startswith("local"):
+    if settings.master.startswith("local") or LOOPBACK_MASTER.match(settings.master):
+        # The driver's own servers (block manager, RPC) on loopback, like the cluster's on this machine.
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     # PySpark tells executors which Python to start from the driver's PYSPARK_PYTHON. Default:
     # this interpreter (right for local mode and a cluster on shared disks); a cluster shipping

@@ -36,6 +36,7 @@ FEATURES = "features"
 RUNS = "runs"
 INGEST_RUNS = "ingest_runs"
 SOURCE_MAP = "source_map"
+INGEST_QUEUE = "ingest_queue"
 PREDICTIONS = "predictions"
 
 #: Columns of one image frame that come from parsing (pure ``ctlake.core.dicom_parse`` output).
@@ -80,6 +81,17 @@ SOURCE_MAP_SCHEMA = T.StructType([
     T.StructField("source_path", T.StringType()),
     T.StructField("ingest_run", T.StringType()),
     T.StructField("listed_at", T.TimestampType()),
+])
+
+#: ``ingest_queue`` (restricted, like ``source_map``): files a streaming run queued, in ``entry`` order;
+#: each commit holds one micro-batch's worth (``ctlake.spark.ingest_stream``).
+INGEST_QUEUE_SCHEMA = T.StructType([
+    T.StructField("entry", T.LongType()),
+    T.StructField("source_id", T.StringType()),
+    T.StructField("source_path", T.StringType()),
+    T.StructField("source_size", T.LongType()),
+    T.StructField("queued_by", T.StringType()),
+    T.StructField("queued_at", T.TimestampType()),
 ])
 
 #: ``slices``: one row per image frame, pixels in HU as little-endian int16 bytes.
@@ -292,7 +304,7 @@ SCHEMAS = {SLICES: SLICES_SCHEMA, SERIES: SERIES_SCHEMA, QUARANTINE: QUARANTINE_
            PREPROCESSED: PREPROCESSED_SCHEMA, CANDIDATES: CANDIDATES_SCHEMA, DETECTIONS: DETECTIONS_SCHEMA,
            PATCHES: PATCHES_SCHEMA, FEATURES: FEATURES_SCHEMA,
            RUNS: RUNS_SCHEMA, INGEST_RUNS: INGEST_RUNS_SCHEMA, PREDICTIONS: PREDICTIONS_SCHEMA,
-           SOURCE_MAP: SOURCE_MAP_SCHEMA}
+           SOURCE_MAP: SOURCE_MAP_SCHEMA, INGEST_QUEUE: INGEST_QUEUE_SCHEMA}
 
 #: The names of the feature vectors' elements live in this metadata key of their columns.
 FEATURE_NAMES_KEY = "ctlake.feature_names"
