@@ -572,6 +572,8 @@ def _stream(spark: SparkSession, settings: Settings, chosen: Source, run_id: str
         batches = []
 
         def ingest_batch(rows: list, batch_id: int) -> None:
+            if not rows:  # Delta's source reads a new queue's empty first version as a batch
+                return
             files = {r["source_id"]: ListedFile(r["source_path"], r["source_size"]) for r in rows}
             log.info("micro-batch %d: %d queued files", batch_id, len(files))
             batches.append(_ingest(spark, settings, Listing(list(files.values()), {}), named, run_id, key))
