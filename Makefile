@@ -20,7 +20,7 @@ export SET
 .PHONY: help setup run eval test lint bench package cluster-up cluster-down submit history history-down clean maintain pipeline cohort ingest ingest-stream preprocess detect patches features train score
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(STAMP): setup.py
 	$(PYTHON_BOOT) -m venv $(VENV)
