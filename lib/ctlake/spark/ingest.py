@@ -577,6 +577,8 @@ def _stream(spark: SparkSession, settings: Settings, chosen: Source, run_id: str
             files = {r["source_id"]: ListedFile(r["source_path"], r["source_size"]) for r in rows}
             log.info("micro-batch %d: %d queued files", batch_id, len(files))
             batches.append(_ingest(spark, settings, Listing(list(files.values()), {}), named, run_id, key))
+            if not batches[-1]["unaccounted"]:
+                return
             # Changed while read (in no table): queued again, for the next run.
             missed = set(files) - _ingested_ids(spark, settings.warehouse, list(files))
             ingest_stream.enqueue(spark, restricted, [(i, files[i].path, files[i].length) for i in sorted(missed)],

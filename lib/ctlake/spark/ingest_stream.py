@@ -72,8 +72,9 @@ def enqueue(spark: SparkSession, restricted: str, files: list[tuple[str, str, in
     tables.create_if_missing(spark, restricted, QUEUE)
     if not files:
         return 0
-    first = (tables.scan(spark, restricted, QUEUE, ["entry"]).column(0).to_pylist() or [0])
-    entry = max(first) + 1
+    # Entries are numbered 1, 2, ... without gaps (one run at a time per queue): the next is the row count + 1,
+    # read from the log's file statistics rather than by scanning the column.
+    entry = tables.row_count(spark, restricted, QUEUE) + 1
     now = datetime.now(UTC)
     size = per_batch or len(files)
     for start in range(0, len(files), size):
