@@ -22,6 +22,7 @@ from ctlake.core.patch_geometry import (
     SliceGeometry,
     extract_patch_stack,
     resample_planes,
+    series_z_positions,
     sliding_window_centers,
     world_to_voxel,
 )
@@ -174,10 +175,11 @@ def locate_candidates(candidates: pd.DataFrame, slices: pd.DataFrame) -> list[di
                       slices["pixel_spacing_col"])]
     indices = slices["slice_index"].to_numpy()
     z_positions = slices["z_position"].to_numpy()
+    along_normal = series_z_positions(geometries)
     rows = []
     for cand in candidates.itertuples(index=False):
         xyz = (cand.coordX, cand.coordY, cand.coordZ)
-        position, row, col = world_to_voxel(xyz, geometries)
+        position, row, col = world_to_voxel(xyz, geometries, along_normal)
         z_mm = float(np.dot(np.asarray(xyz), geometries[position].normal))
         rows.append({"series_uid": cand.series_uid, "slice_index": int(indices[position]),
                      "distance_mm": abs(z_mm - float(z_positions[position])), "radius_mm": cand.radius_mm,

@@ -210,7 +210,7 @@ def _fsync_folder(folder: str) -> None:
 
 
 def ensure_table(spark: SparkSession, warehouse: str, table: str, schema: T.StructType | None = None) -> int:
-    """Create ``table`` (Spark, declared ``schema`` or the table's) or add the declared columns it lacks; its version."""
+    """Create ``table`` (declared ``schema`` or the table's) or add the declared columns it lacks; its version."""
     tables.create_if_missing(spark, warehouse, table, schema)
     tables.add_missing_columns(spark, warehouse, table)
     return tables.version(spark, warehouse, table)

@@ -496,7 +496,7 @@ def run(spark: SparkSession, settings: Settings, inputs: list[str] | tuple[str, 
     before = {t: tables.version(spark, warehouse, t) for t in _RUN_TABLES}
     _record_run(spark, warehouse, record)
     # Spark's Delta writers name the run in each commit, as delta-rs commits do with ctlake.run.
-    with session_conf(spark, {"spark.databricks.delta.commitInfo.userMetadata": record["run_id"]}):
+    with session_conf(spark, {tables.USER_METADATA: record["run_id"]}):
         try:
             ingest_files = _stream if mode == "stream" else _batch
             summary = ingest_files(spark, settings, chosen, record["run_id"], key)
