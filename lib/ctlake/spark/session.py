@@ -32,6 +32,10 @@ BASE_CONF = {
     # and the event log show every URI as *********(redacted), input files and tables alike.
     "spark.sql.redaction.string.regex": PATH_PATTERN,
     "spark.redaction.string.regex": PATH_PATTERN,
+    # Spark runs a Python worker per core already; numpy's OpenBLAS (and OpenMP) would start a thread per
+    # core in each, which wait for cores the other workers hold. Measured on features (8508 patches,
+    # 2 cores): Python worker CPU 104 s -> 81 s, throughput 0.74 -> 0.93 of 2 x a one-core loop.
+    **{f"spark.executorEnv.{name}": "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")},
 }
 
 
