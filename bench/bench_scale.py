@@ -10,14 +10,17 @@ all counted, as a user waits for them.
 1. Generates (or reuses, by settings stamp) two cohorts of the same kind: ``1x`` (``--patients``) and
    ``Nx`` (``--factor`` times the patients).
 2. ``ingest`` of the 1x files into a fresh warehouse, then ``preprocess``; the same for the Nx files
-   in another; each with peak memory of the JVM and the Python workers (sampled every 0.2 s).
+   in another; each with peak memory of the JVM and the Python workers (sampled every 0.2 s), and
+   the JVM's heap after each garbage collection (its GC log): the memory the job holds, where the
+   resident peak also follows how far G1 let the heap grow before collecting.
 3. Fixed cost: ``ingest`` of one new file (a copy of an Nx file, so new to the 1x warehouse) into the
    1x warehouse's existing tables.
 4. The ingest write loop of ``bench_ingest.py`` (read + ``parse_dicom`` + durable pyarrow write) over
    the Nx files, started as its own process: ``python bench/bench_scale.py --loop FOLDER``.
 5. Prints: fixed cost (target <= 15 s); whole process = ctlake files/s / (cores x the loop process's
    files/s) on the Nx files (target >= 0.5); scale = time per file at Nx / at 1x, for ingest and
-   preprocess (target <= 1.1), and peak JVM and Python-worker memory at Nx / at 1x (target <= 1.1).
+   preprocess (target <= 1.1), and peak JVM (resident and heap after GC) and Python-worker memory
+   at Nx / at 1x (target <= 1.1).
 
 The last line of stdout is one JSON object with every figure; it is also written to
 ``<workdir>/scale.json``.
@@ -25,6 +28,7 @@ The last line of stdout is one JSON object with every figure; it is also written
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +53,8 @@ from ctlake.errors import ConfigError, InputError
 
 TARGETS = {"fixed_cost_s": 15.0, "whole_process_ratio": 0.5, "time_per_file_ratio": 1.1, "memory_ratio": 1.1}
 ROOT = Path(__file__).resolve().parent.parent
+#: A G1 pause in ``-Xlog:gc``: ``GC(7) Pause Young (Normal) (G1 Evacuation Pause) 120M->35M(256M) 4.1ms``.
+GC_PAUSE = re.compile(r"Pause .*? (\d+)M->(\d+)M\((\d+)M\)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,7 +78,22 @@ def job(name: str, args: argparse.Namespace, sets: dict, extra: tuple[str, ...] 
     return command + list(extra)
 
 
-def timed_process(command: list[str], log: Path) -> dict:
+def heap_after_gc_mb(gc_log: Path) -> float | None:
+    """The largest heap in use right after a collection, over the JVM's life (MB); None if it never collected."""
+    if not gc_log.is_file():
+        return None
+    after = [int(m.group(2)) for m in GC_PAUSE.finditer(gc_log.read_text(errors="replace"))]
+    return float(max(after)) if after else None
+
+
+def with_gc_log(command: list[str], java_options: str, gc_log: Path) -> list[str]:
+    """``command`` with the driver JVM logging its collections to ``gc_log`` (its other options kept)."""
+    gc_log.unlink(missing_ok=True)
+    options = f"{java_options} -Xlog:gc:file={gc_log.resolve()}".strip()
+    return command + ["--set", f"spark.conf.spark.driver.extraJavaOptions={options}"]
+
+
+def timed_process(command: list[str], log: Path, gc_log: Path | None = None) -> dict:
     """Run ``command`` to its exit (stderr to ``log``): seconds, peak memory, its last stdout line."""
     with MemorySampler() as memory, open(log, "w") as errors:
         started = time.perf_counter()
@@ -84,6 +105,7 @@ def timed_process(command: list[str], log: Path) -> dict:
     return {"seconds": round(seconds, 2), "jvm_peak_rss_mb": mem["jvm_peak_rss_mb"],
             "python_workers_sum_peak_rss_mb": mem["python_workers_sum_peak_rss_mb"],
             "python_worker_peak_rss_mb": mem["python_worker_peak_rss_mb"],
+            "jvm_heap_after_gc_mb": heap_after_gc_mb(gc_log) if gc_log else None,
             "summary": done.stdout.strip().splitlines()[-1] if done.stdout.strip() else None}
 
 
@@ -107,13 +129,14 @@ def human_table(result: dict) -> str:
         f"cohorts: 1x {r['files']['1x']} files, {r['factor']}x {r['files'][str(r['factor']) + 'x']} files"
         f" ({r['cohort']['slices']} slices per patient at {r['cohort']['matrix']}x{r['cohort']['matrix']});"
         " every run is a whole process, command to exit", "",
-        f"{'run':<40}{'seconds':>9}{'files/s':>10}{'JVM MB':>9}{'workers MB':>12}",
+        f"{'run':<40}{'seconds':>9}{'files/s':>10}{'JVM MB':>9}{'heap MB':>9}{'workers MB':>12}",
     ]
     for size, runs in (("1x", one), (f"{r['factor']}x", many)):
         for name in ("ingest", "preprocess"):
             run = runs[name]
             lines.append(f"{name + ' ' + size:<40}{run['seconds']:>9.2f}{run['files_per_s']:>10.1f}"
-                         f"{run['jvm_peak_rss_mb'] or 0:>9.0f}{run['python_workers_sum_peak_rss_mb'] or 0:>12.0f}")
+                         f"{run['jvm_peak_rss_mb'] or 0:>9.0f}{run['jvm_heap_after_gc_mb'] or 0:>9.0f}"
+                         f"{run['python_workers_sum_peak_rss_mb'] or 0:>12.0f}")
     loop = r["loop_process"]
     lines += [f"{'write loop process ' + str(r['factor']) + 'x (1 core)':<40}{loop['seconds']:>9.2f}"
               f"{loop['files_per_s']:>10.1f}",
@@ -123,8 +146,9 @@ def human_table(result: dict) -> str:
               f" (target >= {t['whole_process_ratio']})"]
     for name in ("ingest", "preprocess"):
         s = r["scale"][name]
-        lines.append(f"scale {name}: time per file {s['time_per_file_ratio']:.3f}, JVM memory {s['jvm_ratio']:.3f},"
-                     f" Python workers {s['workers_ratio']:.3f} ({r['factor']}x / 1x; target <= {t['memory_ratio']})")
+        lines.append(f"scale {name}: time per file {s['time_per_file_ratio']:.3f}, JVM resident {s['jvm_ratio']:.3f},"
+                     f" JVM heap after GC {s['jvm_heap_ratio']:.3f}, Python workers {s['workers_ratio']:.3f}"
+                     f" ({r['factor']}x / 1x; target <= {t['memory_ratio']})")
     return "\n".join(lines)
 
 
@@ -152,6 +176,7 @@ def main(argv=None) -> int:
         spark.stop()
 
     runs = {}
+    java_options = configs["1x"].spark.conf.get("spark.driver.extraJavaOptions", "")
     common_sets = {"ingest.progress_seconds": 0, "preprocess.progress_seconds": 0,
                    "privacy.restricted_warehouse": str(workdir / "restricted"),
                    "report.folder": str(workdir / "report")}
@@ -159,9 +184,10 @@ def main(argv=None) -> int:
         warehouse = fresh(workdir / size / "warehouse")
         sets = {**common_sets, "warehouse": warehouse}
         dicom = str((workdir / size / "cohort" / "dicom").resolve())
-        runs[size] = {"ingest": timed_process(job("ingest", args, sets, ("--input", dicom)),
-                                              workdir / size / "ingest.log"),
-                      "preprocess": timed_process(job("preprocess", args, sets), workdir / size / "preprocess.log")}
+        runs[size] = {name: timed_process(with_gc_log(job(name, args, sets, extra), java_options,
+                                                      workdir / size / f"{name}.gc.log"),
+                                          workdir / size / f"{name}.log", workdir / size / f"{name}.gc.log")
+                      for name, extra in (("ingest", ("--input", dicom)), ("preprocess", ()))}
         for run in runs[size].values():
             run["files_per_s"] = rate(len(files[size]), run["seconds"])
 
@@ -182,6 +208,7 @@ def main(argv=None) -> int:
     scale = {name: {"time_per_file_ratio": round((runs[big][name]["seconds"] / len(files[big]))
                                                  / (runs["1x"][name]["seconds"] / len(files["1x"])), 3),
                     "jvm_ratio": ratio(name, "jvm_peak_rss_mb"),
+                    "jvm_heap_ratio": ratio(name, "jvm_heap_after_gc_mb"),
                     "workers_ratio": ratio(name, "python_workers_sum_peak_rss_mb")} for name in ("ingest", "preprocess")}
     result = {
         "benchmark": "scale", "machine": machine(), "cores": cores, "factor": args.factor,

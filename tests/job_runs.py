@@ -49,8 +49,8 @@ def start(command: list[str], env: dict | None = None) -> subprocess.Popen:
                             env=env or job_env())
 
 
-def run(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env or job_env())
+def run(command: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or job_env())
 
 
 def summary_of(result) -> dict:

@@ -8,6 +8,7 @@ archive, and work lost or repeated when a worker dies.
 """
 import glob
 import json
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -28,8 +29,28 @@ def first_ingest(standalone, tmp_path_factory):
     """The mixed folder ingested on the cluster into a new warehouse: what the later tests start from."""
     tmp = tmp_path_factory.mktemp("on-cluster")
     expected = build_mixed_folder(tmp / "first")
-    result = job_runs.run(job_command("ingest", standalone.master_url, tmp, f"ingest.input={tmp / 'first'}"))
+    result = _run_on(standalone, job_command("ingest", standalone.master_url, tmp, f"ingest.input={tmp / 'first'}"))
     return tmp, expected, result
+
+
+def _run_on(state, command: list[str]) -> subprocess.CompletedProcess:
+    """``job_runs.run`` of a cluster job; if it hangs, fail with what the driver, master, workers and executors logged.
+
+    A hang on the cluster leaves nothing behind once the test's folders are gone, so its evidence
+    (an executor that cannot start, a full disk, a worker lost) goes into the failure itself. The
+    job takes about 45 s here; five minutes is a hang, not a slow machine.
+    """
+    try:
+        return job_runs.run(command, timeout=300)
+    except subprocess.TimeoutExpired as hung:
+        driver = hung.stderr.decode(errors="replace") if isinstance(hung.stderr, bytes) else hung.stderr or ""
+        logs = [Path(s.log) for s in cluster.ClusterState.load(state.folder).servers]
+        logs += sorted(Path(state.folder).glob("work-*/app-*/*/stderr"))
+        tails = "\n".join(f"--- {log} (last 1500 characters)\n{log.read_text(errors='replace')[-1500:]}"
+                          for log in logs if log.is_file())
+        free = shutil.disk_usage(state.folder).free / 2**30
+        pytest.fail(f"{command[1]} hung on the cluster for {hung.timeout} s; {free:.1f} GiB free under"
+                    f" {state.folder}\n--- driver (last 3000 characters)\n{driver[-3000:]}\n{tails}", pytrace=False)
 
 
 def test_ingest_runs_on_the_cluster_from_the_packaged_environment(standalone, first_ingest):

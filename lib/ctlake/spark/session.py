@@ -52,8 +52,10 @@ def build_session(settings: SparkSettings, job: str | None = None) -> SparkSessi
     """
     conf = dict(BASE_CONF)
     if settings.master.startswith("local") or LOOPBACK_MASTER.match(settings.master):
-        # The driver's own servers (block manager, RPC) on loopback, like the cluster's on this machine.
+        # The driver's own servers (block manager, RPC) on loopback, like the cluster's on this machine,
+        # and named by address: executors otherwise dial "localhost", which a host may resolve to ::1.
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        conf["spark.driver.host"] = os.environ["SPARK_LOCAL_IP"]
     # PySpark tells executors which Python to start from the driver's PYSPARK_PYTHON. Default:
     # this interpreter (right for local mode and a cluster on shared disks); a cluster shipping
     # a venv-pack archive sets spark.executor_python to ./environment/bin/python.
