@@ -287,6 +287,45 @@ def shuffle_keys(k: int) -> list[int]:
 _SHUFFLE_COL = "_svm_shuffle_key"
 
 
+def fit_partitions(rows: DataFrame, name: str, k: int, seed: int, hash_cols: list[str], counts: dict[float, int],
+                   max_rows: int, train) -> list[dict]:
+    """One model per stratified partition of ``rows`` (with a ``label`` column): the result rows, by partition.
+
+    The partitions are :func:`assign_partitions`'s, capped at ``max_rows``
+    (:func:`stratified_caps`, a warning says so), each trained by ``train``
+    (an ``applyInArrow`` function returning one :data:`PARTITION_RESULT_SCHEMA`
+    row) in its own task. A skipped partition warns with its reason; none
+    trained is an :class:`InputError` naming each reason. ``name`` is the
+    estimator the messages speak for.
+    """
+    parts = assign_partitions(rows, k, "label", seed, hash_cols=hash_cols)
+    caps = stratified_caps(counts, k, max_rows)
+    if caps is not None:
+        largest = sum(math.ceil(count / k) for count in counts.values())
+        log.warning("%s: partitions of up to %d rows are downsampled to %d "
+                    "(maxRowsPerPartition; %d negative and %d positive rows each)",
+                    name, largest, max_rows, caps[0.0], caps[1.0])
+        parts = parts.filter(F.col(RANK_COL) < F.when(F.col("label") == 0.0, F.lit(caps[0.0]))
+                                               .otherwise(F.lit(caps[1.0])))
+    # Each partition its own task: keys Spark's hash partitioning deals one to a task, and an
+    # explicit count AQE does not coalesce; the groupBy reuses that partitioning (no second shuffle).
+    keys = F.element_at(F.array(*[F.lit(key) for key in shuffle_keys(k)]), F.col(PARTITION_COL) + 1)
+    results = (parts.withColumn(_SHUFFLE_COL, keys).repartition(k, _SHUFFLE_COL)
+                    .groupBy(_SHUFFLE_COL)
+                    .applyInArrow(train, PARTITION_RESULT_SCHEMA)
+                    .collect())
+    results = sorted((row.asDict() for row in results), key=lambda row: row["partition"])
+    for row in results:
+        if row["model"] is None:
+            warnings.warn(f"{name}: partition {row['partition']} skipped: {row['skipped']}",
+                          PartitionSkippedWarning, stacklevel=4)
+    if not any(row["model"] is not None for row in results):
+        reasons = "; ".join(f"partition {row['partition']}: {row['skipped']}" for row in results)
+        raise InputError(f"{name} trained no model out of {k} partitions ({reasons}); "
+                         "use fewer partitions or more rows of the minority class")
+    return results
+
+
 def _score_udf(models_broadcast, aggregation: str):
     """Iterator pandas UDF: feature arrays -> SCORE_SCHEMA; models unpickled once per task."""
     @F.pandas_udf(SCORE_SCHEMA)
@@ -558,35 +597,10 @@ class PartitionedSVC(_PartitionedSVCParams, Estimator["PartitionedSVCModel"],
         weight_col = self._weight_column()
         if weight_col is not None:
             columns.append(F.col(weight_col).cast("double").alias("weight"))
-        rows = dataset.select(*columns)
         # Only features and label order the rows, so a weight column never changes the partitions.
-        parts = assign_partitions(rows, k, "label", seed, hash_cols=["features", "label"])
-        caps = stratified_caps(counts, k, max_rows)
-        if caps is not None:
-            largest = sum(math.ceil(count / k) for count in counts.values())
-            log.warning("PartitionedSVC: partitions of up to %d rows are downsampled to %d "
-                        "(maxRowsPerPartition; %d negative and %d positive rows each)",
-                        largest, max_rows, caps[0.0], caps[1.0])
-            parts = parts.filter(F.col(RANK_COL) < F.when(F.col("label") == 0.0, F.lit(caps[0.0]))
-                                                   .otherwise(F.lit(caps[1.0])))
-        # Each partition its own task: keys Spark's hash partitioning deals one to a task, and an
-        # explicit count AQE does not coalesce; the groupBy reuses that partitioning (no second shuffle).
-        keys = F.element_at(F.array(*[F.lit(key) for key in shuffle_keys(k)]), F.col(PARTITION_COL) + 1)
-        results = (parts.withColumn(_SHUFFLE_COL, keys).repartition(k, _SHUFFLE_COL)
-                        .groupBy(_SHUFFLE_COL)
-                        .applyInArrow(_train_udf(self._settings()), PARTITION_RESULT_SCHEMA)
-                        .collect())
-        results = sorted((row.asDict() for row in results), key=lambda row: row["partition"])
-        for row in results:
-            if row["model"] is None:
-                warnings.warn(f"PartitionedSVC: partition {row['partition']} skipped: {row['skipped']}",
-                              PartitionSkippedWarning, stacklevel=3)
+        results = fit_partitions(dataset.select(*columns), "PartitionedSVC", k, seed, ["features", "label"], counts,
+                                 max_rows, _train_udf(self._settings()))
         trained = [row for row in results if row["model"] is not None]
-        if not trained:
-            reasons = "; ".join(f"partition {row['partition']}: {row['skipped']}" for row in results)
-            raise InputError(f"PartitionedSVC trained no model out of {k} partitions ({reasons}); "
-                             "use fewer partitions or more rows of the minority class")
-
         model = PartitionedSVCModel(
             models=[pickle.loads(row["model"]) for row in trained],
             partition_stats=[{key: row[key] for key in ("partition", "n_rows", "n_pos", "train_seconds",
