@@ -57,7 +57,7 @@ patches: setup ## cut patches at detected candidates and annotated nodules into 
 features: setup ## radiomics features and the pixel baseline for new patches into the features table
 	$(call JOB,features)
 
-train: setup ## split, train both stages (forest, SVM ensemble, ensemble), evaluate on the scoring path, runs table, HTML report
+train: setup ## split, train both stages (forest, SVM ensemble, 3D CNN, ensembles), evaluate on the scoring path, runs table, HTML report
 	$(call JOB,train)
 
 maintain: setup ## VACUUM every table: reclaim files of killed or losing writers and superseded versions (maintenance.retain_hours)
@@ -112,7 +112,7 @@ bench: setup ## benchmarks of issue 11's table (about 30 min; the models part re
 
 # --- clusters ----------------------------------------------------------------------------------
 # The executors' Python: a venv with ctlake's wheel and every native dependency (OpenCV, pydicom and
-# its decoders, scikit-learn, numpy, pyarrow), packed by venv-pack and unpacked by Spark in each
+# its decoders, scikit-learn, Keras and JAX, numpy, pyarrow), packed by venv-pack and unpacked by Spark in each
 # executor's work folder (spark.archives). PySpark itself comes from the workers' Spark installation.
 PACKAGE_VENV := .cache/package-venv
 ENV_ARCHIVE  := dist/ctlake-env.tar.gz

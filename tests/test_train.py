@@ -25,7 +25,7 @@ SMALL = {
     "train.folds": 2, "train.bootstrap": 50, "train.rf.num_trees": [10], "train.rf.max_depth": [3],
     "train.rf.feature_subset": ["sqrt"], "train.rf.max_bins": [16], "train.svm.partitions": 2,
     "train.svm.kernel": ["rbf"], "train.svm.c": [1.0], "train.svm.gamma": ["scale"], "train.control_repeats": 2,
-    "train.cv_folds": 2, "train.cv_repeats": 1,
+    "train.cv_folds": 2, "train.cv_repeats": 1, "train.cnn.epochs": 1, "train.cnn.crop_px": 16,
 }
 
 
@@ -67,11 +67,14 @@ def test_saved_models_reproduce_the_run_scores(spark, trained):
     rows = (tables.read(spark, config.warehouse, tables.FEATURES)
             .filter(F.col("patch_id").isin(list(scores["random_forest"]["patch_id"])))
             .select("patch_id", *[F.col("radiomics")[i].alias(n) for i, n in enumerate(meta["feature_names"])]))
+    pixels = (tables.read(spark, config.warehouse, tables.PATCHES).select("patch_id", "pixels", "patch_shape")
+              .join(rows.select("patch_id"), "patch_id"))
     detected = scores["random_forest"].dropna(subset=["patch_id"]).set_index("patch_id")
     for stage in ("nodule", "malignancy"):
-        for model in ("random_forest", "svm_ensemble"):
+        for model in ("random_forest", "svm_ensemble", "cnn"):
             loaded = PipelineModel.load(model_path(summary["models_path"], stage, model))
-            got = (loaded.transform(rows).select("patch_id", vector_to_array("probability")[1].alias("p"))
+            got = (loaded.transform(pixels if model == "cnn" else rows)
+                   .select("patch_id", vector_to_array("probability")[1].alias("p"))
                    .toPandas().set_index("patch_id")["p"])
             expected = detected[f"p_{stage}_{model}"]
             assert len(got) == len(expected) > 0
@@ -85,7 +88,10 @@ def test_runs_table_and_report(spark, trained):
     assert run_row["input_versions"] == {t: tables.version(spark, config.warehouse, t)
                                          for t in (tables.SLICES, tables.CANDIDATES, tables.PATCHES, tables.FEATURES)}
     assert json.loads(run_row["metrics"]) == json.loads(json.dumps(meta["results"]))
-    assert set(json.loads(run_row["metrics"])) == {"random_forest", "svm_ensemble", "ensemble", "oracle_nodule"}
+    assert set(json.loads(run_row["metrics"])) == {"random_forest", "svm_ensemble", "cnn", "ensemble_no_cnn",
+                                                   "ensemble", "oracle_nodule"}
+    cnn = meta["tuning"]["nodule/cnn"]["cnn"]
+    assert cnn["epochs"] == 1 and sum(p["n_rows"] for p in cnn["partitions"]) == summary["split_patches"]["train"]
     assert json.loads(run_row["config"])["warehouse"] == config.warehouse
     assert {name for name, _ in meta["importances"]} == set(meta["feature_names"])
     html = Path(report).read_text()
@@ -164,6 +170,13 @@ def test_score_a_new_patient_and_refuse_bad_runs(spark, trained, scored):
         score.run(spark, config.updated({"patches.depth_mm": 0}), summary["run_id"], [uid])
     with pytest.raises(InputError, match="detector"):
         score.run(spark, config.updated({"detect.min_roundness": 0.1}), summary["run_id"], [uid])
+    networks = Path(model_path(summary["models_path"], "malignancy", "cnn"))
+    shutil.move(networks, networks.with_name("moved"))
+    try:
+        with pytest.raises(InputError, match=r"malignancy cnn model cannot be loaded from .*/malignancy/cnn: .*retrain"):
+            score.run(spark, config, summary["run_id"], [uid])
+    finally:
+        shutil.move(networks.with_name("moved"), networks)
 
 
 def test_latest_run_of_an_empty_warehouse_is_a_clear_error(spark, config):

@@ -425,6 +425,20 @@ class SvmGrid:
 
 
 @dataclass(frozen=True)
+class CnnSettings:
+    """The 3D CNN (:class:`ctlake.spark.cnn.PatchCNN`): one network per partition, trained on one core each."""
+
+    partitions: int = field(metadata=_range(1))
+    max_rows_per_partition: int = field(metadata=_range(2))
+    epochs: int = field(metadata=_range(1))
+    batch_size: int = field(metadata=_range(1))
+    learning_rate: float = field(metadata=_range(0.0, low_open=True))
+    crop_px: int = field(metadata=_range(8))
+    negatives_per_positive: float = field(metadata=_range(0.0))
+    shift_px: int = field(metadata=_range(0))
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     labels: str
     nodules: str
@@ -442,6 +456,7 @@ class TrainSettings:
     partitions: int = field(metadata=_range(1))
     rf: ForestGrid
     svm: SvmGrid
+    cnn: CnnSettings
 
     def __post_init__(self):
         if set(self.split) != set(SPLITS):

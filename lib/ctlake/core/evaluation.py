@@ -59,22 +59,28 @@ def top_patches(patch_scores: pd.DataFrame, k: int) -> dict:
 #: The two stages: is a candidate a nodule, and is a nodule malignant.
 STAGES = ("nodule", "malignancy")
 #: The model families; each serves both stages, and the ensemble averages them per stage.
-FAMILIES = ("random_forest", "svm_ensemble")
+FAMILIES = ("random_forest", "svm_ensemble", "cnn")
+#: The ensembles reported: every family, and the two on hand-made features alone (what the CNN adds).
+ENSEMBLES = {"ensemble": FAMILIES, "ensemble_no_cnn": ("random_forest", "svm_ensemble")}
 
 
 def combine_stages(stage_scores: pd.DataFrame) -> pd.DataFrame:
-    """Per family and for the ensemble: P(cancer at a candidate) = P(nodule) x P(malignant | nodule).
+    """Per family and per ensemble: P(cancer at a candidate) = P(nodule) x P(malignant | nodule).
 
     ``stage_scores`` has ``p_<stage>_<family>`` columns; the result adds
-    ``p_<family>`` and ``p_ensemble`` (the families' mean per stage, then the
-    product), and ``p_nodule``/``p_malignancy`` (the ensemble's stages).
+    ``p_<family>``, ``p_<ensemble>`` for each of :data:`ENSEMBLES` (its
+    families' mean per stage, then the product), and ``p_nodule`` /
+    ``p_malignancy`` (the ensemble of every family, per stage).
     """
     out = stage_scores.copy()
     for family in FAMILIES:
         out[f"p_{family}"] = out[f"p_nodule_{family}"] * out[f"p_malignancy_{family}"]
-    for stage in STAGES:
-        out[f"p_{stage}"] = out[[f"p_{stage}_{family}" for family in FAMILIES]].mean(axis=1)
-    out["p_ensemble"] = out["p_nodule"] * out["p_malignancy"]
+    for name, families in ENSEMBLES.items():
+        stages = {stage: out[[f"p_{stage}_{family}" for family in families]].mean(axis=1) for stage in STAGES}
+        out[f"p_{name}"] = stages["nodule"] * stages["malignancy"]
+        if name == "ensemble":
+            for stage, p in stages.items():
+                out[f"p_{stage}"] = p
     return out
 
 

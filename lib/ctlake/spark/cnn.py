@@ -45,7 +45,15 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.pandas.types import to_arrow_schema
 
-from ctlake.core.cnn3d import PREDICT_BATCH, CNNFormatError, CNNSettings, model_from_bytes, predict, train
+from ctlake.core.cnn3d import (
+    PREDICT_BATCH,
+    CNNFormatError,
+    CNNSettings,
+    keras_backend,
+    model_from_bytes,
+    predict,
+    train,
+)
 from ctlake.errors import InputError
 from ctlake.spark.partitioned_svc import (
     PARTITION_COL,
@@ -53,7 +61,8 @@ from ctlake.spark.partitioned_svc import (
     RANK_COL,
     _int_at_least,
     _positive_float,
-    fit_partitions,
+    stratified_partitions,
+    train_partitions,
 )
 
 #: Format of the saved model folder; bump when the layout changes.
@@ -107,6 +116,8 @@ class _PatchCNNParams(HasInputCol, HasLabelCol, HasPredictionCol, HasProbability
 
     shapeCol: Param[str] = Param(Params._dummy(), "shapeCol", "column of each patch's shape (d, h, w)",
                                  typeConverter=TypeConverters.toString)
+    idCol: Param[str] = Param(Params._dummy(), "idCol", "column naming each patch uniquely: it orders the "
+                              "partitions, so a run is reproducible", typeConverter=TypeConverters.toString)
     numPartitions: Param[int] = Param(Params._dummy(), "numPartitions",
                                       "number of stratified partitions, one CNN each (>= 1)",
                                       typeConverter=_int_at_least("numPartitions", 1))
@@ -132,7 +143,7 @@ class _PatchCNNParams(HasInputCol, HasLabelCol, HasPredictionCol, HasProbability
         super().__init__()
         defaults = CNNSettings()
         # A fixed seed default: pyspark's is hash(class name), which changes with every process.
-        self._setDefault(inputCol="pixels", shapeCol="patch_shape", labelCol="label", numPartitions=2,
+        self._setDefault(inputCol="pixels", shapeCol="patch_shape", idCol="patch_id", labelCol="label", numPartitions=2,
                          maxRowsPerPartition=8000, epochs=defaults.epochs, batchSize=defaults.batch_size,
                          learningRate=defaults.learning_rate, cropPx=defaults.crop_px,
                          negativesPerPositive=defaults.negatives_per_positive, shiftPx=defaults.shift_px, seed=0)
@@ -160,6 +171,8 @@ class PatchCNN(_PatchCNNParams, Estimator["PatchCNNModel"], DefaultParamsReadabl
         Little-endian int16 HU voxels of each patch, as the ``patches`` table holds them.
     shapeCol : str, default "patch_shape"
         The patch's (depth, rows, columns); every patch must have the same.
+    idCol : str, default "patch_id"
+        Unique per patch: the partitions are dealt by a seeded hash of it.
     labelCol : str, default "label"
         0.0 or 1.0.
     numPartitions : int, default 2
@@ -174,7 +187,8 @@ class PatchCNN(_PatchCNNParams, Estimator["PatchCNNModel"], DefaultParamsReadabl
     """
 
     @keyword_only
-    def __init__(self, *, inputCol: str = "pixels", shapeCol: str = "patch_shape", labelCol: str = "label",
+    def __init__(self, *, inputCol: str = "pixels", shapeCol: str = "patch_shape", idCol: str = "patch_id",
+                 labelCol: str = "label",
                  predictionCol: str = "prediction", probabilityCol: str = "probability",
                  rawPredictionCol: str = "rawPrediction", numPartitions: int = 2, maxRowsPerPartition: int = 8000,
                  epochs: int = CNNSettings.epochs, batchSize: int = CNNSettings.batch_size,
@@ -186,15 +200,20 @@ class PatchCNN(_PatchCNNParams, Estimator["PatchCNNModel"], DefaultParamsReadabl
 
     def _fit(self, dataset: DataFrame) -> PatchCNNModel:
         label_col, pixels, shape = self.getLabelCol(), self.getInputCol(), self.getOrDefault(self.shapeCol)
-        self._require_columns(dataset, label_col, pixels, shape)
-        rows = dataset.select(F.col(pixels).alias("pixels"), F.col(shape).alias("patch_shape"),
-                              F.col(label_col).cast("double").alias("label"))
+        key = self.getOrDefault(self.idCol)
+        self._require_columns(dataset, key, label_col, pixels, shape)
+        rows = dataset.select(F.col(key).alias("_cnn_key"), F.col(pixels).alias("pixels"),
+                              F.col(shape).alias("patch_shape"), F.col(label_col).cast("double").alias("label"))
         counts = {r["label"]: r["count"] for r in rows.groupBy("label").count().collect()}
         if sorted(counts) != [0.0, 1.0]:
             raise InputError(f"PatchCNN needs labels 0.0 and 1.0 in {label_col!r}; found {sorted(counts)}")
-        results = fit_partitions(rows, "PatchCNN", self.getOrDefault(self.numPartitions), self.getSeed(),
-                                 ["pixels", "label"], counts, self.getOrDefault(self.maxRowsPerPartition),
-                                 _train_udf(self._settings()))
+        k = self.getOrDefault(self.numPartitions)
+        # Partitions are dealt over the keys alone; the voxels (67 KB a patch) join them after, so the
+        # per-label sort of the assignment moves ids, not images.
+        parts = stratified_partitions(rows.select("_cnn_key", "label"), "PatchCNN", k, self.getSeed(), ["_cnn_key"],
+                                      counts, self.getOrDefault(self.maxRowsPerPartition))
+        with_pixels = parts.join(rows.select("_cnn_key", "pixels", "patch_shape"), "_cnn_key")
+        results = train_partitions(with_pixels, "PatchCNN", k, _train_udf(self._settings()))
         return self._copyValues(PatchCNNModel(results))
 
 
@@ -256,11 +275,10 @@ class _PatchCNNModelWriter(MLWriter):
 
     def saveImpl(self, path: str) -> None:
         import jax
-        import keras
 
         spark = self.sparkSession
         DefaultParamsWriter.saveMetadata(self.instance, path, spark, extraMetadata={
-            "ctlakeFormat": SAVE_FORMAT, "kerasVersion": keras.__version__, "jaxVersion": jax.__version__})
+            "ctlakeFormat": SAVE_FORMAT, "kerasVersion": keras_backend().__version__, "jaxVersion": jax.__version__})
         rows = [tuple(p[name] for name in PARTITION_RESULT_SCHEMA.fieldNames()) for p in self.instance.partitions_]
         spark.createDataFrame(rows, PARTITION_RESULT_SCHEMA).coalesce(1).write.parquet(f"{path}/models")
 

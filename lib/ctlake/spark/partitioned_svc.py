@@ -287,26 +287,30 @@ def shuffle_keys(k: int) -> list[int]:
 _SHUFFLE_COL = "_svm_shuffle_key"
 
 
-def fit_partitions(rows: DataFrame, name: str, k: int, seed: int, hash_cols: list[str], counts: dict[float, int],
-                   max_rows: int, train) -> list[dict]:
-    """One model per stratified partition of ``rows`` (with a ``label`` column): the result rows, by partition.
-
-    The partitions are :func:`assign_partitions`'s, capped at ``max_rows``
-    (:func:`stratified_caps`, a warning says so), each trained by ``train``
-    (an ``applyInArrow`` function returning one :data:`PARTITION_RESULT_SCHEMA`
-    row) in its own task. A skipped partition warns with its reason; none
-    trained is an :class:`InputError` naming each reason. ``name`` is the
-    estimator the messages speak for.
-    """
+def stratified_partitions(rows: DataFrame, name: str, k: int, seed: int, hash_cols: list[str],
+                          counts: dict[float, int], max_rows: int) -> DataFrame:
+    """``rows`` (with a ``label`` column) dealt to ``k`` stratified partitions by :func:`assign_partitions`,
+    each capped at ``max_rows`` (:func:`stratified_caps`; a warning says so). ``name`` is the estimator
+    the warning speaks for."""
     parts = assign_partitions(rows, k, "label", seed, hash_cols=hash_cols)
     caps = stratified_caps(counts, k, max_rows)
-    if caps is not None:
-        largest = sum(math.ceil(count / k) for count in counts.values())
-        log.warning("%s: partitions of up to %d rows are downsampled to %d "
-                    "(maxRowsPerPartition; %d negative and %d positive rows each)",
-                    name, largest, max_rows, caps[0.0], caps[1.0])
-        parts = parts.filter(F.col(RANK_COL) < F.when(F.col("label") == 0.0, F.lit(caps[0.0]))
-                                               .otherwise(F.lit(caps[1.0])))
+    if caps is None:
+        return parts
+    largest = sum(math.ceil(count / k) for count in counts.values())
+    log.warning("%s: partitions of up to %d rows are downsampled to %d "
+                "(maxRowsPerPartition; %d negative and %d positive rows each)",
+                name, largest, max_rows, caps[0.0], caps[1.0])
+    return parts.filter(F.col(RANK_COL) < F.when(F.col("label") == 0.0, F.lit(caps[0.0])).otherwise(F.lit(caps[1.0])))
+
+
+def train_partitions(parts: DataFrame, name: str, k: int, train) -> list[dict]:
+    """One model per partition of :func:`stratified_partitions`' ``parts``: the result rows, by partition.
+
+    ``train`` is an ``applyInArrow`` function returning one
+    :data:`PARTITION_RESULT_SCHEMA` row; each partition runs in its own task. A
+    skipped partition warns with its reason; none trained is an
+    :class:`InputError` naming each reason.
+    """
     # Each partition its own task: keys Spark's hash partitioning deals one to a task, and an
     # explicit count AQE does not coalesce; the groupBy reuses that partitioning (no second shuffle).
     keys = F.element_at(F.array(*[F.lit(key) for key in shuffle_keys(k)]), F.col(PARTITION_COL) + 1)
@@ -598,8 +602,9 @@ class PartitionedSVC(_PartitionedSVCParams, Estimator["PartitionedSVCModel"],
         if weight_col is not None:
             columns.append(F.col(weight_col).cast("double").alias("weight"))
         # Only features and label order the rows, so a weight column never changes the partitions.
-        results = fit_partitions(dataset.select(*columns), "PartitionedSVC", k, seed, ["features", "label"], counts,
-                                 max_rows, _train_udf(self._settings()))
+        parts = stratified_partitions(dataset.select(*columns), "PartitionedSVC", k, seed, ["features", "label"],
+                                      counts, max_rows)
+        results = train_partitions(parts, "PartitionedSVC", k, _train_udf(self._settings()))
         trained = [row for row in results if row["model"] is not None]
         model = PartitionedSVCModel(
             models=[pickle.loads(row["model"]) for row in trained],

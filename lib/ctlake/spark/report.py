@@ -31,7 +31,7 @@ from ctlake.core.patch_geometry import SliceGeometry  # noqa: E402
 from ctlake.core.slice_ops import WINDOW_PRESETS, hu_window  # noqa: E402
 from ctlake.spark import tables  # noqa: E402
 
-MODELS = ("random_forest", "svm_ensemble", "ensemble", "oracle_nodule")
+MODELS = ("random_forest", "svm_ensemble", "cnn", "ensemble_no_cnn", "ensemble", "oracle_nodule")
 LEVELS = ("patient", "nodule", "patch")
 
 
@@ -339,7 +339,7 @@ def page(settings: Settings, summary: dict, meta: dict, evidence_rows: list[tupl
     evidence_html = "".join(
         f"<figure><img src='{n}'><figcaption><b>{reason}</b> · patient {html.escape(p[:14])}… · {group} · "
         f"ensemble p={pr:.2f}</figcaption></figure>" for reason, p, group, pr, n in evidence_rows)
-    chosen = html.escape(str({k: v.get("rf_best", v.get("svm_best")) for k, v in meta["tuning"].items()}))
+    chosen = html.escape(str({k: v.get("rf_best", v.get("svm_best", v.get("cnn"))) for k, v in meta["tuning"].items()}))
     return f"""<!doctype html><html><head><meta charset=utf-8><title>ctlake run {summary['run_id']}</title>
 {PAGE_STYLE}</head><body>{intro(settings, summary, meta)}
 <h2>Cohort and split</h2><table><tr><th>split</th><th>patients</th><th>with cancer</th><th>without</th><th>patches</th></tr>

@@ -32,6 +32,8 @@ from ctlake.spark.report import evidence_picture, evidence_slices
 LATEST = "latest"
 
 log = logging.getLogger("ctlake.score")
+#: Position of each field in a ``predictions`` row tuple.
+FIELD = {name: i for i, name in enumerate(tables.PREDICTIONS_SCHEMA.fieldNames())}
 
 
 
@@ -108,10 +110,13 @@ def score_series(spark: SparkSession, settings: Settings, meta: dict, series: li
     predictions = (spark.createDataFrame(rows, tables.PREDICTIONS_SCHEMA)
                    .withColumn("scored_at", F.current_timestamp()))
     tables.merge_upsert(spark, settings.warehouse, tables.PREDICTIONS, predictions, ["run_id", "series_uid"])
-    by_sop = evidence_slices(spark, settings.warehouse, [{"sop_uid": e[1]} for r in rows for e in r[9]])
+    by_sop = evidence_slices(spark, settings.warehouse, [{"sop_uid": e[1]} for r in rows for e in r[FIELD["evidence"]]])
     return {"run_id": run_id, "mode": mode, "series_scored": len(rows), "patches_scored": int(len(scored)),
-            "predictions": {r[2][-12:]: {"p_ensemble": round(r[6], 3), "cancer_predicted": r[8],
-                                         "evidence_picture": evidence_file(by_sop, settings, run_id, r)} for r in rows}}
+            "predictions": {r[FIELD["series_uid"]][-12:]: {"p_ensemble": round(r[FIELD["p_ensemble"]], 3),
+                                                           "p_cnn": round(r[FIELD["p_cnn"]], 3),
+                                                           "cancer_predicted": r[FIELD["cancer_predicted"]],
+                                                           "evidence_picture": evidence_file(by_sop, settings, run_id, r)}
+                            for r in rows}}
 
 
 def against_labels(spark: SparkSession, settings: Settings, run_id: str, labels_path: str) -> dict:
@@ -135,8 +140,9 @@ def against_labels(spark: SparkSession, settings: Settings, run_id: str, labels_
 
 def evidence_file(by_sop: dict, settings: Settings, run_id: str, row: tuple) -> str | None:
     """The prediction's evidence candidates boxed on their slices: ``<report.folder>/scored/<run>/<series>.png``."""
-    evidence = [dict(zip(("patch_id", "sop_uid", "slice_index", "center_row", "center_col", "p"), e)) for e in row[9]]
-    path = Path(settings.report.folder) / "scored" / run_id / f"series_{row[2][-12:]}.png"
+    evidence = [dict(zip(("patch_id", "sop_uid", "slice_index", "center_row", "center_col", "p"), e))
+                for e in row[FIELD["evidence"]]]
+    path = Path(settings.report.folder) / "scored" / run_id / f"series_{row[FIELD['series_uid']][-12:]}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     return str(path) if evidence_picture(by_sop, evidence, settings.patches.size_mm, path) else None
 
@@ -150,7 +156,9 @@ def candidate_rows(spark: SparkSession, settings: Settings, meta: dict, series: 
              .filter(F.col("params_hash") == params_hash(settings.patches.params())))
     keep = ["patch_id", "patient_pseudonym", "series_uid", "sop_uid", "slice_index", "center_row", "center_col"]
     frame = feats.select(*keep, *[F.col("radiomics")[i].alias(n) for i, n in enumerate(names)]).cache()
-    scored = candidate_scores(load_models(meta["models_path"]), frame, keep)
+    pixels = (tables.read(spark, settings.warehouse, tables.PATCHES).filter(F.col("series_uid").isin(series))
+              .select("patch_id", "pixels", "patch_shape"))
+    scored = candidate_scores(load_models(meta["models_path"]), frame, keep, pixels)
     frame.unpersist()
     return scored
 
@@ -165,10 +173,10 @@ def prediction_rows(scored: pd.DataFrame, patients: dict[str, str], meta: dict, 
     for uid, patient in sorted(patients.items()):
         group = scored[scored["series_uid"] == uid]
         p = {name: aggregate_probabilities(group[f"p_{name}"], how) if len(group) else 0.0
-             for name in ("random_forest", "svm_ensemble", "ensemble")}
+             for name in ("random_forest", "svm_ensemble", "cnn", "ensemble")}
         top = group.sort_values("p_ensemble", ascending=False).head(evidence_k)
         rows.append((meta["run_id"], patient, uid, int(len(group)), p["random_forest"], p["svm_ensemble"],
-                     p["ensemble"], threshold, bool(p["ensemble"] >= threshold),
+                     p["cnn"], p["ensemble"], threshold, bool(p["ensemble"] >= threshold),
                      [(r.patch_id, r.sop_uid, int(r.slice_index), float(r.center_row), float(r.center_col),
                        float(r.p_ensemble)) for r in top.itertuples()], None))
     return rows

@@ -293,6 +293,7 @@ PREDICTIONS_SCHEMA = T.StructType([
     T.StructField("patches_scored", T.IntegerType()),
     T.StructField("p_random_forest", T.DoubleType()),
     T.StructField("p_svm_ensemble", T.DoubleType()),
+    T.StructField("p_cnn", T.DoubleType()),
     T.StructField("p_ensemble", T.DoubleType()),
     T.StructField("threshold", T.DoubleType()),
     T.StructField("cancer_predicted", T.BooleanType()),

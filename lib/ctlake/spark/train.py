@@ -46,6 +46,7 @@ from ctlake.config import Settings, TrainSettings
 from ctlake.core.detect import detector_hash
 from ctlake.core.evaluation import (
     ATTRIBUTES,
+    ENSEMBLES,
     FAMILIES,
     STAGES,
     aggregate,
@@ -65,6 +66,7 @@ from ctlake.core.splits import split_patients, split_sizes
 from ctlake.core.svm_partition import svm_grid
 from ctlake.errors import InputError
 from ctlake.spark import tables
+from ctlake.spark.cnn import PatchCNN
 from ctlake.spark.models import candidate_scores, model_path
 from ctlake.spark.partitioned_svc import PartitionedSVC, tune_partitioned_svc
 from ctlake.spark.report import write_report
@@ -242,6 +244,31 @@ def fit_svm(data: TrainingData, train: TrainSettings) -> tuple[PipelineModel, di
     return model, {"svm_best": chosen, "svm_tuning": tuning}
 
 
+def fit_cnn(data: TrainingData, train: TrainSettings, pixels: DataFrame) -> tuple[PipelineModel, dict]:
+    """The CNN on the training patients' patches (no tuning: ``train.cnn`` says how); what it trained on.
+
+    It balances the classes itself (every positive, a fresh draw of negatives
+    each epoch), so the ``weight`` column is not used.
+    """
+    cnn = train.cnn
+    estimator = PatchCNN(labelCol="target", numPartitions=cnn.partitions, maxRowsPerPartition=cnn.max_rows_per_partition,
+                         epochs=cnn.epochs, batchSize=cnn.batch_size, learningRate=cnn.learning_rate,
+                         cropPx=cnn.crop_px, negativesPerPositive=cnn.negatives_per_positive, shiftPx=cnn.shift_px,
+                         seed=train.seed)
+    model = Pipeline(stages=[estimator]).fit(data.train.select("patch_id", "target").join(pixels, "patch_id"))
+    fitted = model.stages[-1].partitions_
+    return model, {"cnn": {"epochs": cnn.epochs, "partitions": [
+        {k: p[k] for k in ("partition", "n_rows", "n_pos", "skipped")} | {"train_seconds": round(p["train_seconds"], 1)}
+        for p in fitted]}}
+
+
+def patch_pixels(spark: SparkSession, settings: Settings) -> DataFrame:
+    """The voxels of the current patch geometry's patches, by ``patch_id``: what the CNN reads."""
+    return (tables.read(spark, settings.warehouse, tables.PATCHES)
+            .filter(F.col("params_hash") == params_hash(settings.patches.params()))
+            .select("patch_id", "pixels", "patch_shape"))
+
+
 def run_and_report(spark: SparkSession, settings: Settings, if_no_run: bool = False) -> dict:
     """The train job: :func:`run`, then the HTML report of the run; the summary names the report.
 
@@ -263,13 +290,16 @@ KEEP = ["patch_id", "patient_pseudonym", "series_uid", "sop_uid", "slice_index",
         "patient_label", "split", "coord_x", "coord_y", "coord_z"]
 
 
-def fit_stages(names: list[str], frame: DataFrame, settings: Settings, models_path: str) -> tuple[dict, dict, dict]:
-    """Both stages x both families, fitted, tuned and saved: models, tuning records, seconds."""
+def fit_stages(names: list[str], frame: DataFrame, settings: Settings, models_path: str,
+               pixels: DataFrame) -> tuple[dict, dict, dict]:
+    """Both stages x every family, fitted, tuned and saved: models, tuning records, seconds."""
     train = settings.train
     models, tuning, timings = {}, {}, {}
+    fits = {"random_forest": fit_forest, "svm_ensemble": fit_svm, "cnn": partial(fit_cnn, pixels=pixels)}
     for stage in STAGES:
         data = stage_data(names, frame, stage, train.weighting)
-        for family, fit in (("random_forest", fit_forest), ("svm_ensemble", fit_svm)):
+        for family in FAMILIES:
+            fit = fits[family]
             started = time.monotonic()
             model, record = fit(data, train)
             model.write().overwrite().save(model_path(models_path, stage, family))
@@ -301,10 +331,11 @@ def run(spark: SparkSession, settings: Settings) -> dict:
     names, assignment, frame = load_training_data(spark, settings)
     sizes = split_sizes(assignment)
     sizes["patches"] = {r["split"]: r["count"] for r in frame.groupBy("split").count().collect()}
-    models, tuning, timings = fit_stages(names, frame, settings, models_path)
-    scored = candidate_scores(models, frame.filter(F.col("split").isin("validation", "test")), KEEP)
+    pixels = patch_pixels(spark, settings)
+    models, tuning, timings = fit_stages(names, frame, settings, models_path, pixels)
+    scored = candidate_scores(models, frame.filter(F.col("split").isin("validation", "test")), KEEP, pixels)
     path = with_empty_patients(scored[scored["mode"] == "detected"], assignment)
-    all_scores = {name: path.assign(p=path[f"p_{name}"]) for name in (*FAMILIES, "ensemble")}
+    all_scores = {name: path.assign(p=path[f"p_{name}"]) for name in (*FAMILIES, *ENSEMBLES)}
     results = {name: evaluate(s, train.aggregate, train.bootstrap, train.seed) for name, s in all_scores.items()}
     results["oracle_nodule"] = oracle_nodules(scored[scored["mode"] == "nodule"], train)
     patients = aggregate(all_scores["ensemble"], train.aggregate).merge(
