@@ -31,9 +31,11 @@ setup(
         "pylibjpeg-rle>=2.0",
         "matplotlib>=3.8",
         # The 3D CNN (ctlake.core.cnn3d): Keras 3 on JAX, 151 MB from PyPI and no GPU packages (PyTorch's
-        # Linux wheels bring 2.4 GB of CUDA); docs/cnn.md.
-        "keras>=3.15,<4",
-        "jax>=0.10,<0.11",
+        # Linux wheels bring 2.4 GB of CUDA); docs/cnn.md. Pinned: a seed gives the same weights only on the same
+        # versions.
+        "keras==3.15.1",
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
     ],
     extras_require={
         "test": ["pytest>=8", "pydicom-data>=1.0", "ruff>=0.5", "venv-pack>=0.2"],

@@ -10,7 +10,7 @@ from ctlake.errors import InputError
 from ctlake.spark.cnn import PatchCNN, PatchCNNModel, patches_array
 
 SIDE = 17
-SETTINGS = cnn3d.CNNSettings(epochs=4, batch_size=16, crop_px=16, negatives_per_positive=0, seed=3)
+SETTINGS = cnn3d.CNNSettings(epochs=4, batch_size=16, crop_px=16, negatives_per_positive=0, min_steps=0, seed=3)
 
 
 def spheres(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,6 +73,13 @@ def test_augmentation_only_moves_voxels_when_it_does_not_shift():
     moved = cnn3d.augment(x, np.random.default_rng(1), shift_px=0)
     assert not np.array_equal(moved, x)
     assert all(np.array_equal(np.sort(moved[i], axis=None), np.sort(x[i], axis=None)) for i in range(5))
+
+
+def test_a_stage_with_few_rows_trains_more_epochs_to_take_its_least_steps():
+    labels = np.array([1] * 10 + [0] * 100, dtype=float)
+    settings = cnn3d.CNNSettings(epochs=2, batch_size=8, negatives_per_positive=3.0, min_steps=30)
+    assert cnn3d.epochs_for(labels, settings) == 6  # 40 rows an epoch: 5 steps
+    assert cnn3d.epochs_for(labels, cnn3d.CNNSettings(epochs=2, batch_size=8, negatives_per_positive=0)) == 2
 
 
 def test_each_epoch_weighs_both_classes_the_same():

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import job_runs
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
@@ -26,6 +27,7 @@ SMALL = {
     "train.rf.feature_subset": ["sqrt"], "train.rf.max_bins": [16], "train.svm.partitions": 2,
     "train.svm.kernel": ["rbf"], "train.svm.c": [1.0], "train.svm.gamma": ["scale"], "train.control_repeats": 2,
     "train.cv_folds": 2, "train.cv_repeats": 1, "train.cnn.epochs": 1, "train.cnn.crop_px": 16,
+    "train.cnn.min_steps": 0,
 }
 
 
@@ -116,6 +118,26 @@ def test_balanced_weights_give_each_class_half(spark):
     assertDataFrameEqual(train.with_weights(frame, "balanced"), expected, rtol=1e-9)
     assertDataFrameEqual(train.with_weights(frame, "none").select("weight"),
                          spark.createDataFrame([(1.0,)] * 4, "weight double"))
+
+
+def test_the_cnn_joins_the_ensemble_only_in_the_stages_where_it_ranks_validation_better():
+    from ctlake.core.evaluation import combine_stages, ensemble_members
+
+    rng = np.random.default_rng(0)
+    target = np.array([0.0, 1.0] * 20)
+    validation = pd.DataFrame({
+        "is_nodule": target, "target": target[::-1], "nodule_label": ["malignant", "benign"] * 20,
+        # The CNN sees the nodules (the features' families are noise) but not their malignancy.
+        "p_nodule_random_forest": rng.random(40), "p_nodule_svm_ensemble": rng.random(40), "p_nodule_cnn": target,
+        "p_malignancy_random_forest": target[::-1] * 0.8 + 0.1, "p_malignancy_svm_ensemble": target[::-1],
+        "p_malignancy_cnn": rng.random(40)})
+    members, evidence = ensemble_members(validation)
+    assert members == {"nodule": ["random_forest", "svm_ensemble", "cnn"], "malignancy": ["random_forest", "svm_ensemble"]}
+    assert evidence["malignancy"]["validation_auc_without_cnn"] == 1.0
+    combined = combine_stages(validation, members)
+    np.testing.assert_allclose(combined["p_ensemble"], validation[["p_nodule_random_forest", "p_nodule_svm_ensemble",
+                                                                   "p_nodule_cnn"]].mean(axis=1)
+                               * validation[["p_malignancy_random_forest", "p_malignancy_svm_ensemble"]].mean(axis=1))
 
 
 def test_the_permutation_null_is_centred_at_one_half():

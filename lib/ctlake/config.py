@@ -436,6 +436,7 @@ class CnnSettings:
     crop_px: int = field(metadata=_range(8))
     negatives_per_positive: float = field(metadata=_range(0.0))
     shift_px: int = field(metadata=_range(0))
+    min_steps: int = field(metadata=_range(0))
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,10 @@ class CNNSettings:
     weighted by the ratio so both classes weigh the same, as the forest's and
     the SVMs' balanced weights do. ``shift_px``: augmentation shifts of up to
     this many voxels per axis, besides flips and 90-degree axial rotations.
+    ``min_steps``: a network trains for more epochs than ``epochs`` where that
+    many would give it fewer gradient steps (a stage with few rows, such as
+    malignancy, which has a few hundred nodules, would otherwise stop after some
+    tens of steps).
     """
 
     epochs: int = 6
@@ -60,6 +64,7 @@ class CNNSettings:
     crop_px: int = 32
     negatives_per_positive: float = 3.0
     shift_px: int = 2
+    min_steps: int = 0
     seed: int = 0
 
 
@@ -172,6 +177,16 @@ def epoch_rows(labels: np.ndarray, ratio: float, rng: np.random.Generator) -> tu
     return rows, np.where(labels[rows] == 1, weight, 1.0).astype(np.float32)
 
 
+def epochs_for(labels: np.ndarray, settings: CNNSettings) -> int:
+    """``settings.epochs``, or more where that many epochs of these rows give fewer than ``min_steps`` steps."""
+    positives = int((labels == 1).sum())
+    negatives = len(labels) - positives
+    ratio = settings.negatives_per_positive
+    rows = positives + (min(max(int(round(ratio * positives)), 1), negatives) if ratio > 0 else negatives)
+    steps = -(-rows // settings.batch_size)
+    return max(settings.epochs, -(-settings.min_steps // steps))
+
+
 def train(patches_hu: np.ndarray, labels: np.ndarray, settings: CNNSettings) -> tuple[bytes, dict]:
     """Train one model on HU patches ``(n, d, h, w)`` and 0/1 labels; its bytes and a record of the training.
 
@@ -189,7 +204,7 @@ def train(patches_hu: np.ndarray, labels: np.ndarray, settings: CNNSettings) -> 
     x = to_unit(patches_hu, settings.crop_px)
     model = build_model(settings.crop_px, settings.learning_rate, keras)
     losses = []
-    for epoch in range(settings.epochs):
+    for epoch in range(epochs_for(labels, settings)):
         rng = np.random.default_rng([settings.seed, epoch])
         rows, weights = epoch_rows(labels, settings.negatives_per_positive, rng)
         batch = augment(x[rows], rng, settings.shift_px)[..., None]

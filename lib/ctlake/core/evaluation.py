@@ -60,28 +60,53 @@ def top_patches(patch_scores: pd.DataFrame, k: int) -> dict:
 STAGES = ("nodule", "malignancy")
 #: The model families; each serves both stages, and the ensemble averages them per stage.
 FAMILIES = ("random_forest", "svm_ensemble", "cnn")
-#: The ensembles reported: every family, and the two on hand-made features alone (what the CNN adds).
-ENSEMBLES = {"ensemble": FAMILIES, "ensemble_no_cnn": ("random_forest", "svm_ensemble")}
+#: The families on hand-made features: the ensemble without the CNN is always reported beside the product's.
+FEATURE_FAMILIES = ("random_forest", "svm_ensemble")
 
 
-def combine_stages(stage_scores: pd.DataFrame) -> pd.DataFrame:
-    """Per family and per ensemble: P(cancer at a candidate) = P(nodule) x P(malignant | nodule).
+def combine_stages(stage_scores: pd.DataFrame, members: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """Per family and for two ensembles: P(cancer at a candidate) = P(nodule) x P(malignant | nodule).
 
     ``stage_scores`` has ``p_<stage>_<family>`` columns; the result adds
-    ``p_<family>``, ``p_<ensemble>`` for each of :data:`ENSEMBLES` (its
-    families' mean per stage, then the product), and ``p_nodule`` /
-    ``p_malignancy`` (the ensemble of every family, per stage).
+    ``p_<family>``; ``p_ensemble``, the product over stages of the mean of
+    ``members[stage]`` (default: every family); ``p_ensemble_no_cnn``, the
+    same over :data:`FEATURE_FAMILIES`; and ``p_nodule`` / ``p_malignancy``,
+    the ensemble's stages.
     """
+    members = members or {stage: list(FAMILIES) for stage in STAGES}
     out = stage_scores.copy()
     for family in FAMILIES:
         out[f"p_{family}"] = out[f"p_nodule_{family}"] * out[f"p_malignancy_{family}"]
-    for name, families in ENSEMBLES.items():
-        stages = {stage: out[[f"p_{stage}_{family}" for family in families]].mean(axis=1) for stage in STAGES}
-        out[f"p_{name}"] = stages["nodule"] * stages["malignancy"]
-        if name == "ensemble":
-            for stage, p in stages.items():
-                out[f"p_{stage}"] = p
+    for stage in STAGES:
+        out[f"p_{stage}"] = out[[f"p_{stage}_{family}" for family in members[stage]]].mean(axis=1)
+    out["p_ensemble"] = out["p_nodule"] * out["p_malignancy"]
+    out["p_ensemble_no_cnn"] = np.prod([out[[f"p_{stage}_{family}" for family in FEATURE_FAMILIES]].mean(axis=1)
+                                        for stage in STAGES], axis=0)
     return out
+
+
+def ensemble_members(validation: pd.DataFrame) -> tuple[dict[str, list[str]], dict]:
+    """Per stage, the families the ensemble averages: every family where that ranks the validation
+    patients' candidates better than the hand-made features' families alone, else those alone.
+
+    The nodule stage is judged on every detected candidate (is it a nodule),
+    the malignancy stage on the candidates at nodules rated malignant or
+    benign. Chosen on validation, so the test figures stay honest; the
+    AUCs behind each choice are returned beside it.
+    """
+    members, evidence = {}, {}
+    for stage in STAGES:
+        rows = validation if stage == "nodule" else validation[validation["nodule_label"].isin(["malignant", "benign"])]
+        target = rows["is_nodule"] if stage == "nodule" else rows["target"]
+        aucs = {}
+        for name, families in (("all", FAMILIES), ("features", FEATURE_FAMILIES)):
+            p = rows[[f"p_{stage}_{family}" for family in families]].mean(axis=1)
+            aucs[name] = float(roc_auc_score(target, p)) if target.nunique() == 2 else None
+        better = aucs["all"] is not None and aucs["features"] is not None and aucs["all"] > aucs["features"]
+        members[stage] = list(FAMILIES if better else FEATURE_FAMILIES)
+        evidence[stage] = {"validation_auc_all_families": aucs["all"], "validation_auc_without_cnn": aucs["features"],
+                           "families": members[stage]}
+    return members, evidence
 
 
 def permutation_null(labels, scores, repeats: int, seed: int) -> list[float]:

@@ -138,6 +138,8 @@ class _PatchCNNParams(HasInputCol, HasLabelCol, HasPredictionCol, HasProbability
         "negatives drawn anew per positive each epoch (0: all of them)", typeConverter=TypeConverters.toFloat)
     shiftPx: Param[int] = Param(Params._dummy(), "shiftPx", "largest augmentation shift per axis (voxels)",
                                 typeConverter=_int_at_least("shiftPx", 0))
+    minSteps: Param[int] = Param(Params._dummy(), "minSteps", "fewest gradient steps a network takes; more epochs "
+                                 "than epochs where needed (>= 0)", typeConverter=_int_at_least("minSteps", 0))
 
     def __init__(self) -> None:
         super().__init__()
@@ -146,7 +148,8 @@ class _PatchCNNParams(HasInputCol, HasLabelCol, HasPredictionCol, HasProbability
         self._setDefault(inputCol="pixels", shapeCol="patch_shape", idCol="patch_id", labelCol="label", numPartitions=2,
                          maxRowsPerPartition=8000, epochs=defaults.epochs, batchSize=defaults.batch_size,
                          learningRate=defaults.learning_rate, cropPx=defaults.crop_px,
-                         negativesPerPositive=defaults.negatives_per_positive, shiftPx=defaults.shift_px, seed=0)
+                         negativesPerPositive=defaults.negatives_per_positive, shiftPx=defaults.shift_px,
+                         minSteps=defaults.min_steps, seed=0)
 
     def _settings(self) -> CNNSettings:
         """The plain values the Python workers need (Params objects stay on the driver)."""
@@ -154,7 +157,7 @@ class _PatchCNNParams(HasInputCol, HasLabelCol, HasPredictionCol, HasProbability
         return CNNSettings(epochs=get(self.epochs), batch_size=get(self.batchSize),
                            learning_rate=get(self.learningRate), crop_px=get(self.cropPx),
                            negatives_per_positive=get(self.negativesPerPositive), shift_px=get(self.shiftPx),
-                           seed=get(self.seed))
+                           min_steps=get(self.minSteps), seed=get(self.seed))
 
     def _require_columns(self, dataset: DataFrame, *names: str) -> None:
         missing = [name for name in names if name not in dataset.columns]
@@ -180,7 +183,7 @@ class PatchCNN(_PatchCNNParams, Estimator["PatchCNNModel"], DefaultParamsReadabl
         XLA thread) each.
     maxRowsPerPartition : int, default 8000
         Larger partitions are downsampled (stratified, seeded): one task holds its patches in memory.
-    epochs, batchSize, learningRate, cropPx, negativesPerPositive, shiftPx
+    epochs, batchSize, learningRate, cropPx, negativesPerPositive, shiftPx, minSteps
         :class:`ctlake.core.cnn3d.CNNSettings`.
     seed : int, default 0
         Orders the partition assignment and seeds each model (``seed + partition``).
@@ -194,7 +197,7 @@ class PatchCNN(_PatchCNNParams, Estimator["PatchCNNModel"], DefaultParamsReadabl
                  epochs: int = CNNSettings.epochs, batchSize: int = CNNSettings.batch_size,
                  learningRate: float = CNNSettings.learning_rate, cropPx: int = CNNSettings.crop_px,
                  negativesPerPositive: float = CNNSettings.negatives_per_positive,
-                 shiftPx: int = CNNSettings.shift_px, seed: int = 0) -> None:
+                 shiftPx: int = CNNSettings.shift_px, minSteps: int = CNNSettings.min_steps, seed: int = 0) -> None:
         super().__init__()
         self._set(**self._input_kwargs)
 

@@ -44,12 +44,14 @@ def load_models(models_path: str) -> dict[tuple[str, str], PipelineModel]:
     return models
 
 
-def candidate_scores(models: dict, frame: DataFrame, keep: list[str], pixels: DataFrame) -> pd.DataFrame:
+def candidate_scores(models: dict, frame: DataFrame, keep: list[str], pixels: DataFrame,
+                     members: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """``keep`` columns of ``frame`` (with ``patch_id``) and every stage's and combination's probability.
 
     ``frame`` holds one named column per feature; cache it, it is read once per
     model. ``pixels`` (``patch_id``, ``pixels``, ``patch_shape``: the
-    ``patches`` table) feeds the families that read voxels.
+    ``patches`` table) feeds the families that read voxels. ``members``: the
+    families the ensemble averages per stage (the run's choice; default all).
     """
     out = frame.select(*keep)
     for (stage, family), model in models.items():
@@ -57,4 +59,4 @@ def candidate_scores(models: dict, frame: DataFrame, keep: list[str], pixels: Da
         out = out.join(model.transform(rows).select(
             "patch_id", vector_to_array("probability")[1].alias(f"p_{stage}_{family}")), "patch_id")
     with session_conf(frame.sparkSession, {"spark.sql.execution.arrow.maxRecordsPerBatch": PIXEL_BATCH_ROWS}):
-        return combine_stages(out.toPandas())
+        return combine_stages(out.toPandas(), members)

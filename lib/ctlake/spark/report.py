@@ -246,6 +246,15 @@ on the test patients, through the scoring path.</p>
     return str(path)
 
 
+def ensemble_choice(meta: dict) -> str:
+    """Per stage: the families the ensemble averages, and the validation AUCs that chose them."""
+    parts = []
+    for stage, c in meta["ensemble_choice"].items():
+        parts.append(f"{stage}: {' + '.join(f.replace('_', ' ') for f in c['families'])} (validation AUC with the CNN "
+                     f"{_num(c['validation_auc_all_families'])}, without {_num(c['validation_auc_without_cnn'])})")
+    return "; ".join(parts)
+
+
 def metrics_table(results: dict, level: str) -> str:
     """One HTML table: every model's metrics at ``level``, with intervals, threshold and confusion matrix."""
     head = "".join(f"<th>{m}</th>" for m in METRICS)
@@ -344,10 +353,13 @@ def page(settings: Settings, summary: dict, meta: dict, evidence_rows: list[tupl
 {PAGE_STYLE}</head><body>{intro(settings, summary, meta)}
 <h2>Cohort and split</h2><table><tr><th>split</th><th>patients</th><th>with cancer</th><th>without</th><th>patches</th></tr>
 {split_rows}</table>
-<p>Two stages, each a random forest (tuned by {settings.train.folds}-fold patient-grouped cross-validation)
-and an ensemble of {settings.train.svm.partitions} per-partition SVCs (tuned on the validation patients'
-detected candidates): <i>nodule</i> tells nodules from the detector's other candidates, <i>malignancy</i>
-malignant from benign nodules. Chosen settings: {chosen}. Training seconds: {html.escape(str(meta['timings_s']))}.</p>
+<p>Two stages, each a random forest (tuned by {settings.train.folds}-fold patient-grouped cross-validation),
+an ensemble of {settings.train.svm.partitions} per-partition SVCs (tuned on the validation patients'
+detected candidates) and {settings.train.cnn.partitions} 3D CNNs on the patches' voxels ({settings.train.cnn.epochs}
+epochs, not tuned): <i>nodule</i> tells nodules from the detector's other candidates, <i>malignancy</i>
+malignant from benign nodules. Chosen settings: {chosen}. Training seconds: {html.escape(str(meta['timings_s']))}.
+The ensemble averages, per stage, every family where that ranks the validation patients' candidates better
+than the forest and the SVMs alone: {html.escape(ensemble_choice(meta))}.</p>
 <h2>Patient level (test, scoring path)</h2>{metrics_table(results, 'patient')}
 <h2>Detection (test scans, LUNA16 FROC)</h2><p>Sensitivity at 1/8 .. 8 false positives per scan
 ({detection['candidates_per_scan']} candidates per scan). Hit rule: a candidate within an annotated nodule's

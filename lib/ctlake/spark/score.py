@@ -60,6 +60,8 @@ def load_run(spark: SparkSession, settings: Settings, run_id: str) -> dict:
     if meta.get("patch_geometry") != geometry:
         raise InputError(f"run {run_id} was trained on patches {meta.get('patch_geometry')} but the configuration "
                          f"cuts {geometry}: set patches.* back, or retrain")
+    if "ensemble_members" not in meta:
+        raise InputError(f"run {run_id} was trained by an older ctlake (no CNN, no ensemble choice): retrain")
     meta["models_path"] = path
     return meta
 
@@ -158,7 +160,7 @@ def candidate_rows(spark: SparkSession, settings: Settings, meta: dict, series: 
     frame = feats.select(*keep, *[F.col("radiomics")[i].alias(n) for i, n in enumerate(names)]).cache()
     pixels = (tables.read(spark, settings.warehouse, tables.PATCHES).filter(F.col("series_uid").isin(series))
               .select("patch_id", "pixels", "patch_shape"))
-    scored = candidate_scores(load_models(meta["models_path"]), frame, keep, pixels)
+    scored = candidate_scores(load_models(meta["models_path"]), frame, keep, pixels, meta["ensemble_members"])
     frame.unpersist()
     return scored
 

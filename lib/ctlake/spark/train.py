@@ -46,12 +46,13 @@ from ctlake.config import Settings, TrainSettings
 from ctlake.core.detect import detector_hash
 from ctlake.core.evaluation import (
     ATTRIBUTES,
-    ENSEMBLES,
     FAMILIES,
     STAGES,
     aggregate,
     attribute_ceiling,
     by_group,
+    combine_stages,
+    ensemble_members,
     evaluate,
     grouped_cv_patient_auc,
     patient_group,
@@ -254,7 +255,7 @@ def fit_cnn(data: TrainingData, train: TrainSettings, pixels: DataFrame) -> tupl
     estimator = PatchCNN(labelCol="target", numPartitions=cnn.partitions, maxRowsPerPartition=cnn.max_rows_per_partition,
                          epochs=cnn.epochs, batchSize=cnn.batch_size, learningRate=cnn.learning_rate,
                          cropPx=cnn.crop_px, negativesPerPositive=cnn.negatives_per_positive, shiftPx=cnn.shift_px,
-                         seed=train.seed)
+                         minSteps=cnn.min_steps, seed=train.seed)
     model = Pipeline(stages=[estimator]).fit(data.train.select("patch_id", "target").join(pixels, "patch_id"))
     fitted = model.stages[-1].partitions_
     return model, {"cnn": {"epochs": cnn.epochs, "partitions": [
@@ -334,8 +335,10 @@ def run(spark: SparkSession, settings: Settings) -> dict:
     pixels = patch_pixels(spark, settings)
     models, tuning, timings = fit_stages(names, frame, settings, models_path, pixels)
     scored = candidate_scores(models, frame.filter(F.col("split").isin("validation", "test")), KEEP, pixels)
+    members, member_evidence = ensemble_members(scored[(scored["split"] == "validation") & (scored["mode"] == "detected")])
+    scored = combine_stages(scored, members)
     path = with_empty_patients(scored[scored["mode"] == "detected"], assignment)
-    all_scores = {name: path.assign(p=path[f"p_{name}"]) for name in (*FAMILIES, *ENSEMBLES)}
+    all_scores = {name: path.assign(p=path[f"p_{name}"]) for name in (*FAMILIES, "ensemble_no_cnn", "ensemble")}
     results = {name: evaluate(s, train.aggregate, train.bootstrap, train.seed) for name, s in all_scores.items()}
     results["oracle_nodule"] = oracle_nodules(scored[scored["mode"] == "nodule"], train)
     patients = aggregate(all_scores["ensemble"], train.aggregate).merge(
@@ -351,6 +354,7 @@ def run(spark: SparkSession, settings: Settings) -> dict:
             "patch_geometry": patch_geometry(settings.patches.params()),
             "detector_hash": detector_hash(settings.detect.params()),
             "aggregate": train.aggregate, "weighting": train.weighting,
+            "ensemble_members": members, "ensemble_choice": member_evidence,
             "thresholds": {name: results[name]["patient"]["threshold"] for name in all_scores},
             "tuning": tuning, "null_aucs": null_aucs, "cv_patient_auc": cv_aucs,
             "importances": sorted(zip(names, forest.featureImportances.toArray().tolist()), key=lambda kv: -kv[1]),
