@@ -76,6 +76,9 @@ def keras_backend():
     at once.
     """
     os.environ.setdefault("KERAS_BACKEND", "jax")
+    # CPU only, unless the environment says otherwise: JAX would otherwise probe for TPU and GPU
+    # runtimes and log each one it does not find into the job's log.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
     from jax._src import xla_bridge  # the one way to ask whether a backend started
 
