@@ -277,11 +277,12 @@ class _PatchCNNModelWriter(MLWriter):
         self.instance = instance
 
     def saveImpl(self, path: str) -> None:
+        keras = keras_backend()  # first: it sets JAX's platform before JAX is imported
         import jax
 
         spark = self.sparkSession
         DefaultParamsWriter.saveMetadata(self.instance, path, spark, extraMetadata={
-            "ctlakeFormat": SAVE_FORMAT, "kerasVersion": keras_backend().__version__, "jaxVersion": jax.__version__})
+            "ctlakeFormat": SAVE_FORMAT, "kerasVersion": keras.__version__, "jaxVersion": jax.__version__})
         rows = [tuple(p[name] for name in PARTITION_RESULT_SCHEMA.fieldNames()) for p in self.instance.partitions_]
         spark.createDataFrame(rows, PARTITION_RESULT_SCHEMA).coalesce(1).write.parquet(f"{path}/models")
 
