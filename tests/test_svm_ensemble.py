@@ -360,6 +360,8 @@ def test_model_saves_skipped_partitions_and_overwrites(spark, tmp_path):
     model.write().overwrite().save(path)
     loaded = PartitionedSVCModel.load(path)
     assert (loaded.skipped_partitions_, loaded.n_partitions_trained_, loaded.getAggregation()) == ([2, 3], 2, "decision")
+    with pytest.raises(InputError, match="nowhere cannot be read as a saved model"):
+        PartitionedSVCModel.load(str(tmp_path / "nowhere"))
 
 
 # ------------------------------------------------------------------ tuning

@@ -34,7 +34,6 @@ from pyspark.ml.util import (
     DefaultParamsReadable,
     DefaultParamsReader,
     DefaultParamsWritable,
-    DefaultParamsWriter,
     MLReadable,
     MLReader,
     MLWritable,
@@ -61,12 +60,11 @@ from ctlake.spark.partitioned_svc import (
     RANK_COL,
     _int_at_least,
     _positive_float,
+    load_partition_models,
+    save_partition_models,
     stratified_partitions,
     train_partitions,
 )
-
-#: Format of the saved model folder; bump when the layout changes.
-SAVE_FORMAT = 1
 
 
 def patches_array(pixels, shapes) -> np.ndarray:
@@ -270,7 +268,7 @@ class PatchCNNModel(_PatchCNNParams, Model, MLReadable["PatchCNNModel"], MLWrita
 
 
 class _PatchCNNModelWriter(MLWriter):
-    """Params as Spark ML metadata; the networks as a one-file Parquet table beside it (any Hadoop path)."""
+    """The networks' npz bytes, one row per partition (``partitioned_svc.save_partition_models``)."""
 
     def __init__(self, instance: PatchCNNModel) -> None:
         super().__init__()
@@ -280,11 +278,9 @@ class _PatchCNNModelWriter(MLWriter):
         keras = keras_backend()  # first: it sets JAX's platform before JAX is imported
         import jax
 
-        spark = self.sparkSession
-        DefaultParamsWriter.saveMetadata(self.instance, path, spark, extraMetadata={
-            "ctlakeFormat": SAVE_FORMAT, "kerasVersion": keras.__version__, "jaxVersion": jax.__version__})
         rows = [tuple(p[name] for name in PARTITION_RESULT_SCHEMA.fieldNames()) for p in self.instance.partitions_]
-        spark.createDataFrame(rows, PARTITION_RESULT_SCHEMA).coalesce(1).write.parquet(f"{path}/models")
+        save_partition_models(self.instance, path, self.sparkSession, rows, kerasVersion=keras.__version__,
+                              jaxVersion=jax.__version__)
 
 
 class _PatchCNNModelReader(MLReader["PatchCNNModel"]):
@@ -294,19 +290,7 @@ class _PatchCNNModelReader(MLReader["PatchCNNModel"]):
 
     def load(self, path: str) -> PatchCNNModel:
         """The saved model, every network rebuilt once here: a model that cannot be applied fails now, clearly."""
-        spark = self.sparkSession
-        try:
-            metadata = DefaultParamsReader.loadMetadata(path, spark)
-        except Exception as exc:  # Spark's AnalysisException (or Py4J's error) for a missing or unreadable folder
-            raise InputError(f"{path} cannot be read as a saved model: {type(exc).__name__}") from None
-        if metadata.get("ctlakeFormat") != SAVE_FORMAT:
-            raise InputError(f"{path} is not a PatchCNNModel of format {SAVE_FORMAT} (metadata says class "
-                             f"{metadata.get('class')!r}, format {metadata.get('ctlakeFormat')!r})")
-        try:
-            rows = sorted((row.asDict() for row in spark.read.parquet(f"{path}/models").collect()),
-                          key=lambda row: row["partition"])
-        except Exception as exc:  # Spark's AnalysisException for a missing or unreadable folder
-            raise InputError(f"{path}/models cannot be read: {type(exc).__name__}") from None
+        metadata, rows = load_partition_models(path, self.sparkSession, "PatchCNNModel")
         instance = self.cls(rows)
         for blob in instance._blobs():
             try:

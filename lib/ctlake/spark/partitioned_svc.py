@@ -692,28 +692,57 @@ class PartitionedSVCModel(_PartitionedSVCParams, Model, MLReadable["PartitionedS
         return _PartitionedSVCModelReader(cls)
 
 
-class _PartitionedSVCModelWriter(MLWriter):
-    """Params as DefaultParamsWriter metadata; the models as a one-file Parquet table.
+def save_partition_models(instance, path: str, spark, rows: list[tuple], **extra_metadata) -> None:
+    """Save a per-partition model: Params as DefaultParamsWriter metadata, ``rows`` as a one-file Parquet table.
 
     ``path/models`` has one row per partition (PARTITION_RESULT_SCHEMA, the
-    model pickled, null for a skipped partition). Writing through Spark works
+    model's bytes, null for a skipped partition). Writing through Spark works
     for any Hadoop path (local, HDFS, S3), which a Python ``open()`` would not.
+    ``extra_metadata`` records the versions the bytes need (scikit-learn, Keras).
     """
+    DefaultParamsWriter.saveMetadata(instance, path, spark,
+                                     extraMetadata={"ctlakeFormat": SAVE_FORMAT, **extra_metadata})
+    spark.createDataFrame(rows, PARTITION_RESULT_SCHEMA).coalesce(1).write.parquet(f"{path}/models")
+
+
+def load_partition_models(path: str, spark, class_name: str) -> tuple[dict, list[dict]]:
+    """What :func:`save_partition_models` saved: the metadata and the partitions' rows in partition order.
+
+    Raises
+    ------
+    InputError
+        The folder or its models cannot be read, or it holds another format;
+        the message names the path, since a run's models are many folders.
+    """
+    try:
+        metadata = DefaultParamsReader.loadMetadata(path, spark)
+    except Exception as exc:  # Spark's AnalysisException (or Py4J's error) for a missing or unreadable folder
+        raise InputError(f"{path} cannot be read as a saved model: {type(exc).__name__}") from None
+    if metadata.get("ctlakeFormat") != SAVE_FORMAT:
+        raise InputError(f"{path} is not a {class_name} of format {SAVE_FORMAT} (metadata says class "
+                         f"{metadata.get('class')!r}, format {metadata.get('ctlakeFormat')!r})")
+    try:
+        rows = sorted((row.asDict() for row in spark.read.parquet(f"{path}/models").collect()),
+                      key=lambda row: row["partition"])
+    except Exception as exc:  # Spark's AnalysisException for a missing or unreadable folder
+        raise InputError(f"{path}/models cannot be read: {type(exc).__name__}") from None
+    return metadata, rows
+
+
+class _PartitionedSVCModelWriter(MLWriter):
+    """The fitted SVMs pickled, one row per partition (:func:`save_partition_models`)."""
 
     def __init__(self, instance: PartitionedSVCModel) -> None:
         super().__init__()
         self.instance = instance
 
     def saveImpl(self, path: str) -> None:
-        spark = self.sparkSession
-        DefaultParamsWriter.saveMetadata(self.instance, path, spark, extraMetadata={
-            "ctlakeFormat": SAVE_FORMAT, "sklearnVersion": sklearn.__version__})
         models = iter(self.instance.models_)
         rows = [(stats["partition"],
                  pickle.dumps(next(models), protocol=pickle.HIGHEST_PROTOCOL) if stats["skipped"] is None else None,
                  stats["n_rows"], stats["n_pos"], float(stats["train_seconds"]), stats["skipped"])
                 for stats in self.instance.partition_stats_]
-        spark.createDataFrame(rows, PARTITION_RESULT_SCHEMA).coalesce(1).write.parquet(f"{path}/models")
+        save_partition_models(self.instance, path, self.sparkSession, rows, sklearnVersion=sklearn.__version__)
 
 
 class _PartitionedSVCModelReader(MLReader["PartitionedSVCModel"]):
@@ -722,18 +751,11 @@ class _PartitionedSVCModelReader(MLReader["PartitionedSVCModel"]):
         self.cls = cls
 
     def load(self, path: str) -> PartitionedSVCModel:
-        spark = self.sparkSession
-        metadata = DefaultParamsReader.loadMetadata(path, spark)
-        if metadata.get("ctlakeFormat") != SAVE_FORMAT:
-            raise InputError(f"{path} is not a PartitionedSVCModel of format {SAVE_FORMAT} "
-                             f"(metadata says class {metadata.get('class')!r}, "
-                             f"format {metadata.get('ctlakeFormat')!r})")
+        metadata, rows = load_partition_models(path, self.sparkSession, "PartitionedSVCModel")
         if metadata.get("sklearnVersion") != sklearn.__version__:
             warnings.warn(f"{path} was saved with scikit-learn {metadata.get('sklearnVersion')}; "
                           f"unpickling its models under {sklearn.__version__} may fail or differ",
                           UserWarning, stacklevel=2)
-        rows = sorted((row.asDict() for row in spark.read.parquet(f"{path}/models").collect()),
-                      key=lambda row: row["partition"])
         instance = self.cls(
             models=[pickle.loads(row["model"]) for row in rows if row["model"] is not None],
             partition_stats=[{key: row[key] for key in PARTITION_RESULT_SCHEMA.fieldNames() if key != "model"}
