@@ -1,4 +1,8 @@
 """The 3D CNN: it learns a planted difference, deterministically, and Spark applies exactly the model it trained."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from pyspark.ml import Pipeline, PipelineModel
@@ -45,6 +49,35 @@ def test_training_is_a_function_of_the_data_and_the_seed(trained):
     assert cnn3d.train(x, y, SETTINGS)[0] == trained[0]
     other = cnn3d.CNNSettings(**{**SETTINGS.__dict__, "epochs": 1})
     assert cnn3d.train(x, y, other)[0] != cnn3d.train(x, y, cnn3d.CNNSettings(**{**other.__dict__, "seed": 4}))[0]
+
+
+#: A fresh process (JAX starts in it) trains one epoch and prints the weights' hash and whether any of
+#: its threads is still confined to fewer CPUs than the process was given.
+TRAIN_IN_A_FRESH_PROCESS = """
+import hashlib, os, sys
+sys.path[:0] = [{tests!r}]
+from test_cnn import SETTINGS, spheres
+from ctlake.core import cnn3d
+x, y = spheres(64, 1)
+blob, _ = cnn3d.train(x, y, cnn3d.CNNSettings(**{{**SETTINGS.__dict__, "epochs": 1}}))
+given = os.sched_getaffinity(0)
+pinned = [t for t in os.listdir("/proc/self/task") if os.sched_getaffinity(int(t)) != given]
+print(hashlib.sha256(blob).hexdigest(), len(given), len(pinned))
+"""
+
+
+def test_weights_do_not_depend_on_the_cpus_and_no_thread_stays_pinned():
+    """Two tasks of an executor train on two cores (a thread left on the CPU JAX started on would make them
+    share one), and the weights are the same on one CPU or all of them."""
+    script = TRAIN_IN_A_FRESH_PROCESS.format(tests=os.path.dirname(__file__))
+    runs = {}
+    for cpus in (sorted(os.sched_getaffinity(0)), sorted(os.sched_getaffinity(0))[-1:]):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True,
+                             preexec_fn=lambda cpus=cpus: os.sched_setaffinity(0, cpus))
+        digest, given, pinned = out.stdout.split()
+        assert (int(given), int(pinned)) == (len(cpus), 0)
+        runs[len(cpus)] = digest
+    assert len(set(runs.values())) == 1, runs
 
 
 def test_a_patch_scores_the_same_whatever_it_is_scored_with(trained):

@@ -301,11 +301,16 @@ def fit_stages(names: list[str], frame: DataFrame, settings: Settings, models_pa
         data = stage_data(names, frame, stage, train.weighting)
         for family in FAMILIES:
             fit = fits[family]
+            # A line per model: training is minutes of Spark jobs that the task-level progress lines do not name.
+            log.info("%s stage: fitting the %s (%d of %d)", stage, family.replace("_", " "), len(models) + 1,
+                     len(STAGES) * len(FAMILIES))
             started = time.monotonic()
             model, record = fit(data, train)
             model.write().overwrite().save(model_path(models_path, stage, family))
             models[(stage, family)], tuning[f"{stage}/{family}"] = model, record
             timings[f"{stage}/{family}"] = round(time.monotonic() - started, 1)
+            log.info("%s stage: %s fitted and saved in %.0f s", stage, family.replace("_", " "),
+                     timings[f"{stage}/{family}"])
     return models, tuning, timings
 
 
