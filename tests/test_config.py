@@ -67,6 +67,9 @@ def test_shipped_environment_files_hold_only_what_differs_from_base():
     ("train.aggregate", "median", "configuration key train.aggregate must be one of max, mean, top3"),
     ("train.rf.num_trees", [], "configuration key train.rf.num_trees must be a non-empty list"),
     ("train.split", {"train": 0.8, "test": 0.2}, "train.split must give train, validation, test"),
+    ("train.cnn.partitions", {"nodule": 2}, "train.cnn.partitions must give nodule, malignancy"),
+    ("train.cnn.partitions", {"nodule": 2, "malignancy": 0},
+     "configuration key train.cnn.partitions.malignancy must be at least 1, found 0"),
     ("patches", None, "configuration key patches must be a section, found None"),
 ])
 def test_bad_values_name_the_key_what_was_expected_and_what_was_found(base_config, key, value, message):

@@ -27,7 +27,7 @@ SMALL = {
     "train.rf.feature_subset": ["sqrt"], "train.rf.max_bins": [16], "train.svm.partitions": 2,
     "train.svm.kernel": ["rbf"], "train.svm.c": [1.0], "train.svm.gamma": ["scale"], "train.control_repeats": 2,
     "train.cv_folds": 2, "train.cv_repeats": 1, "train.cnn.epochs": 1, "train.cnn.crop_px": 16,
-    "train.cnn.min_steps": 0,
+    "train.cnn.min_steps": {"nodule": 0, "malignancy": 0},
 }
 
 

@@ -27,6 +27,7 @@ import yaml
 from ctlake.cohort.plan import CohortSettings
 from ctlake.core.deid import DEV_KEY, MIN_KEY_BYTES, in_synthetic_cohort
 from ctlake.core.detect import DetectorParams
+from ctlake.core.evaluation import STAGES
 from ctlake.core.dicom_parse import ParsePolicy
 from ctlake.core.patch_tasks import PatchParams
 from ctlake.core.slice_ops import PreprocessChain
@@ -426,9 +427,16 @@ class SvmGrid:
 
 @dataclass(frozen=True)
 class CnnSettings:
-    """The 3D CNN (:class:`ctlake.spark.cnn.PatchCNN`): one network per partition, trained on one core each."""
+    """The 3D CNN (:class:`ctlake.spark.cnn.PatchCNN`): one network per partition, trained on one core each.
 
-    partitions: int = field(metadata=_range(1))
+    ``partitions`` and ``min_steps`` are per stage: the nodule stage has
+    thousands of patches and trains a network per core, and its networks
+    were still learning at 600 steps; the malignancy stage has a few hundred
+    nodules, which one network learns from better than two halves, and more
+    steps than 600 did not rank them better (docs/cnn.md).
+    """
+
+    partitions: dict
     max_rows_per_partition: int = field(metadata=_range(2))
     epochs: int = field(metadata=_range(1))
     batch_size: int = field(metadata=_range(1))
@@ -436,7 +444,16 @@ class CnnSettings:
     crop_px: int = field(metadata=_range(8))
     negatives_per_positive: float = field(metadata=_range(0.0))
     shift_px: int = field(metadata=_range(0))
-    min_steps: int = field(metadata=_range(0))
+    min_steps: dict
+
+    def __post_init__(self):
+        for name, low in (("partitions", 1), ("min_steps", 0)):
+            per_stage = getattr(self, name)
+            if not isinstance(per_stage, dict) or set(per_stage) != set(STAGES):
+                raise ConfigError(f"train.cnn.{name} must give {', '.join(STAGES)}, found {per_stage!r}")
+            for stage, value in per_stage.items():
+                key = f"train.cnn.{name}.{stage}"
+                _check_range(key, _convert(int, value, key), (low, None, False))
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ log = logging.getLogger("ctlake.train")
 class TrainingData:
     """The rows one stage trains and tunes on, split by patient."""
 
+    stage: str
     names: list[str]
     train: DataFrame
     validation: DataFrame
@@ -184,7 +185,7 @@ def stage_data(names: list[str], frame: DataFrame, stage: str, weighting: str) -
     else:
         rows = frame.filter(F.col("nodule_label").isin("malignant", "benign"))
     return TrainingData(
-        names=names, train=with_weights(rows.filter(F.col("split") == "train"), weighting),
+        stage=stage, names=names, train=with_weights(rows.filter(F.col("split") == "train"), weighting),
         validation=with_weights(rows.filter((F.col("split") == "validation") & (F.col("mode") == "detected")),
                                 weighting))
 
@@ -252,10 +253,10 @@ def fit_cnn(data: TrainingData, train: TrainSettings, pixels: DataFrame) -> tupl
     each epoch), so the ``weight`` column is not used.
     """
     cnn = train.cnn
-    estimator = PatchCNN(labelCol="target", numPartitions=cnn.partitions, maxRowsPerPartition=cnn.max_rows_per_partition,
+    estimator = PatchCNN(labelCol="target", numPartitions=cnn.partitions[data.stage], maxRowsPerPartition=cnn.max_rows_per_partition,
                          epochs=cnn.epochs, batchSize=cnn.batch_size, learningRate=cnn.learning_rate,
                          cropPx=cnn.crop_px, negativesPerPositive=cnn.negatives_per_positive, shiftPx=cnn.shift_px,
-                         minSteps=cnn.min_steps, seed=train.seed)
+                         minSteps=cnn.min_steps[data.stage], seed=train.seed)
     model = Pipeline(stages=[estimator]).fit(data.train.select("patch_id", "target").join(pixels, "patch_id"))
     fitted = model.stages[-1].partitions_
     return model, {"cnn": {"epochs": cnn.epochs, "partitions": [
