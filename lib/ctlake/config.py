@@ -27,8 +27,8 @@ import yaml
 from ctlake.cohort.plan import CohortSettings
 from ctlake.core.deid import DEV_KEY, MIN_KEY_BYTES, in_synthetic_cohort
 from ctlake.core.detect import DetectorParams
-from ctlake.core.evaluation import STAGES
 from ctlake.core.dicom_parse import ParsePolicy
+from ctlake.core.evaluation import STAGES
 from ctlake.core.patch_tasks import PatchParams
 from ctlake.core.slice_ops import PreprocessChain
 from ctlake.core.splits import SPLITS

@@ -253,8 +253,9 @@ def fit_cnn(data: TrainingData, train: TrainSettings, pixels: DataFrame) -> tupl
     each epoch), so the ``weight`` column is not used.
     """
     cnn = train.cnn
-    estimator = PatchCNN(labelCol="target", numPartitions=cnn.partitions[data.stage], maxRowsPerPartition=cnn.max_rows_per_partition,
-                         epochs=cnn.epochs, batchSize=cnn.batch_size, learningRate=cnn.learning_rate,
+    estimator = PatchCNN(labelCol="target", numPartitions=cnn.partitions[data.stage],
+                         maxRowsPerPartition=cnn.max_rows_per_partition, epochs=cnn.epochs, batchSize=cnn.batch_size,
+                         learningRate=cnn.learning_rate,
                          cropPx=cnn.crop_px, negativesPerPositive=cnn.negatives_per_positive, shiftPx=cnn.shift_px,
                          minSteps=cnn.min_steps[data.stage], seed=train.seed)
     model = Pipeline(stages=[estimator]).fit(data.train.select("patch_id", "target").join(pixels, "patch_id"))
