@@ -260,7 +260,7 @@ def fit_cnn(data: TrainingData, train: TrainSettings, pixels: DataFrame) -> tupl
                          minSteps=cnn.min_steps[data.stage], seed=train.seed)
     model = Pipeline(stages=[estimator]).fit(data.train.select("patch_id", "target").join(pixels, "patch_id"))
     fitted = model.stages[-1].partitions_
-    return model, {"cnn": {"epochs": cnn.epochs, "partitions": [
+    return model, {"cnn": {"epochs": cnn.epochs, "min_steps": cnn.min_steps[data.stage], "partitions": [
         {k: p[k] for k in ("partition", "n_rows", "n_pos", "skipped")} | {"train_seconds": round(p["train_seconds"], 1)}
         for p in fitted]}}
 
