@@ -246,6 +246,11 @@ on the test patients, through the scoring path.</p>
     return str(path)
 
 
+def per_stage(values: dict) -> str:
+    """``{"nodule": 2, "malignancy": 1}`` as ``2 (nodule) / 1 (malignancy)``."""
+    return " / ".join(f"{v} ({stage})" for stage, v in values.items())
+
+
 def ensemble_choice(meta: dict) -> str:
     """Per stage: the families the ensemble averages, and the validation AUCs that chose them."""
     parts = []
@@ -349,15 +354,18 @@ def page(settings: Settings, summary: dict, meta: dict, evidence_rows: list[tupl
         f"<figure><img src='{n}'><figcaption><b>{reason}</b> · patient {html.escape(p[:14])}… · {group} · "
         f"ensemble p={pr:.2f}</figcaption></figure>" for reason, p, group, pr, n in evidence_rows)
     chosen = html.escape(str({k: v.get("rf_best", v.get("svm_best", v.get("cnn"))) for k, v in meta["tuning"].items()}))
+    cnn = settings.train.cnn
     return f"""<!doctype html><html><head><meta charset=utf-8><title>ctlake run {summary['run_id']}</title>
 {PAGE_STYLE}</head><body>{intro(settings, summary, meta)}
 <h2>Cohort and split</h2><table><tr><th>split</th><th>patients</th><th>with cancer</th><th>without</th><th>patches</th></tr>
 {split_rows}</table>
 <p>Two stages, each a random forest (tuned by {settings.train.folds}-fold patient-grouped cross-validation),
 an ensemble of {settings.train.svm.partitions} per-partition SVCs (tuned on the validation patients'
-detected candidates) and {settings.train.cnn.partitions} 3D CNNs on the patches' voxels ({settings.train.cnn.epochs}
-epochs, not tuned): <i>nodule</i> tells nodules from the detector's other candidates, <i>malignancy</i>
-malignant from benign nodules. Chosen settings: {chosen}. Training seconds: {html.escape(str(meta['timings_s']))}.
+detected candidates) and 3D CNNs on the central {cnn.crop_px}^3 voxels of the patches (per stage
+{html.escape(per_stage(cnn.partitions))} networks of at least {cnn.epochs} epochs and
+{html.escape(per_stage(cnn.min_steps))} steps, not tuned): <i>nodule</i> tells nodules from the detector's other
+candidates, <i>malignancy</i> malignant from benign nodules. Chosen settings: {chosen}.
+Training seconds: {html.escape(str(meta['timings_s']))}.
 The ensemble averages, per stage, every family where that ranks the validation patients' candidates better
 than the forest and the SVMs alone: {html.escape(ensemble_choice(meta))}.</p>
 <h2>Patient level (test, scoring path)</h2>{metrics_table(results, 'patient')}
