@@ -451,9 +451,10 @@ class CnnSettings:
             per_stage = getattr(self, name)
             if not isinstance(per_stage, dict) or set(per_stage) != set(STAGES):
                 raise ConfigError(f"train.cnn.{name} must give {', '.join(STAGES)}, found {per_stage!r}")
-            for stage, value in per_stage.items():
-                key = f"train.cnn.{name}.{stage}"
-                _check_range(key, _convert(int, value, key), (low, None, False))
+            converted = {stage: _convert(int, value, f"train.cnn.{name}.{stage}") for stage, value in per_stage.items()}
+            for stage, value in converted.items():
+                _check_range(f"train.cnn.{name}.{stage}", value, (low, None, False))
+            object.__setattr__(self, name, converted)  # frozen: the checked ints, not the raw values
 
 
 @dataclass(frozen=True)

@@ -255,8 +255,8 @@ def fit_cnn(data: TrainingData, train: TrainSettings, pixels: DataFrame) -> tupl
     cnn = train.cnn
     estimator = PatchCNN(labelCol="target", numPartitions=cnn.partitions[data.stage],
                          maxRowsPerPartition=cnn.max_rows_per_partition, epochs=cnn.epochs, batchSize=cnn.batch_size,
-                         learningRate=cnn.learning_rate,
-                         cropPx=cnn.crop_px, negativesPerPositive=cnn.negatives_per_positive, shiftPx=cnn.shift_px,
+                         learningRate=cnn.learning_rate, cropPx=cnn.crop_px,
+                         negativesPerPositive=cnn.negatives_per_positive, shiftPx=cnn.shift_px,
                          minSteps=cnn.min_steps[data.stage], seed=train.seed)
     model = Pipeline(stages=[estimator]).fit(data.train.select("patch_id", "target").join(pixels, "patch_id"))
     fitted = model.stages[-1].partitions_
@@ -302,17 +302,15 @@ def fit_stages(names: list[str], frame: DataFrame, settings: Settings, models_pa
     for stage in STAGES:
         data = stage_data(names, frame, stage, train.weighting)
         for family in FAMILIES:
-            fit = fits[family]
+            fit, name = fits[family], family.replace("_", " ")
             # A line per model: training is minutes of Spark jobs that the task-level progress lines do not name.
-            log.info("%s stage: fitting the %s (%d of %d)", stage, family.replace("_", " "), len(models) + 1,
-                     len(STAGES) * len(FAMILIES))
+            log.info("%s stage: fitting the %s (%d of %d)", stage, name, len(models) + 1, len(STAGES) * len(FAMILIES))
             started = time.monotonic()
             model, record = fit(data, train)
             model.write().overwrite().save(model_path(models_path, stage, family))
             models[(stage, family)], tuning[f"{stage}/{family}"] = model, record
             timings[f"{stage}/{family}"] = round(time.monotonic() - started, 1)
-            log.info("%s stage: %s fitted and saved in %.0f s", stage, family.replace("_", " "),
-                     timings[f"{stage}/{family}"])
+            log.info("%s stage: %s fitted and saved in %.0f s", stage, name, timings[f"{stage}/{family}"])
     return models, tuning, timings
 
 
